@@ -1,0 +1,294 @@
+"""Model and sampling configuration.
+
+`ModelConfig` is read from a Hugging Face `config.json` — never executed, never `trust_remote_code`.
+Both schemas are accepted: transformers 4.x (`rope_theta` + `rope_scaling`, `torch_dtype`) and
+5.x (`rope_parameters`, `dtype`). Every family-specific switch ends up as a plain field here so
+that the decoder in model.py has one code path driven by config, not one copy per family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    # llama3 rope scaling: (factor, low_freq_factor, high_freq_factor, original_max_positions)
+    rope_llama3: tuple[float, float, float, int] | None
+    # linear rope scaling factor (positions divided by it); 1.0 = none
+    rope_linear_factor: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    # per-layer sliding window (0 = full attention)
+    sliding_windows: tuple[int, ...]
+    # mixture of experts (0 experts = dense model)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[bool, ...] = ()
+    dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    @property
+    def is_moe_layer(self) -> tuple[bool, ...]:
+        return self.moe_layers or (False,) * self.num_layers
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ValueError(f"{path}: config.json not found; expected a Hugging Face model dir")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: config.json is not valid JSON ({e})") from None
+        config = cls.from_hf_dict(raw, source=str(path))
+        generation = Path(model_dir) / "generation_config.json"
+        if generation.is_file():
+            try:
+                eos = json.loads(generation.read_text()).get("eos_token_id")
+            except json.JSONDecodeError:
+                eos = None
+            if eos is not None:
+                ids = tuple(eos) if isinstance(eos, list) else (eos,)
+                config = dataclasses.replace(
+                    config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + ids))
+                )
+        return config
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        arch = (raw.get("architectures") or [None])[0]
+        model_type = raw.get("model_type")
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        if arch is not None and arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"{source}: unsupported architecture {arch!r} (model_type {model_type!r}); "
+                f"supported: {supported}"
+            )
+        family = SUPPORTED_ARCHITECTURES.get(arch) if arch else model_type
+        if family not in SUPPORTED_ARCHITECTURES.values() or (
+            model_type is not None and model_type != family
+        ):
+            raise ValueError(
+                f"{source}: unsupported model_type {model_type!r} (architecture {arch!r}); "
+                f"supported: {supported}"
+            )
+
+        def need(key: str) -> Any:
+            if key not in raw or raw[key] is None:
+                raise ValueError(f"{source}: required field {key!r} is missing")
+            return raw[key]
+
+        hidden = int(need("hidden_size"))
+        num_heads = int(need("num_attention_heads"))
+        num_layers = int(need("num_hidden_layers"))
+        head_dim = raw.get("head_dim") or hidden // num_heads
+        theta, llama3, linear = _rope(raw, source)
+
+        num_experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
+        is_moe = family in ("qwen2_moe", "qwen3_moe") and num_experts > 0
+        moe_layers: tuple[bool, ...] = ()
+        if is_moe:
+            step = int(raw.get("decoder_sparse_step", 1) or 1)
+            dense_only = set(raw.get("mlp_only_layers") or [])
+            moe_layers = tuple(
+                i not in dense_only and (i + 1) % step == 0 for i in range(num_layers)
+            )
+
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        has_bias = bool(raw.get("attention_bias", False))
+        return cls(
+            model_type=family,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(raw.get("intermediate_size") or 0),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_llama3=llama3,
+            rope_linear_factor=linear,
+            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            # Qwen2 (and Qwen2-MoE) always carry q/k/v bias; Llama/Qwen3 follow attention_bias.
+            qkv_bias=family in ("qwen2", "qwen2_moe") or has_bias,
+            o_bias=has_bias and family in ("llama", "qwen3", "qwen3_moe"),
+            mlp_bias=bool(raw.get("mlp_bias", False)) and family == "llama",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
+            sliding_windows=_sliding_windows(raw, family, num_layers),
+            num_experts=num_experts if is_moe else 0,
+            num_experts_per_tok=int(raw.get("num_experts_per_tok") or 0),
+            moe_intermediate_size=int(raw.get("moe_intermediate_size") or 0),
+            shared_expert_intermediate_size=int(
+                raw.get("shared_expert_intermediate_size") or 0
+            ),
+            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+            moe_layers=moe_layers,
+            dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            pad_token_id=raw.get("pad_token_id"),
+        )
+
+
+def _rope(raw: dict[str, Any], source: str) -> tuple[float, tuple | None, float]:
+    """(theta, llama3 params or None, linear factor) from either config schema."""
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta") or raw.get("rope_theta") or 10000.0)
+    spec = {**scaling, **params}
+    kind = spec.get("rope_type") or spec.get("type") or "default"
+    if kind == "default":
+        return theta, None, 1.0
+    if kind == "linear":
+        return theta, None, float(spec["factor"])
+    if kind == "llama3":
+        orig = spec.get("original_max_position_embeddings") or raw.get("max_position_embeddings")
+        return (
+            theta,
+            (
+                float(spec["factor"]),
+                float(spec["low_freq_factor"]),
+                float(spec["high_freq_factor"]),
+                int(orig),
+            ),
+            1.0,
+        )
+    raise ValueError(f"{source}: unsupported rope scaling type {kind!r} (supported: llama3, linear)")
+
+
+def _sliding_windows(raw: dict[str, Any], family: str, num_layers: int) -> tuple[int, ...]:
+    window = int(raw.get("sliding_window") or 0)
+    if family == "mistral":
+        return (window,) * num_layers
+    if family in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
+        if not raw.get("use_sliding_window", False) or window == 0:
+            return (0,) * num_layers
+        layer_types = raw.get("layer_types")
+        if layer_types:
+            return tuple(window if t == "sliding_attention" else 0 for t in layer_types)
+        first = int(raw.get("max_window_layers", num_layers))
+        return tuple(window if i >= first else 0 for i in range(num_layers))
+    return (0,) * num_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings, with vLLM's names and meanings."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        checks = [
+            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, ">= 1"),
+            ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens, ">= 0"),
+            ("temperature", _is_num(self.temperature) and self.temperature >= 0, ">= 0"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= -1, "-1, 0 (off) or >= 1"),
+            ("top_p", _is_num(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", _is_num(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("seed", self.seed is None or _is_int(self.seed), "an integer or None"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+            (
+                "stop_token_ids",
+                all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+                "non-negative integers",
+            ),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
+            (
+                "logprobs",
+                self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
+                "None or an integer >= 0",
+            ),
+            (
+                "presence_penalty",
+                _is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+                "in [-2, 2]",
+            ),
+            (
+                "frequency_penalty",
+                _is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+                "in [-2, 2]",
+            ),
+            (
+                "repetition_penalty",
+                _is_num(self.repetition_penalty) and self.repetition_penalty > 0,
+                "> 0",
+            ),
+            ("skip_special_tokens", isinstance(self.skip_special_tokens, bool), "a bool"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(
+                    f"SamplingParams.{name}={getattr(self, name)!r} is invalid: expected {expected}"
+                )
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"SamplingParams.min_tokens={self.min_tokens} is invalid: "
+                f"expected <= max_tokens={self.max_tokens}"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return _is_int(x) or (isinstance(x, float) and math.isfinite(x))

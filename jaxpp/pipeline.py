@@ -1,0 +1,378 @@
+"""The two pipeline schedules, each ONE jitted `jax.shard_map` program over the whole mesh.
+
+Every device runs the same program; `axis_index("stage")` tells it which stage it is. Layers
+live at `layers[stage, slot]` (the partition is the sharding spec); the KV cache
+`[stages, slots_per_stage, sequences, max_len, kv_heads, head_dim]` is sharded the same way, so a
+stage only ever touches its own layers' cache. Activations move s -> s+1 with `ppermute`.
+
+Prefill (GPipe), S = 3 stages, M = 4 micro-batches: stage s runs micro-batch t - s at tick t,
+M + S - 1 ticks, bubble (S - 1) / (M + S - 1) = 2/6.
+
+    tick     0   1   2   3   4   5
+    stage 0  m0  m1  m2  m3  .   .
+    stage 1  .   m0  m1  m2  m3  .
+    stage 2  .   .   m0  m1  m2  m3   -> final hidden states -> vocab-parallel LM head
+
+Decode (circular ring), S = 3, M = 3: stage s runs micro-batch (t - s) mod M. When the last stage
+finishes a micro-batch, every device samples its next token from the vocab-parallel head, and
+the token is embedded (vocab-parallel table) and enters stage 0 at the very next tick — when that
+micro-batch's turn comes round again. After the S - 1 fill ticks no stage ever idles; K ticks run
+inside one `while_loop` (leaving early once every sequence is done), and the ring's in-flight
+activations are carried between calls, so there is no refill per call.
+
+    tick     0   1   2   3   4   5   6   7 ...
+    stage 0  m0  m1  m2  m0' m1' m2' m0" m1"      ' = next token of that micro-batch
+    stage 1  .   m0  m1  m2  m0' m1' m2' m0"
+    stage 2  .   .   m0  m1  m2  m0' m1' m2'
+                     ^ m0's token sampled here, m0' enters stage 0 at tick 3
+
+With M > S micro-batches the sampled token waits in `next_token` until its micro-batch's turn.
+Ticks that fall in a bubble skip the stage's work with `lax.cond` (nothing is computed into the
+result), as do empty slots of an uneven partition. Both programs count their own ticks and the
+stage-ticks that did real work, so the bubble fraction is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jaxpp.model import (
+    VOCAB_AXES,
+    attend,
+    embed_lookup,
+    local_logits,
+    rope_tables,
+)
+from jaxpp.sampling import SamplerMode, SamplerRows, sample
+from jaxpp.sharding import LOGICAL_TO_MESH, logical_to_spec
+
+CACHE_AXES = ("stage", "layer", "batch", "seq", "kv_heads", "head_dim")
+ROW = P(LOGICAL_TO_MESH["batch"])  # per-sequence arrays: split over pipeline replicas
+REPLICATED = P()
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [stages, slots_per_stage, sequences, max_len, kv_heads, head_dim]
+    v: jax.Array
+
+
+class RunStats(NamedTuple):
+    ticks: jax.Array  # ticks the program executed
+    busy: jax.Array  # stage-ticks that did real work (summed over stages, one pipeline replica)
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode ring carries from one call to the next (donated each call)."""
+
+    cache: KVCache
+    in_flight: jax.Array  # [stages, sequences_per_microbatch * dp, 1, D] activation per stage
+    tick: jax.Array  # i32 scalar: global tick counter of the ring
+    next_token: jax.Array  # i32 [B]: the token each sequence feeds at its next turn
+    position: jax.Array  # i32 [B]: tokens in the cache (= position of next_token)
+    generated: jax.Array  # i32 [B]: tokens generated so far (the prefill's first one included)
+    done: jax.Array  # bool [B]
+    out_tokens: jax.Array  # i32 [B, max_new]
+    out_logprob: jax.Array  # f32 [B, max_new]
+    top_ids: jax.Array  # i32 [B, max_new, N]
+    top_logprobs: jax.Array  # f32 [B, max_new, N]
+    counts: jax.Array  # i32 [B, Vpad] output-token counts (penalties), or [B, 0]
+    seen: jax.Array  # bool [B, Vpad] prompt+output tokens (repetition penalty), or [B, 0]
+    stats: RunStats
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineShape:
+    stages: int
+    microbatches: int
+    vocab_size: int  # the real vocabulary (padded ids are masked)
+
+
+class Pipeline:
+    """Builds the jitted prefill and decode programs for one model on one mesh."""
+
+    def __init__(self, mesh: Mesh, graphdef, layer_graphdef, state: nnx.State, inv_freq,
+                 dtype, shape: PipelineShape):
+        self.mesh = mesh
+        self.graphdef = graphdef
+        self.layer_graphdef = layer_graphdef
+        self.inv_freq = inv_freq
+        self.dtype = dtype
+        self.shape = shape
+        self.state_specs = jax.tree.map(
+            lambda v: logical_to_spec(v.get_metadata()["logical_axes"]),
+            state,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+        self.cache_spec = logical_to_spec(CACHE_AXES)
+        self._compiled: dict[tuple, Callable] = {}
+
+    # --- one stage: its layers, one after another -------------------------------------------
+
+    def _run_stage(self, layers, x, cache: KVCache, kv_update, q_pos, cos, sin):
+        """Run this device's layer slots over x [R, T, D]; empty slots are skipped."""
+
+        def body(carry, xs):
+            x, cache = carry
+            layer_state, slot = xs
+            layer = nnx.merge(self.layer_graphdef, layer_state)
+
+            def compute(x, cache):
+                h = layer.input_norm(x)
+                q, k, v = layer.attn.qkv(h, cos, sin)
+                cache, keys, values, k_pos = kv_update(cache, slot, k, v)
+                attn = attend(q, keys, values, q_pos, k_pos, layer.window[...])
+                x = x + layer.attn.out(attn)
+                return x + layer.mlp(layer.post_attn_norm(x)), cache
+
+            return jax.lax.cond(layer.filled[...], compute, lambda x, c: (x, c), x, cache), None
+
+        slots = jax.tree.leaves(layers)[0].shape[0]
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (layers, jnp.arange(slots)))
+        return x, cache
+
+    def _split(self, state):
+        """Local model (embed/norm/head) and this stage's stacked layers [slots, ...]."""
+        model = nnx.merge(self.graphdef, state)
+        layers = jax.tree.map(lambda a: a[0], nnx.state(model.layers))
+        return model, layers
+
+    # --- prefill: GPipe --------------------------------------------------------------------
+
+    def prefill(self, state, tokens, lengths, cache: KVCache | None, rows: SamplerRows | None,
+                mode: SamplerMode | None, bubble_fill: float | None = None):
+        """Run prompts [B, T] through the pipeline.
+
+        With `rows` (generate): writes the KV cache and returns (cache, first tokens, Sampled
+        extras, stats). Without (logits): returns (logits [B, T, Vpad] float32, stats).
+        """
+        key = ("prefill", tokens.shape, cache is not None and cache.k.shape, mode, bubble_fill)
+        if key not in self._compiled:
+            self._compiled[key] = self._build_prefill(cache is not None, rows is not None, mode,
+                                                      bubble_fill)
+        return self._compiled[key](state, tokens, lengths, cache, rows)
+
+    def _build_prefill(self, with_cache: bool, with_sampling: bool, mode, bubble_fill):
+        S, M = self.shape.stages, self.shape.microbatches
+        last = S - 1
+
+        def program(state, tokens, lengths, cache, rows):
+            model, layers = self._split(state)
+            s = jax.lax.axis_index("stage")
+            rows_local, T = tokens.shape
+            mb = rows_local // M
+            x_all = embed_lookup(model.embed[...], tokens).reshape(M, mb, T, -1)
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (mb, T))
+            cos, sin = rope_tables(positions, self.inv_freq, self.dtype)
+            cache = None if cache is None else KVCache(cache.k[0], cache.v[0])
+
+            def tick(t, carry):
+                act, cache, finals, busy = carry
+                m = t - s
+                valid = (m >= 0) & (m < M)
+                m = jnp.clip(m, 0, M - 1)
+                x = jnp.where(s == 0, x_all[jnp.clip(t, 0, M - 1)], act)
+                if bubble_fill is not None:
+                    x = jnp.where(valid, x, bubble_fill)
+
+                def kv_update(cache, slot, k, v):
+                    if cache is not None:
+                        at = (slot, m * mb, 0, 0, 0)
+                        cache = KVCache(
+                            jax.lax.dynamic_update_slice(cache.k, k[None], at),
+                            jax.lax.dynamic_update_slice(cache.v, v[None], at),
+                        )
+                    return cache, k, v, positions
+
+                def work(x, cache):
+                    return self._run_stage(layers, x, cache, kv_update, positions, cos, sin)
+
+                out, cache = jax.lax.cond(valid, work, lambda x, c: (x, c), x, cache)
+                keep = jnp.where(valid & (s == last), out, finals[m])
+                finals = jax.lax.dynamic_update_index_in_dim(finals, keep, m, 0)
+                act = jax.lax.ppermute(out, "stage", [(i, i + 1) for i in range(S - 1)])
+                return act, cache, finals, busy + valid.astype(jnp.int32)
+
+            act0 = jax.lax.pcast(jnp.zeros_like(x_all[0]), ("stage",), to="varying")
+            finals0 = jax.lax.pcast(jnp.zeros_like(x_all), ("stage",), to="varying")
+            busy0 = jax.lax.pcast(jnp.int32(0), ("stage", "data"), to="varying")
+            _, cache, finals, busy = jax.lax.fori_loop(
+                0, M + S - 1, tick, (act0, cache, finals0, busy0)
+            )
+            stats = RunStats(jnp.int32(M + S - 1), jax.lax.psum(busy, "stage"))
+            stats = RunStats(stats.ticks, jax.lax.pmax(stats.busy, ("data", "tensor")))
+            # The last stage holds the final hidden states; share them for the vocab-parallel head.
+            finals = jax.lax.psum(jnp.where(s == last, finals, 0), "stage").reshape(rows_local, T, -1)
+            if not with_sampling:
+                return local_logits(model, finals, self.shape.vocab_size), stats
+            cache = KVCache(cache.k[None], cache.v[None])
+            last_hidden = finals[jnp.arange(rows_local), lengths - 1]
+            logits = local_logits(model, last_hidden, self.shape.vocab_size)
+            seen = None
+            if mode.penalties:
+                vocab = logits.shape[-1] * jax.lax.psum(1, VOCAB_AXES)
+                valid_tok = jnp.arange(T)[None, :] < lengths[:, None]
+                seen = jnp.zeros((rows_local, vocab), bool).at[
+                    jnp.arange(rows_local)[:, None], jnp.where(valid_tok, tokens, vocab)
+                ].set(True, mode="drop")
+            counts = None if seen is None else jnp.zeros(seen.shape, jnp.int32)
+            generated = jnp.zeros((rows_local,), jnp.int32)
+            sampled = sample(logits, rows, generated, counts, seen, self.shape.vocab_size, mode)
+            if seen is None:
+                seen = jnp.zeros((rows_local, 0), bool)
+            return cache, sampled, seen, stats
+
+        rows_spec = SamplerRows(*([ROW] * len(SamplerRows._fields)))
+        in_specs = (self.state_specs, ROW, ROW,
+                    KVCache(self.cache_spec, self.cache_spec) if with_cache else None,
+                    rows_spec if with_sampling else None)
+        if with_sampling:
+            out_specs = (KVCache(self.cache_spec, self.cache_spec), ROW, ROW,
+                         RunStats(REPLICATED, REPLICATED))
+        else:
+            out_specs = (P(LOGICAL_TO_MESH["batch"], None, VOCAB_AXES),
+                         RunStats(REPLICATED, REPLICATED))
+        fn = jax.shard_map(program, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
+        return jax.jit(fn, donate_argnums=(3,) if with_cache else ())
+
+    # --- decode: the circular ring -----------------------------------------------------------
+
+    def decode(self, state, dstate: DecodeState, rows: SamplerRows, tick_end, mode: SamplerMode,
+               bubble_fill: float | None = None) -> DecodeState:
+        """Advance the ring until tick `tick_end` or until every sequence is done."""
+        key = ("decode", dstate.cache.k.shape, dstate.out_tokens.shape,
+               dstate.top_ids.shape, mode, bubble_fill)
+        if key not in self._compiled:
+            self._compiled[key] = self._build_decode(mode, bubble_fill)
+        return self._compiled[key](state, dstate, rows, tick_end)
+
+    def _build_decode(self, mode: SamplerMode, bubble_fill):
+        S, M = self.shape.stages, self.shape.microbatches
+        last = S - 1
+        ring = [(i, (i + 1) % S) for i in range(S)]
+
+        def program(state, d: DecodeState, rows: SamplerRows, tick_end):
+            model, layers = self._split(state)
+            s = jax.lax.axis_index("stage")
+            mb = d.next_token.shape[0] // M
+            embed = model.embed[...]
+
+            def rows_of(array, m):
+                return jax.lax.dynamic_slice_in_dim(array, m * mb, mb, 0)
+
+            def tick_body(d: DecodeState) -> DecodeState:
+                t = d.tick
+                # Stage s works on micro-batch (t - s) mod M; nothing to do during the fill or
+                # once every sequence of that micro-batch has finished.
+                m = jnp.mod(t - s, M)
+                valid = (t - s >= 0) & jnp.any(~rows_of(d.done, m))
+                x0 = embed_lookup(embed, rows_of(d.next_token, jnp.mod(t, M)))[:, None, :]
+                x = jnp.where(s == 0, x0, d.in_flight[0])
+                if bubble_fill is not None:
+                    x = jnp.where(valid, x, bubble_fill)
+                q_pos = rows_of(d.position, m)[:, None]
+                cos, sin = rope_tables(q_pos, self.inv_freq, self.dtype)
+                row_ids = m * mb + jnp.arange(mb)
+
+                def kv_update(cache, slot, k, v):
+                    cache = KVCache(
+                        cache.k.at[slot, row_ids, q_pos[:, 0]].set(k[:, 0]),
+                        cache.v.at[slot, row_ids, q_pos[:, 0]].set(v[:, 0]),
+                    )
+                    size = (1, mb) + cache.k.shape[2:]
+                    keys = jax.lax.dynamic_slice(cache.k, (slot, m * mb, 0, 0, 0), size)[0]
+                    values = jax.lax.dynamic_slice(cache.v, (slot, m * mb, 0, 0, 0), size)[0]
+                    k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
+                    return cache, keys, values, k_pos
+
+                def work(x, cache):
+                    return self._run_stage(layers, x, cache, kv_update, q_pos, cos, sin)
+
+                cache = KVCache(d.cache.k[0], d.cache.v[0])
+                out, cache = jax.lax.cond(valid, work, lambda x, c: (x, c), x, cache)
+
+                # The micro-batch leaving the last stage gets its next token, on every device.
+                m_out = jnp.mod(t - last, M)
+                hidden = jax.lax.psum(jnp.where(s == last, out, 0), "stage")[:, 0]
+                logits = local_logits(model, hidden, self.shape.vocab_size)
+                out_rows = SamplerRows(*(rows_of(a, m_out) for a in rows))
+                generated = rows_of(d.generated, m_out)
+                counts = rows_of(d.counts, m_out) if mode.penalties else None
+                seen = rows_of(d.seen, m_out) if mode.penalties else None
+                got = sample(logits, out_rows, generated, counts, seen,
+                             self.shape.vocab_size, mode)
+                live = (t >= last) & ~rows_of(d.done, m_out)
+                d = _record(d, m_out * mb + jnp.arange(mb), live, got, generated, out_rows, mode)
+                busy = jax.lax.psum(valid.astype(jnp.int32), "stage")
+                return d._replace(
+                    cache=KVCache(cache.k[None], cache.v[None]),
+                    in_flight=jax.lax.ppermute(out, "stage", ring)[None],
+                    tick=t + 1,
+                    stats=RunStats(d.stats.ticks + 1, d.stats.busy + busy),
+                )
+
+            def running(d: DecodeState):
+                pending = jax.lax.psum(jnp.sum(~d.done), "data")
+                return (d.tick < tick_end) & (pending > 0)
+
+            return jax.lax.while_loop(running, tick_body, d)
+
+        rows_spec = SamplerRows(*([ROW] * len(SamplerRows._fields)))
+        d_spec = DecodeState(
+            cache=KVCache(self.cache_spec, self.cache_spec),
+            in_flight=P("stage", LOGICAL_TO_MESH["batch"]),
+            tick=REPLICATED, next_token=ROW, position=ROW, generated=ROW, done=ROW,
+            out_tokens=ROW, out_logprob=ROW, top_ids=ROW, top_logprobs=ROW, counts=ROW, seen=ROW,
+            stats=RunStats(REPLICATED, REPLICATED),
+        )
+        fn = jax.shard_map(program, mesh=self.mesh, in_specs=(self.state_specs, d_spec,
+                           rows_spec, REPLICATED), out_specs=d_spec, check_vma=False)
+        return jax.jit(fn, donate_argnums=(1,))
+
+
+def _record(d: DecodeState, row_ids, live, got, generated, rows: SamplerRows, mode) -> DecodeState:
+    """Store the tokens just sampled for rows `row_ids` and update their stop state."""
+    slot = jnp.minimum(generated, d.out_tokens.shape[1] - 1)
+    tokens = got.tokens
+    hit_stop = (tokens[:, None] == rows.stop_ids).any(-1) & (generated + 1 > rows.min_tokens)
+    finished = hit_stop | (generated + 1 >= rows.max_tokens)
+
+    def put(array, value):
+        old = array[row_ids, slot]
+        mask = live.reshape(live.shape + (1,) * (old.ndim - 1))
+        return array.at[row_ids, slot].set(jnp.where(mask, value, old))
+
+    d = d._replace(
+        out_tokens=put(d.out_tokens, tokens),
+        out_logprob=put(d.out_logprob, got.logprob),
+        top_ids=put(d.top_ids, got.top_ids),
+        top_logprobs=put(d.top_logprobs, got.top_logprobs),
+        next_token=d.next_token.at[row_ids].set(jnp.where(live, tokens, d.next_token[row_ids])),
+        position=d.position.at[row_ids].add(live.astype(jnp.int32)),
+        generated=d.generated.at[row_ids].add(live.astype(jnp.int32)),
+        done=d.done.at[row_ids].set(d.done[row_ids] | (live & finished)),
+    )
+    if mode.penalties:
+        hit = jax.nn.one_hot(tokens, d.counts.shape[1], dtype=jnp.int32) * live[:, None]
+        d = d._replace(counts=d.counts.at[row_ids].add(hit),
+                       seen=d.seen.at[row_ids].set(d.seen[row_ids] | (hit > 0)))
+    return d
+
+
+def empty_cache(mesh: Mesh, stages, slots, sequences, max_len, kv_heads, head_dim, dtype) -> KVCache:
+    shape = (stages, slots, sequences, max_len, kv_heads, head_dim)
+    sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(CACHE_AXES))
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return KVCache(zeros(), zeros())
+
+
+def host_array(x) -> np.ndarray:
+    return np.asarray(jax.device_get(x))

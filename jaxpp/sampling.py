@@ -1,0 +1,193 @@
+"""Vocab-parallel sampling inside the jitted programs.
+
+Each device holds logits for its own slice of the vocabulary (see model.local_logits). Greedy-only
+batches never gather the vocabulary: a sharded argmax takes each shard's best (value, id), a pmax
+picks the winning value and a pmin the lowest id holding it — exactly `argmax` of the full row.
+Batches with sampled rows, penalties or logprobs gather the full row (one all-gather of
+[rows, vocab] per tick) and every device draws the same token from the same numbers.
+
+Per-request settings are arrays (`SamplerRows`), so one compiled program serves any mix of greedy
+and sampled requests. Randomness is a pure function of (request seed, token index, vocab id):
+Gumbel noise drawn over the true vocabulary (not the padded one), so a seeded request gives the
+same tokens alone or in any batch, at any position, under any pp/tp/dp layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpp.config import SamplingParams
+from jaxpp.model import VOCAB_AXES, vocab_shard_index
+
+
+class SamplerRows(NamedTuple):
+    """Per-row sampling settings, one entry per sequence slot (padded rows are greedy)."""
+
+    temperature: jax.Array  # f32; 0 = greedy
+    top_k: jax.Array  # i32; 0 = off
+    top_p: jax.Array  # f32
+    min_p: jax.Array  # f32
+    presence: jax.Array  # f32
+    frequency: jax.Array  # f32
+    repetition: jax.Array  # f32
+    seed: jax.Array  # u32
+    min_tokens: jax.Array  # i32
+    stop_ids: jax.Array  # i32 [rows, n]; -1 = unused. EOS (unless ignore_eos) + stop_token_ids
+    max_tokens: jax.Array  # i32
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerMode:
+    """Static facts about a batch that change the compiled program (few combinations)."""
+
+    full_vocab: bool  # some row samples, has penalties or wants logprobs: gather the vocab
+    penalties: bool  # track per-row token counts
+    logprobs: int  # top-N logprobs to return per token (0 = only the chosen token's)
+
+    @staticmethod
+    def of(params: list[SamplingParams]) -> SamplerMode:
+        penalties = any(
+            p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+            for p in params
+        )
+        wants_logprobs = any(p.logprobs is not None for p in params)
+        return SamplerMode(
+            full_vocab=penalties or wants_logprobs or any(not p.greedy for p in params),
+            penalties=penalties,
+            logprobs=max((p.logprobs or 0) for p in params),
+        )
+
+
+def sampler_rows(
+    params: list[SamplingParams], seeds: list[int], eos_ids: tuple[int, ...], rows: int
+) -> SamplerRows:
+    """Host-side arrays for `rows` slots; rows past len(params) are greedy padding."""
+    n_stop = max([1] + [len(_stop_ids(p, eos_ids)) for p in params])
+    stop = np.full((rows, n_stop), -1, np.int32)
+    fields = {name: np.zeros(rows, np.float32) for name in ("temperature", "top_p", "min_p",
+                                                             "presence", "frequency")}
+    fields["top_p"][:] = 1.0
+    top_k = np.zeros(rows, np.int32)
+    repetition = np.ones(rows, np.float32)
+    seed = np.zeros(rows, np.uint32)
+    min_tokens = np.zeros(rows, np.int32)
+    max_tokens = np.ones(rows, np.int32)
+    for i, p in enumerate(params):
+        fields["temperature"][i] = p.temperature
+        fields["top_p"][i] = p.top_p
+        fields["min_p"][i] = p.min_p
+        fields["presence"][i] = p.presence_penalty
+        fields["frequency"][i] = p.frequency_penalty
+        top_k[i] = max(p.top_k, 0)
+        repetition[i] = p.repetition_penalty
+        seed[i] = seeds[i] & 0xFFFFFFFF
+        min_tokens[i] = p.min_tokens
+        max_tokens[i] = p.max_tokens
+        ids = _stop_ids(p, eos_ids)
+        stop[i, : len(ids)] = ids
+    return SamplerRows(
+        temperature=fields["temperature"], top_k=top_k, top_p=fields["top_p"],
+        min_p=fields["min_p"], presence=fields["presence"], frequency=fields["frequency"],
+        repetition=repetition, seed=seed, min_tokens=min_tokens, stop_ids=stop,
+        max_tokens=max_tokens,
+    )
+
+
+def _stop_ids(p: SamplingParams, eos_ids: tuple[int, ...]) -> list[int]:
+    ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+    return list(dict.fromkeys(ids))
+
+
+class Sampled(NamedTuple):
+    tokens: jax.Array  # i32 [rows]
+    logprob: jax.Array  # f32 [rows]: log-probability of the chosen token (raw model logits)
+    top_ids: jax.Array  # i32 [rows, N]
+    top_logprobs: jax.Array  # f32 [rows, N]
+
+
+def sample(
+    local_logits: jax.Array,
+    rows: SamplerRows,
+    generated: jax.Array,
+    counts: jax.Array | None,
+    seen: jax.Array | None,
+    vocab_size: int,
+    mode: SamplerMode,
+) -> Sampled:
+    """Next tokens for `rows` from this device's vocab shard of their logits.
+
+    local_logits [R, Vshard] f32 (padded ids already -inf); generated [R] tokens generated so
+    far (the index of the token being drawn); counts/seen [R, Vpad] for penalties.
+    """
+    width = local_logits.shape[-1]
+    ids = vocab_shard_index() * width + jnp.arange(width)
+    # min_tokens: stop tokens are banned until enough tokens were generated.
+    banned = (ids[None, :, None] == rows.stop_ids[:, None, :]).any(-1)
+    banned &= (generated < rows.min_tokens)[:, None]
+    logits = jnp.where(banned, -jnp.inf, local_logits)
+    if not mode.full_vocab:
+        tokens = _sharded_argmax(logits, ids)
+        zeros = jnp.zeros(tokens.shape + (0,))
+        return Sampled(tokens, jnp.zeros(tokens.shape), zeros.astype(jnp.int32), zeros)
+
+    raw = jax.lax.all_gather(local_logits, VOCAB_AXES, axis=1, tiled=True)
+    full = jax.lax.all_gather(logits, VOCAB_AXES, axis=1, tiled=True)
+    if mode.penalties:
+        full = _apply_penalties(full, rows, counts, seen)
+    greedy_tokens = jnp.argmax(full, axis=-1).astype(jnp.int32)
+    sampled_tokens = _draw(full, rows, generated, vocab_size)
+    tokens = jnp.where(rows.temperature == 0, greedy_tokens, sampled_tokens)
+
+    logprobs = jax.nn.log_softmax(raw, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logprobs, mode.logprobs)
+    return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_lp)
+
+
+def _sharded_argmax(logits: jax.Array, ids: jax.Array) -> jax.Array:
+    best = jnp.max(logits, axis=-1)
+    best_id = ids[jnp.argmax(logits, axis=-1)]
+    winner = jax.lax.pmax(best, VOCAB_AXES)
+    candidate = jnp.where(best == winner, best_id, jnp.iinfo(jnp.int32).max)
+    return jax.lax.pmin(candidate, VOCAB_AXES).astype(jnp.int32)
+
+
+def _apply_penalties(logits, rows: SamplerRows, counts, seen) -> jax.Array:
+    """vLLM semantics: repetition over prompt+output tokens; presence/frequency over output."""
+    rep = rows.repetition[:, None]
+    penalised = jnp.where(logits > 0, logits / rep, logits * rep)
+    logits = jnp.where(seen, penalised, logits)
+    logits = logits - rows.frequency[:, None] * counts
+    return logits - rows.presence[:, None] * (counts > 0)
+
+
+def _draw(logits: jax.Array, rows: SamplerRows, generated: jax.Array, vocab_size: int):
+    """Temperature, top-k, top-p, min-p, then a Gumbel-max draw from the kept tokens."""
+    temperature = jnp.where(rows.temperature > 0, rows.temperature, 1.0)[:, None]
+    scaled = logits / temperature
+    order = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
+    vocab = scaled.shape[-1]
+    k = jnp.where(rows.top_k > 0, jnp.minimum(rows.top_k, vocab), vocab)
+    kth = jnp.take_along_axis(order, (k - 1)[:, None], axis=-1)
+    keep = scaled >= kth
+    probs_sorted = jax.nn.softmax(jnp.where(order >= kth, order, -jnp.inf), axis=-1)
+    # top-p: keep the smallest prefix whose mass reaches p (the token crossing p is kept).
+    mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
+    cutoff_index = jnp.sum(mass_before < rows.top_p[:, None], axis=-1) - 1
+    cutoff = jnp.take_along_axis(order, cutoff_index[:, None], axis=-1)
+    keep &= scaled >= cutoff
+    probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
+    keep &= probs >= rows.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    noise = jax.vmap(_gumbel, in_axes=(0, 0, None))(rows.seed, generated, vocab_size)
+    noise = jnp.pad(noise, ((0, 0), (0, vocab - vocab_size)))
+    return jnp.argmax(jnp.where(keep, scaled + noise, -jnp.inf), axis=-1).astype(jnp.int32)
+
+
+def _gumbel(seed: jax.Array, index: jax.Array, vocab_size: int) -> jax.Array:
+    key = jax.random.fold_in(jax.random.key(seed), index)
+    return jax.random.gumbel(key, (vocab_size,), jnp.float32)
