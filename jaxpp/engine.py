@@ -112,9 +112,16 @@ class LLM:
             self.mesh, graphdef, layer_graphdef, self.state, rope_inv_freq(cfg), self.dtype,
             PipelineShape(pp, self.microbatches, cfg.vocab_size),
         )
-        self.tokenizer = _load_tokenizer(self.model_dir)
+        self._tokenizer = None
         self.last_run_stats: dict = {}
         self._cache: KVCache | None = None
+
+    @property
+    def tokenizer(self):
+        """The model dir's tokenizer (transformers), loaded on first use; None if it has none."""
+        if self._tokenizer is None:
+            self._tokenizer = _load_tokenizer(self.model_dir)
+        return self._tokenizer
 
     @staticmethod
     def _check_tensor_parallel(cfg: ModelConfig, tp: int) -> int:

@@ -1,0 +1,116 @@
+"""The pipeline never changes the answer: pp, partition and micro-batch count give the same
+logits and the same greedy tokens as pp=1; bubbles are inert; memory is split evenly."""
+
+import numpy as np
+import pytest
+from hf_fixtures import build_model_dir, random_seqs
+
+import jaxpp
+
+NEW_TOKENS = 32
+# Five prompts: never an even split into 2, 3, 4 or 8 micro-batches.
+PROMPT_LENGTHS = [3, 11, 6, 17, 9]
+
+LAYOUTS = [  # (pp, layer_partition, num_microbatches) on a 6-layer model
+    (2, None, None),
+    (2, None, 4),
+    (3, None, None),
+    (3, [1, 1, 4], 6),
+    (4, None, None),  # 6 layers over 4 stages: [1, 2, 2, 1]
+    (4, [3, 1, 1, 1], 8),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.mktemp("pipeline"), "llama", num_hidden_layers=6)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_seqs(PROMPT_LENGTHS, seed=3)
+
+
+def _run(llm, prompts):
+    logits = llm.logits(prompts)
+    params = jaxpp.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    return logits, tokens
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, prompts):
+    return _run(jaxpp.LLM(model_dir, dtype="float32"), prompts)
+
+
+@pytest.mark.parametrize("pp,partition,microbatches", LAYOUTS)
+def test_layout_gives_same_logits_and_tokens(model_dir, prompts, reference, pp, partition,
+                                             microbatches):
+    llm = jaxpp.LLM(model_dir, dtype="float32", pp=pp, layer_partition=partition,
+                    num_microbatches=microbatches)
+    logits, tokens = _run(llm, prompts)
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(logits, reference[0], strict=True))
+    scale = max(1.0, max(float(np.abs(r).max()) for r in reference[0]))
+    print(f"pp={pp} partition={llm.partition} M={llm.microbatches}: max|dlogit|={worst:.2e}"
+          f" (max|logit| {scale:.2f})")
+    # Not bitwise: XLA:CPU tiles a [D, V/pp] vocab shard's matmul differently from [D, V],
+    # which moves the last bits (a few ulp). Bounded at 1e-6 per unit of logit magnitude.
+    assert worst <= 1e-6 * scale
+    assert tokens == reference[1]
+    assert all(len(t) == NEW_TOKENS for t in tokens)
+
+
+def test_bubble_ticks_are_inert(model_dir, prompts, reference):
+    llm = jaxpp.LLM(model_dir, dtype="float32", pp=3, num_microbatches=4)
+    clean_logits, clean_tokens = _run(llm, prompts)
+    llm.pipeline.bubble_fill = float("nan")  # every input a stage reads in a bubble is NaN
+    logits, tokens = _run(llm, prompts)
+    for got, want in zip(logits, clean_logits, strict=True):
+        assert np.isfinite(got).all()
+        np.testing.assert_array_equal(got, want)
+    assert tokens == clean_tokens == reference[1]
+
+
+def test_run_stats_measure_the_bubble(model_dir, prompts):
+    S, M = 3, 6
+    llm = jaxpp.LLM(model_dir, dtype="float32", pp=S, num_microbatches=M)
+    llm.logits(prompts)
+    stats = llm.last_run_stats
+    assert stats["prefill_ticks"] == M + S - 1
+    assert stats["prefill_busy_stage_ticks"] == M * S
+    assert stats["prefill_bubble_fraction"] == pytest.approx((S - 1) / (M + S - 1))
+
+    # 6 prompts fill all 6 micro-batches, so after the S-1 fill ticks the ring never idles.
+    prompts6 = random_seqs([4, 5, 6, 7, 8, 9], seed=1)
+    out = llm.generate(prompts6, jaxpp.SamplingParams(max_tokens=9, temperature=0.0,
+                                                      ignore_eos=True))
+    stats = llm.last_run_stats
+    # 8 decode tokens per micro-batch (the prefill made the first) -> 8 rounds of M ticks.
+    assert stats["decode_ticks"] == 8 * M + S - 1
+    assert stats["decode_busy_stage_ticks"] == 8 * M * S
+    assert stats["decode_bubble_fraction"] == pytest.approx((S - 1) / (8 * M + S - 1))
+    assert out[0].metrics.pipeline["decode_ticks"] == stats["decode_ticks"]
+
+
+def test_memory_is_split_evenly_over_stages(model_dir, prompts):
+    [single] = jaxpp.LLM(model_dir, dtype="float32").device_memory()
+    greedy = jaxpp.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for pp in (2, 3):
+        llm = jaxpp.LLM(model_dir, dtype="float32", pp=pp)
+        llm.generate(prompts, greedy)
+        usage = llm.device_memory()
+        print(f"pp={pp}: {usage}")
+        assert len(usage) == pp
+        assert max(u["params"] for u in usage) <= 1.05 * single["params"] / pp
+        cache_bytes = sum(a.nbytes for a in llm._cache)
+        assert cache_bytes > 0
+        assert all(u["kv_cache"] * pp == cache_bytes for u in usage), usage
+
+
+def test_bad_layouts_are_rejected(model_dir):
+    with pytest.raises(ValueError, match=r"num_microbatches=1.*>= pp=2"):
+        jaxpp.LLM(model_dir, pp=2, num_microbatches=1)
+    with pytest.raises(ValueError, match=r"only 8 are present"):
+        jaxpp.LLM(model_dir, pp=3, tp=3)
+    with pytest.raises(ValueError, match=r"'2,2,1'.*sums to 5"):
+        jaxpp.LLM(model_dir, pp=3, layer_partition="2,2,1")
