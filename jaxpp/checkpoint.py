@@ -286,6 +286,9 @@ def _leaf_builder(path, shape, dtype, cfg, ckpt, sources, grid, windows) -> Call
             return lambda index: (grid >= 0)[index]
         if name == "window":
             return lambda index: windows[index].astype(np.int32)
+        if name == "mlp.is_moe":
+            moe = np.array(cfg.is_moe_layer + (False,))[grid]
+            return lambda index: moe[index]
         template, read = sources[name]
         one_layer = shape[2:]
 
@@ -329,11 +332,17 @@ def _embedding(ckpt: Checkpoint, cfg: ModelConfig) -> np.ndarray:
 
 
 def _validate(cfg: ModelConfig, ckpt: Checkpoint, sources: dict, grid: np.ndarray) -> None:
-    """Every tensor the model needs is present, before any weight is read."""
+    """Every tensor the model needs is present, before any weight is read.
+
+    MoE feed-forward tensors are left to their readers: which names exist depends on the
+    checkpoint's expert layout (per expert or fused) and on which layers are MoE.
+    """
     needed = ["model.embed_tokens.weight", "model.norm.weight"]
     if not cfg.tie_word_embeddings:
         needed.append("lm_head.weight")
-    for template, _ in sources.values():
+    for path, (template, _) in sources.items():
+        if cfg.num_experts and path.startswith("mlp."):
+            continue
         needed += [template.format(l=layer) for layer in range(cfg.num_layers)]
     for name in needed:
         ckpt._require(name)

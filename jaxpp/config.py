@@ -146,8 +146,11 @@ class ModelConfig:
             rope_linear_factor=linear,
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            # Qwen2 (and Qwen2-MoE) always carry q/k/v bias; Llama/Qwen3 follow attention_bias.
-            qkv_bias=family in ("qwen2", "qwen2_moe") or has_bias,
+            # Qwen2 always carries q/k/v bias, Qwen2-MoE unless qkv_bias says otherwise;
+            # Llama and Qwen3 follow attention_bias.
+            qkv_bias=family == "qwen2"
+            or (family == "qwen2_moe" and raw.get("qkv_bias", True))
+            or has_bias,
             o_bias=has_bias and family in ("llama", "qwen3", "qwen3_moe"),
             mlp_bias=bool(raw.get("mlp_bias", False)) and family == "llama",
             qk_norm=family in ("qwen3", "qwen3_moe"),
@@ -204,6 +207,8 @@ def _sliding_windows(raw: dict[str, Any], family: str, num_layers: int) -> tuple
         if layer_types:
             return tuple(window if t == "sliding_attention" else 0 for t in layer_types)
         first = int(raw.get("max_window_layers", num_layers))
+        if family == "qwen2_moe":  # transformers' own default rule for this family
+            return tuple(window if (i + 1) % 2 and i < first else 0 for i in range(num_layers))
         return tuple(window if i >= first else 0 for i in range(num_layers))
     return (0,) * num_layers
 

@@ -238,6 +238,35 @@ class LLM:
                     on_finish(i, out)
         return results
 
+    def chat(
+        self,
+        messages: Sequence[dict] | Sequence[Sequence[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        on_finish: Callable[[int, RequestOutput], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, via the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        texts = [self.chat_prompt(c) for c in conversations]
+        # The template already holds any BOS: encode without adding special tokens again.
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        outputs = self.generate(ids, sampling_params, on_finish)
+        for out, text in zip(outputs, texts, strict=True):
+            out.prompt = text
+        return outputs
+
+    def chat_prompt(self, messages: Sequence[dict]) -> str:
+        """The prompt text the tokenizer's chat template makes of `messages`."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.model_dir}: the tokenizer has no chat template")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(
+                m.get("role"), str
+            ):
+                raise ValueError(f"message {i} must be {{'role': str, 'content': str}}, got {m!r}")
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+
     def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:
         if sampling_params is None:
             return [SamplingParams()] * n
