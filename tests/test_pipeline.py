@@ -12,12 +12,9 @@ NEW_TOKENS = 32
 PROMPT_LENGTHS = [3, 11, 6, 17, 9]
 
 LAYOUTS = [  # (pp, layer_partition, num_microbatches) on a 6-layer model
-    (2, None, None),
-    (2, None, 4),
-    (3, None, None),
-    (3, [1, 1, 4], 6),
-    (4, None, None),  # 6 layers over 4 stages: [1, 2, 2, 1]
-    (4, [3, 1, 1, 1], 8),
+    (2, None, 4),  # even split, M = 2 * pp
+    (3, [1, 1, 4], None),  # custom partition, M = pp
+    (4, None, 8),  # 6 layers do not divide by 4: auto partition [1, 2, 2, 1], M = 2 * pp
 ]
 
 
@@ -58,10 +55,33 @@ def test_layout_gives_same_logits_and_tokens(model_dir, prompts, reference, pp, 
     assert worst <= 1e-6 * scale
     assert tokens == reference[1]
     assert all(len(t) == NEW_TOKENS for t in tokens)
+    if partition is None and 6 % pp == 0:
+        _check_memory_split(llm, reference_llm_memory(model_dir))
 
 
-def test_bubble_ticks_are_inert(model_dir, prompts, reference):
-    llm = jaxpp.LLM(model_dir, dtype="float32", pp=3, num_microbatches=4)
+@pytest.fixture(scope="module")
+def pp3_llm(model_dir):
+    return jaxpp.LLM(model_dir, dtype="float32", pp=3, num_microbatches=6)
+
+
+def reference_llm_memory(model_dir):
+    [single] = jaxpp.LLM(model_dir, dtype="float32").device_memory()
+    return single
+
+
+def _check_memory_split(llm, single):
+    """Per device: params <= 1.05 x total / pp, KV cache exactly total / pp."""
+    usage = llm.device_memory()
+    print(f"pp={llm.pp}: {usage}")
+    assert len(usage) == llm.pp
+    assert max(u["params"] for u in usage) <= 1.05 * single["params"] / llm.pp
+    cache_bytes = sum(a.nbytes for a in llm._cache)
+    assert cache_bytes > 0
+    assert all(u["kv_cache"] * llm.pp == cache_bytes for u in usage), usage
+
+
+def test_bubble_ticks_are_inert(pp3_llm, prompts, reference):
+    llm = pp3_llm
     clean_logits, clean_tokens = _run(llm, prompts)
     llm.pipeline.bubble_fill = float("nan")  # every input a stage reads in a bubble is NaN
     logits, tokens = _run(llm, prompts)
@@ -69,11 +89,12 @@ def test_bubble_ticks_are_inert(model_dir, prompts, reference):
         assert np.isfinite(got).all()
         np.testing.assert_array_equal(got, want)
     assert tokens == clean_tokens == reference[1]
+    llm.pipeline.bubble_fill = None
 
 
-def test_run_stats_measure_the_bubble(model_dir, prompts):
+def test_run_stats_measure_the_bubble(pp3_llm, prompts):
     S, M = 3, 6
-    llm = jaxpp.LLM(model_dir, dtype="float32", pp=S, num_microbatches=M)
+    llm = pp3_llm
     llm.logits(prompts)
     stats = llm.last_run_stats
     assert stats["prefill_ticks"] == M + S - 1
@@ -90,21 +111,6 @@ def test_run_stats_measure_the_bubble(model_dir, prompts):
     assert stats["decode_busy_stage_ticks"] == 8 * M * S
     assert stats["decode_bubble_fraction"] == pytest.approx((S - 1) / (8 * M + S - 1))
     assert out[0].metrics.pipeline["decode_ticks"] == stats["decode_ticks"]
-
-
-def test_memory_is_split_evenly_over_stages(model_dir, prompts):
-    [single] = jaxpp.LLM(model_dir, dtype="float32").device_memory()
-    greedy = jaxpp.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    for pp in (2, 3):
-        llm = jaxpp.LLM(model_dir, dtype="float32", pp=pp)
-        llm.generate(prompts, greedy)
-        usage = llm.device_memory()
-        print(f"pp={pp}: {usage}")
-        assert len(usage) == pp
-        assert max(u["params"] for u in usage) <= 1.05 * single["params"] / pp
-        cache_bytes = sum(a.nbytes for a in llm._cache)
-        assert cache_bytes > 0
-        assert all(u["kv_cache"] * pp == cache_bytes for u in usage), usage
 
 
 def test_bad_layouts_are_rejected(model_dir):
