@@ -118,7 +118,9 @@ class Checkpoint:
             files = [self.dir / f for f in sorted(set(weight_map.values()))]
             for f in files:
                 if not f.is_file():
-                    raise CheckpointError(f"{index} lists {f.name}, which is missing from {self.dir}")
+                    raise CheckpointError(
+                        f"{index} lists {f.name}, which is missing from {self.dir}"
+                    )
             return files
         files = sorted(self.dir.glob("*.safetensors"))
         if files:
@@ -309,9 +311,7 @@ def _leaf_builder(path, shape, dtype, cfg, ckpt, sources, grid, windows) -> Call
 
         return layer_shard
     if path == "embed":
-        return lambda index: _padded_rows(
-            _embedding(ckpt, cfg), shape[0]
-        )[index].astype(dtype)
+        return lambda index: _padded_rows(_embedding(ckpt, cfg), shape[0])[index].astype(dtype)
     if path == "lm_head":
 
         def head(index):

@@ -158,9 +158,7 @@ class ModelConfig:
             num_experts=num_experts if is_moe else 0,
             num_experts_per_tok=int(raw.get("num_experts_per_tok") or 0),
             moe_intermediate_size=int(raw.get("moe_intermediate_size") or 0),
-            shared_expert_intermediate_size=int(
-                raw.get("shared_expert_intermediate_size") or 0
-            ),
+            shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0),
             norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
             moe_layers=moe_layers,
             dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
@@ -193,7 +191,9 @@ def _rope(raw: dict[str, Any], source: str) -> tuple[float, tuple | None, float]
             ),
             1.0,
         )
-    raise ValueError(f"{source}: unsupported rope scaling type {kind!r} (supported: llama3, linear)")
+    raise ValueError(
+        f"{source}: unsupported rope scaling type {kind!r} (supported: llama3, linear)"
+    )
 
 
 def _sliding_windows(raw: dict[str, Any], family: str, num_layers: int) -> tuple[int, ...]:

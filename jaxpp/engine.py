@@ -24,7 +24,7 @@ from jaxpp.checkpoint import Checkpoint, load_state
 from jaxpp.config import ModelConfig, SamplingParams
 from jaxpp.model import Transformer, rope_inv_freq
 from jaxpp.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from jaxpp.partition import layer_grid, layer_partition
+from jaxpp.partition import layer_grid
 from jaxpp.pipeline import (
     ROW,
     DecodeState,
@@ -72,7 +72,9 @@ class LLM:
         checkpoint = Checkpoint(self.model_dir)
         dtype_name = dtype or cfg.dtype
         if dtype_name not in DTYPES:
-            raise ValueError(f"dtype={dtype_name!r} is not supported: expected one of {list(DTYPES)}")
+            raise ValueError(
+                f"dtype={dtype_name!r} is not supported: expected one of {list(DTYPES)}"
+            )
         self.dtype = DTYPES[dtype_name]
         self.mesh = make_mesh(dp, pp, tp)
         self.dp, self.pp, self.tp = dp, pp, tp
@@ -109,7 +111,12 @@ class LLM:
         self.kv_heads = kv_heads
         self.layers_per_stage = grid.shape[1]
         self.pipeline = Pipeline(
-            self.mesh, graphdef, layer_graphdef, self.state, rope_inv_freq(cfg), self.dtype,
+            self.mesh,
+            graphdef,
+            layer_graphdef,
+            self.state,
+            rope_inv_freq(cfg),
+            self.dtype,
             PipelineShape(pp, self.microbatches, cfg.vocab_size),
         )
         self._tokenizer = None
@@ -130,10 +137,11 @@ class LLM:
             raise ValueError(
                 f"tp={tp} is invalid: num_attention_heads={cfg.num_heads} is not divisible by it"
             )
-        for name, size in (("intermediate_size", cfg.intermediate_size),
-                           ("moe_intermediate_size", cfg.moe_intermediate_size),
-                           ("shared_expert_intermediate_size",
-                            cfg.shared_expert_intermediate_size)):
+        for name, size in (
+            ("intermediate_size", cfg.intermediate_size),
+            ("moe_intermediate_size", cfg.moe_intermediate_size),
+            ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size),
+        ):
             if size % tp:
                 raise ValueError(f"tp={tp} is invalid: {name}={size} is not divisible by it")
         if cfg.num_kv_heads % tp == 0:
@@ -228,8 +236,9 @@ class LLM:
         results: list[RequestOutput | None] = [None] * len(prompts)
         for start in range(0, len(order), self.max_num_seqs):
             wave = order[start : start + self.max_num_seqs]
-            outputs = self._generate_wave([ids[i] for i in wave], [params[i] for i in wave],
-                                          [seeds[i] for i in wave])
+            outputs = self._generate_wave(
+                [ids[i] for i in wave], [params[i] for i in wave], [seeds[i] for i in wave]
+            )
             for i, out in zip(wave, outputs, strict=True):
                 out.request_id = str(first_id + i)
                 out.prompt = texts[i]
@@ -259,8 +268,10 @@ class LLM:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{self.model_dir}: the tokenizer has no chat template")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(
-                m.get("role"), str
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("content"), str)
+                or not isinstance(m.get("role"), str)
             ):
                 raise ValueError(f"message {i} must be {{'role': str, 'content': str}}, got {m!r}")
         return self.tokenizer.apply_chat_template(
@@ -279,23 +290,29 @@ class LLM:
             )
         return params
 
-    def _generate_wave(self, prompts: list[list[int]], params: list[SamplingParams],
-                       seeds: list[int]) -> list[RequestOutput]:
+    def _generate_wave(
+        self, prompts: list[list[int]], params: list[SamplingParams], seeds: list[int]
+    ) -> list[RequestOutput]:
         start = time.perf_counter()
         # Never run past max_model_len: the last token needs no cache slot, hence the +1.
-        budgets = [min(p.max_tokens, self.max_model_len - len(s) + 1)
-                   for s, p in zip(prompts, params, strict=True)]
+        budgets = [
+            min(p.max_tokens, self.max_model_len - len(s) + 1)
+            for s, p in zip(prompts, params, strict=True)
+        ]
         tokens, lengths = self._pad_prompts(prompts)
         rows = tokens.shape[0]
         longest = max(len(s) + b for s, b in zip(prompts, budgets, strict=True))
         cache_len = max(tokens.shape[1], min(_pow2_at_least(longest), self.max_model_len))
         max_new = _pow2_at_least(max(budgets))
         mode = SamplerMode.of(params)
-        capped = [p if p.max_tokens == b else _replace_max(p, b) for p, b in zip(params, budgets,
-                                                                                 strict=True)]
+        capped = [
+            p if p.max_tokens == b else _replace_max(p, b)
+            for p, b in zip(params, budgets, strict=True)
+        ]
         rows_host = sampler_rows(capped, seeds, self.config.eos_token_ids, rows)
-        sampler = SamplerRows(*(jax.device_put(a, jax.sharding.NamedSharding(self.mesh, ROW))
-                                for a in rows_host))
+        sampler = SamplerRows(
+            *(jax.device_put(a, jax.sharding.NamedSharding(self.mesh, ROW)) for a in rows_host)
+        )
 
         cache = self._take_cache(rows, cache_len)
         cache, first, seen, prefill_stats = self.pipeline.prefill(
@@ -304,8 +321,9 @@ class LLM:
         first_tokens = host_array(first.tokens)
         ttft = time.perf_counter() - start
 
-        d = self._decode_state(cache, first, first_tokens, seen, lengths, rows_host, max_new,
-                               mode, len(prompts))
+        d = self._decode_state(
+            cache, first, first_tokens, seen, lengths, rows_host, max_new, mode, len(prompts)
+        )
         decode_start = time.perf_counter()
         has_stop_strings = any(p.stop for p in params)
         while not host_array(d.done).all():
@@ -333,23 +351,34 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             n = int(generated[i])
             completion = self._completion(
-                list(out_tokens[i, :n]), p, capped[i],
-                logprob[i, :n], top_ids[i, :n], top_lp[i, :n],
+                list(out_tokens[i, :n]),
+                p,
+                capped[i],
+                logprob[i, :n],
+                top_ids[i, :n],
+                top_lp[i, :n],
             )
             outputs.append(RequestOutput("", None, prompt, [completion], True, metrics))
         return outputs
 
     def _take_cache(self, rows: int, cache_len: int) -> KVCache:
-        shape = (self.pp, self.layers_per_stage, rows, cache_len, self.kv_heads,
-                 self.config.head_dim)
+        shape = (
+            self.pp,
+            self.layers_per_stage,
+            rows,
+            cache_len,
+            self.kv_heads,
+            self.config.head_dim,
+        )
         if self._cache is not None and self._cache.k.shape == shape:
             cache, self._cache = self._cache, None
             return cache
         self._cache = None
         return empty_cache(self.mesh, *shape, self.dtype)
 
-    def _decode_state(self, cache, first, first_tokens, seen, lengths, rows_host, max_new, mode,
-                      real_rows: int):
+    def _decode_state(
+        self, cache, first, first_tokens, seen, lengths, rows_host, max_new, mode, real_rows: int
+    ):
         rows = first_tokens.shape[0]
         row_sharding = jax.sharding.NamedSharding(self.mesh, ROW)
 
@@ -386,10 +415,19 @@ class LLM:
             return jax.device_put(np.int32(0), jax.sharding.NamedSharding(self.mesh, jax.P()))
 
         return DecodeState(
-            cache=cache, in_flight=in_flight, tick=zero(), next_token=put(first_tokens),
-            position=lengths, generated=put(np.ones(rows, np.int32)), done=put(done),
-            out_tokens=put(out_tokens), out_logprob=put(out_lp), top_ids=put(top_ids),
-            top_logprobs=put(top_lp), counts=put(counts), seen=put(seen_host),
+            cache=cache,
+            in_flight=in_flight,
+            tick=zero(),
+            next_token=put(first_tokens),
+            position=lengths,
+            generated=put(np.ones(rows, np.int32)),
+            done=put(done),
+            out_tokens=put(out_tokens),
+            out_logprob=put(out_lp),
+            top_ids=put(top_ids),
+            top_logprobs=put(top_lp),
+            counts=put(counts),
+            seen=put(seen_host),
             stats=RunStats(zero(), zero()),
         )
 
@@ -412,11 +450,13 @@ class LLM:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=p.skip_special_tokens)
 
-    def _completion(self, token_ids, p: SamplingParams, capped: SamplingParams, logprob,
-                    top_ids, top_lp) -> CompletionOutput:
+    def _completion(
+        self, token_ids, p: SamplingParams, capped: SamplingParams, logprob, top_ids, top_lp
+    ) -> CompletionOutput:
         token_ids = [int(t) for t in token_ids]
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else
-                                            set(self.config.eos_token_ids))
+        stop_ids = set(p.stop_token_ids) | (
+            set() if p.ignore_eos else set(self.config.eos_token_ids)
+        )
         finish, reason = "length", None
         if token_ids and token_ids[-1] in stop_ids and len(token_ids) > p.min_tokens:
             finish, reason = "stop", token_ids[-1]
@@ -425,8 +465,11 @@ class LLM:
         if hits:
             _, stop = min(hits)
             # Keep the tokens up to the one that completed the stop string, as vLLM does.
-            n = next(n for n in range(1, len(token_ids) + 1)
-                     if stop in self._decode_text(token_ids[:n], p))
+            n = next(
+                n
+                for n in range(1, len(token_ids) + 1)
+                if stop in self._decode_text(token_ids[:n], p)
+            )
             token_ids = token_ids[:n]
             text = self._decode_text(token_ids, p)
             text, finish, reason = text[: text.find(stop)], "stop", stop
@@ -435,8 +478,9 @@ class LLM:
             logprobs = []
             for j, tok in enumerate(token_ids):
                 entry = {tok: Logprob(float(logprob[j]), None, self._piece(tok))}
-                for rank, (tid, lp) in enumerate(zip(top_ids[j][: p.logprobs],
-                                                     top_lp[j][: p.logprobs], strict=True), 1):
+                for rank, (tid, lp) in enumerate(
+                    zip(top_ids[j][: p.logprobs], top_lp[j][: p.logprobs], strict=True), 1
+                ):
                     if int(tid) == tok:
                         entry[tok].rank = rank
                     entry.setdefault(int(tid), Logprob(float(lp), rank, self._piece(int(tid))))
@@ -462,8 +506,7 @@ class LLM:
     def device_memory(self) -> list[dict]:
         """Bytes of parameters and KV cache held by each device, read from the shards."""
         usage: dict[int, dict] = {
-            d.id: {"device": d.id, "params": 0, "kv_cache": 0}
-            for d in self.mesh.devices.flat
+            d.id: {"device": d.id, "params": 0, "kv_cache": 0} for d in self.mesh.devices.flat
         }
         for leaf in jax.tree.leaves(self.state):
             for shard in leaf.addressable_shards:

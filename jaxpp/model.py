@@ -65,8 +65,12 @@ class Attention(nnx.Module):
             self.k_bias = _stacked(stack, (kv_heads, hd), ("kv_heads", "head_dim"), dtype)
             self.v_bias = _stacked(stack, (kv_heads, hd), ("kv_heads", "head_dim"), dtype)
         self.o_bias = _stacked(stack, (d,), ("embed",), dtype) if cfg.o_bias else None
-        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype, stack, "head_dim") if cfg.qk_norm else None
-        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype, stack, "head_dim") if cfg.qk_norm else None
+        self.q_norm = (
+            RMSNorm(hd, cfg.rms_norm_eps, dtype, stack, "head_dim") if cfg.qk_norm else None
+        )
+        self.k_norm = (
+            RMSNorm(hd, cfg.rms_norm_eps, dtype, stack, "head_dim") if cfg.qk_norm else None
+        )
         self.has_qkv_bias = cfg.qkv_bias
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
@@ -126,8 +130,9 @@ class DecoderLayer(nnx.Module):
 class Transformer(nnx.Module):
     """Embedding, the stacked decoder layers, final norm and LM head — the whole model."""
 
-    def __init__(self, cfg: ModelConfig, stages: int, layers_per_stage: int, vocab: int,
-                 kv_heads: int, dtype):
+    def __init__(
+        self, cfg: ModelConfig, stages: int, layers_per_stage: int, vocab: int, kv_heads: int, dtype
+    ):
         stack = (stages, layers_per_stage)
         self.embed = _param((vocab, cfg.hidden_size), ("vocab", "embed"), dtype)
         self.layers = DecoderLayer(cfg, kv_heads, dtype, stack)

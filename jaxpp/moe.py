@@ -69,7 +69,7 @@ class MoEBlock(nnx.Module):
         out = out * weights[order][:, None]
         y = jnp.zeros_like(x).at[owner[order]].add(out)
         if self.shared is not None:
-            shared = (jax.nn.silu(x @ self.shared.gate_proj[...]) * (x @ self.shared.up_proj[...]))
+            shared = jax.nn.silu(x @ self.shared.gate_proj[...]) * (x @ self.shared.up_proj[...])
             shared = shared @ self.shared.down_proj[...]
             y = y + jax.nn.sigmoid(x @ self.shared_gate[...]) * shared
         return jax.lax.psum(y, "tensor").reshape(shape)
@@ -100,9 +100,9 @@ def _experts_reader(cfg: ModelConfig, which: str):
             return np.swapaxes(half, 1, 2)
         one = shape[1:]
         reader = _linear_out_proj if which == "down_proj" else _linear_in_out
-        return np.stack([
-            reader(ckpt, f"{prefix}.{e}.{which}.weight", one) for e in range(cfg.num_experts)
-        ])
+        return np.stack(
+            [reader(ckpt, f"{prefix}.{e}.{which}.weight", one) for e in range(cfg.num_experts)]
+        )
 
     return read
 
@@ -146,11 +146,15 @@ def moe_sources(cfg: ModelConfig, p: str) -> dict:
         src["mlp.shared.gate_proj"] = (s + "gate_proj.weight", _only_moe(cfg, _linear_in_out))
         src["mlp.shared.up_proj"] = (s + "up_proj.weight", _only_moe(cfg, _linear_in_out))
         src["mlp.shared.down_proj"] = (s + "down_proj.weight", _only_moe(cfg, _linear_out_proj))
-        src["mlp.shared_gate"] = (p + "mlp.shared_expert_gate.weight",
-                                  _only_moe(cfg, _linear_in_out))
+        src["mlp.shared_gate"] = (
+            p + "mlp.shared_expert_gate.weight",
+            _only_moe(cfg, _linear_in_out),
+        )
     if not all(cfg.is_moe_layer):
         src["mlp.dense.gate_proj"] = (p + "mlp.gate_proj.weight", _only_dense(cfg, _linear_in_out))
         src["mlp.dense.up_proj"] = (p + "mlp.up_proj.weight", _only_dense(cfg, _linear_in_out))
-        src["mlp.dense.down_proj"] = (p + "mlp.down_proj.weight",
-                                      _only_dense(cfg, _linear_out_proj))
+        src["mlp.dense.down_proj"] = (
+            p + "mlp.down_proj.weight",
+            _only_dense(cfg, _linear_out_proj),
+        )
     return src

@@ -78,9 +78,7 @@ def _parse_custom(custom: str | Sequence[int], num_layers: int, pp: int) -> list
     if bad:
         raise ValueError(f"{label} has entry {bad[0]}: every stage needs at least 1 layer")
     if sum(sizes) != num_layers:
-        raise ValueError(
-            f"{label} sums to {sum(sizes)}: expected the model's {num_layers} layers"
-        )
+        raise ValueError(f"{label} sums to {sum(sizes)}: expected the model's {num_layers} layers")
     return sizes
 
 

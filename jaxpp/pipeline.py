@@ -99,8 +99,16 @@ class PipelineShape:
 class Pipeline:
     """Builds the jitted prefill and decode programs for one model on one mesh."""
 
-    def __init__(self, mesh: Mesh, graphdef, layer_graphdef, state: nnx.State, inv_freq,
-                 dtype, shape: PipelineShape):
+    def __init__(
+        self,
+        mesh: Mesh,
+        graphdef,
+        layer_graphdef,
+        state: nnx.State,
+        inv_freq,
+        dtype,
+        shape: PipelineShape,
+    ):
         self.mesh = mesh
         self.graphdef = graphdef
         self.layer_graphdef = layer_graphdef
@@ -149,18 +157,25 @@ class Pipeline:
 
     # --- prefill: GPipe --------------------------------------------------------------------
 
-    def prefill(self, state, tokens, lengths, cache: KVCache | None, rows: SamplerRows | None,
-                mode: SamplerMode | None):
+    def prefill(
+        self,
+        state,
+        tokens,
+        lengths,
+        cache: KVCache | None,
+        rows: SamplerRows | None,
+        mode: SamplerMode | None,
+    ):
         """Run prompts [B, T] through the pipeline.
 
         With `rows` (generate): writes the KV cache and returns (cache, first tokens, Sampled
         extras, stats). Without (logits): returns (logits [B, T, Vpad] float32, stats).
         """
-        key = ("prefill", tokens.shape, cache is not None and cache.k.shape, mode,
-               self.bubble_fill)
+        key = ("prefill", tokens.shape, cache is not None and cache.k.shape, mode, self.bubble_fill)
         if key not in self._compiled:
-            self._compiled[key] = self._build_prefill(cache is not None, rows is not None, mode,
-                                                      self.bubble_fill)
+            self._compiled[key] = self._build_prefill(
+                cache is not None, rows is not None, mode, self.bubble_fill
+            )
         return self._compiled[key](state, tokens, lengths, cache, rows)
 
     def _build_prefill(self, with_cache: bool, with_sampling: bool, mode, bubble_fill):
@@ -209,7 +224,9 @@ class Pipeline:
             stats = RunStats(jnp.int32(M + S - 1), jax.lax.psum(busy, "stage"))
             stats = RunStats(stats.ticks, jax.lax.pmax(stats.busy, ("data", "tensor")))
             # The last stage holds the final hidden states; share them for the vocab-parallel head.
-            finals = jax.lax.psum(jnp.where(s == last, finals, 0), "stage").reshape(rows_local, T, -1)
+            finals = jax.lax.psum(jnp.where(s == last, finals, 0), "stage").reshape(
+                rows_local, T, -1
+            )
             if not with_sampling:
                 return local_logits(model, finals, self.shape.vocab_size), stats
             cache = KVCache(cache.k[None], cache.v[None])
@@ -219,9 +236,11 @@ class Pipeline:
             if mode.penalties:
                 vocab = logits.shape[-1] * jax.lax.psum(1, VOCAB_AXES)
                 valid_tok = jnp.arange(T)[None, :] < lengths[:, None]
-                seen = jnp.zeros((rows_local, vocab), bool).at[
-                    jnp.arange(rows_local)[:, None], jnp.where(valid_tok, tokens, vocab)
-                ].set(True, mode="drop")
+                seen = (
+                    jnp.zeros((rows_local, vocab), bool)
+                    .at[jnp.arange(rows_local)[:, None], jnp.where(valid_tok, tokens, vocab)]
+                    .set(True, mode="drop")
+                )
             counts = None if seen is None else jnp.zeros(seen.shape, jnp.int32)
             generated = jnp.zeros((rows_local,), jnp.int32)
             sampled = sample(logits, rows, generated, counts, seen, self.shape.vocab_size, mode)
@@ -230,26 +249,44 @@ class Pipeline:
             return cache, sampled, seen, stats
 
         rows_spec = SamplerRows(*([ROW] * len(SamplerRows._fields)))
-        in_specs = (self.state_specs, ROW, ROW,
-                    KVCache(self.cache_spec, self.cache_spec) if with_cache else None,
-                    rows_spec if with_sampling else None)
+        in_specs = (
+            self.state_specs,
+            ROW,
+            ROW,
+            KVCache(self.cache_spec, self.cache_spec) if with_cache else None,
+            rows_spec if with_sampling else None,
+        )
         if with_sampling:
-            out_specs = (KVCache(self.cache_spec, self.cache_spec), ROW, ROW,
-                         RunStats(REPLICATED, REPLICATED))
+            out_specs = (
+                KVCache(self.cache_spec, self.cache_spec),
+                ROW,
+                ROW,
+                RunStats(REPLICATED, REPLICATED),
+            )
         else:
-            out_specs = (P(LOGICAL_TO_MESH["batch"], None, VOCAB_AXES),
-                         RunStats(REPLICATED, REPLICATED))
-        fn = jax.shard_map(program, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                           check_vma=False)
+            out_specs = (
+                P(LOGICAL_TO_MESH["batch"], None, VOCAB_AXES),
+                RunStats(REPLICATED, REPLICATED),
+            )
+        fn = jax.shard_map(
+            program, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+        )
         return jax.jit(fn, donate_argnums=(3,) if with_cache else ())
 
     # --- decode: the circular ring -----------------------------------------------------------
 
-    def decode(self, state, dstate: DecodeState, rows: SamplerRows, tick_end,
-               mode: SamplerMode) -> DecodeState:
+    def decode(
+        self, state, dstate: DecodeState, rows: SamplerRows, tick_end, mode: SamplerMode
+    ) -> DecodeState:
         """Advance the ring until tick `tick_end` or until every sequence is done."""
-        key = ("decode", dstate.cache.k.shape, dstate.out_tokens.shape,
-               dstate.top_ids.shape, mode, self.bubble_fill)
+        key = (
+            "decode",
+            dstate.cache.k.shape,
+            dstate.out_tokens.shape,
+            dstate.top_ids.shape,
+            mode,
+            self.bubble_fill,
+        )
         if key not in self._compiled:
             self._compiled[key] = self._build_decode(mode, self.bubble_fill)
         return self._compiled[key](state, dstate, rows, tick_end)
@@ -307,8 +344,7 @@ class Pipeline:
                 generated = rows_of(d.generated, m_out)
                 counts = rows_of(d.counts, m_out) if mode.penalties else None
                 seen = rows_of(d.seen, m_out) if mode.penalties else None
-                got = sample(logits, out_rows, generated, counts, seen,
-                             self.shape.vocab_size, mode)
+                got = sample(logits, out_rows, generated, counts, seen, self.shape.vocab_size, mode)
                 live = (t >= last) & ~rows_of(d.done, m_out)
                 d = _record(d, m_out * mb + jnp.arange(mb), live, got, generated, out_rows, mode)
                 busy = jax.lax.psum(valid.astype(jnp.int32), "stage")
@@ -329,12 +365,26 @@ class Pipeline:
         d_spec = DecodeState(
             cache=KVCache(self.cache_spec, self.cache_spec),
             in_flight=P("stage", LOGICAL_TO_MESH["batch"]),
-            tick=REPLICATED, next_token=ROW, position=ROW, generated=ROW, done=ROW,
-            out_tokens=ROW, out_logprob=ROW, top_ids=ROW, top_logprobs=ROW, counts=ROW, seen=ROW,
+            tick=REPLICATED,
+            next_token=ROW,
+            position=ROW,
+            generated=ROW,
+            done=ROW,
+            out_tokens=ROW,
+            out_logprob=ROW,
+            top_ids=ROW,
+            top_logprobs=ROW,
+            counts=ROW,
+            seen=ROW,
             stats=RunStats(REPLICATED, REPLICATED),
         )
-        fn = jax.shard_map(program, mesh=self.mesh, in_specs=(self.state_specs, d_spec,
-                           rows_spec, REPLICATED), out_specs=d_spec, check_vma=False)
+        fn = jax.shard_map(
+            program,
+            mesh=self.mesh,
+            in_specs=(self.state_specs, d_spec, rows_spec, REPLICATED),
+            out_specs=d_spec,
+            check_vma=False,
+        )
         return jax.jit(fn, donate_argnums=(1,))
 
 
@@ -362,12 +412,16 @@ def _record(d: DecodeState, row_ids, live, got, generated, rows: SamplerRows, mo
     )
     if mode.penalties:
         hit = jax.nn.one_hot(tokens, d.counts.shape[1], dtype=jnp.int32) * live[:, None]
-        d = d._replace(counts=d.counts.at[row_ids].add(hit),
-                       seen=d.seen.at[row_ids].set(d.seen[row_ids] | (hit > 0)))
+        d = d._replace(
+            counts=d.counts.at[row_ids].add(hit),
+            seen=d.seen.at[row_ids].set(d.seen[row_ids] | (hit > 0)),
+        )
     return d
 
 
-def empty_cache(mesh: Mesh, stages, slots, sequences, max_len, kv_heads, head_dim, dtype) -> KVCache:
+def empty_cache(
+    mesh: Mesh, stages, slots, sequences, max_len, kv_heads, head_dim, dtype
+) -> KVCache:
     shape = (stages, slots, sequences, max_len, kv_heads, head_dim)
     sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(CACHE_AXES))
     zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)

@@ -52,8 +52,7 @@ class SamplerMode:
     @staticmethod
     def of(params: list[SamplingParams]) -> SamplerMode:
         penalties = any(
-            p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-            for p in params
+            p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params
         )
         wants_logprobs = any(p.logprobs is not None for p in params)
         return SamplerMode(
@@ -69,8 +68,10 @@ def sampler_rows(
     """Host-side arrays for `rows` slots; rows past len(params) are greedy padding."""
     n_stop = max([1] + [len(_stop_ids(p, eos_ids)) for p in params])
     stop = np.full((rows, n_stop), -1, np.int32)
-    fields = {name: np.zeros(rows, np.float32) for name in ("temperature", "top_p", "min_p",
-                                                             "presence", "frequency")}
+    fields = {
+        name: np.zeros(rows, np.float32)
+        for name in ("temperature", "top_p", "min_p", "presence", "frequency")
+    }
     fields["top_p"][:] = 1.0
     top_k = np.zeros(rows, np.int32)
     repetition = np.ones(rows, np.float32)
@@ -91,9 +92,16 @@ def sampler_rows(
         ids = _stop_ids(p, eos_ids)
         stop[i, : len(ids)] = ids
     return SamplerRows(
-        temperature=fields["temperature"], top_k=top_k, top_p=fields["top_p"],
-        min_p=fields["min_p"], presence=fields["presence"], frequency=fields["frequency"],
-        repetition=repetition, seed=seed, min_tokens=min_tokens, stop_ids=stop,
+        temperature=fields["temperature"],
+        top_k=top_k,
+        top_p=fields["top_p"],
+        min_p=fields["min_p"],
+        presence=fields["presence"],
+        frequency=fields["frequency"],
+        repetition=repetition,
+        seed=seed,
+        min_tokens=min_tokens,
+        stop_ids=stop,
         max_tokens=max_tokens,
     )
 

@@ -14,17 +14,30 @@ from safetensors.torch import load_file, save_file
 import jaxpp
 
 MOE_COMMON = dict(
-    vocab_size=320, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, initializer_range=0.5, max_position_embeddings=256, num_experts=8,
-    num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=96,
+    vocab_size=320,
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.5,
+    max_position_embeddings=256,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    intermediate_size=96,
 )
 MOE_FAMILIES = {
     # shared expert, one dense layer among MoE layers (mlp_only_layers), un-normalised top-k
-    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
-                  dict(shared_expert_intermediate_size=48, mlp_only_layers=[1],
-                       norm_topk_prob=False)),
-    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
-                  dict(head_dim=32, norm_topk_prob=True)),
+    "qwen2_moe": (
+        transformers.Qwen2MoeConfig,
+        transformers.Qwen2MoeForCausalLM,
+        dict(shared_expert_intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=False),
+    ),
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        dict(head_dim=32, norm_topk_prob=True),
+    ),
 }
 PROMPTS = random_seqs([3, 11, 6, 17, 9], seed=5)
 NEW_TOKENS = 16
@@ -55,7 +68,9 @@ def _fuse_experts(src, dst):
         gate = [tensors.pop(f"{p}.{e}.gate_proj.weight") for e in range(experts)]
         up = [tensors.pop(f"{p}.{e}.up_proj.weight") for e in range(experts)]
         down = [tensors.pop(f"{p}.{e}.down_proj.weight") for e in range(experts)]
-        tensors[f"{p}.gate_up_proj"] = torch.stack([torch.cat(gu) for gu in zip(gate, up)])
+        tensors[f"{p}.gate_up_proj"] = torch.stack(
+            [torch.cat(gu) for gu in zip(gate, up, strict=True)]
+        )
         tensors[f"{p}.down_proj"] = torch.stack(down)
     save_file({k: v.contiguous() for k, v in tensors.items()}, dst / "model.safetensors")
     # Configs may also name the expert count num_local_experts: accept both spellings.

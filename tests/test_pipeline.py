@@ -41,15 +41,19 @@ def reference(model_dir, prompts):
 
 
 @pytest.mark.parametrize("pp,partition,microbatches", LAYOUTS)
-def test_layout_gives_same_logits_and_tokens(model_dir, prompts, reference, pp, partition,
-                                             microbatches):
-    llm = jaxpp.LLM(model_dir, dtype="float32", pp=pp, layer_partition=partition,
-                    num_microbatches=microbatches)
+def test_layout_gives_same_logits_and_tokens(
+    model_dir, prompts, reference, pp, partition, microbatches
+):
+    llm = jaxpp.LLM(
+        model_dir, dtype="float32", pp=pp, layer_partition=partition, num_microbatches=microbatches
+    )
     logits, tokens = _run(llm, prompts)
     worst = max(float(np.abs(a - b).max()) for a, b in zip(logits, reference[0], strict=True))
     scale = max(1.0, max(float(np.abs(r).max()) for r in reference[0]))
-    print(f"pp={pp} partition={llm.partition} M={llm.microbatches}: max|dlogit|={worst:.2e}"
-          f" (max|logit| {scale:.2f})")
+    print(
+        f"pp={pp} partition={llm.partition} M={llm.microbatches}: max|dlogit|={worst:.2e}"
+        f" (max|logit| {scale:.2f})"
+    )
     # Not bitwise: XLA:CPU tiles a [D, V/pp] vocab shard's matmul differently from [D, V],
     # which moves the last bits (a few ulp). Bounded at 1e-6 per unit of logit magnitude.
     assert worst <= 1e-6 * scale
@@ -103,8 +107,9 @@ def test_run_stats_measure_the_bubble(pp3_llm, prompts):
 
     # 6 prompts fill all 6 micro-batches, so after the S-1 fill ticks the ring never idles.
     prompts6 = random_seqs([4, 5, 6, 7, 8, 9], seed=1)
-    out = llm.generate(prompts6, jaxpp.SamplingParams(max_tokens=9, temperature=0.0,
-                                                      ignore_eos=True))
+    out = llm.generate(
+        prompts6, jaxpp.SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    )
     stats = llm.last_run_stats
     # 8 decode tokens per micro-batch (the prefill made the first) -> 8 rounds of M ticks.
     assert stats["decode_ticks"] == 8 * M + S - 1

@@ -13,10 +13,24 @@ from jaxpp.sampling import SamplerMode, SamplerRows, sample, sampler_rows
 
 @pytest.mark.parametrize(
     "field,value",
-    [("max_tokens", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2),
-     ("min_p", 1.5), ("seed", "x"), ("stop", [""]), ("stop_token_ids", [-1]), ("logprobs", -1),
-     ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0),
-     ("min_tokens", -1), ("ignore_eos", "yes"), ("temperature", float("nan"))],
+    [
+        ("max_tokens", 0),
+        ("temperature", -0.1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("min_p", 1.5),
+        ("seed", "x"),
+        ("stop", [""]),
+        ("stop_token_ids", [-1]),
+        ("logprobs", -1),
+        ("presence_penalty", 3.0),
+        ("frequency_penalty", -2.5),
+        ("repetition_penalty", 0.0),
+        ("min_tokens", -1),
+        ("ignore_eos", "yes"),
+        ("temperature", float("nan")),
+    ],
 )
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}="):
@@ -53,8 +67,9 @@ def _expected(params: jaxpp.SamplingParams) -> np.ndarray:
 
 
 def _draw_many(params: jaxpp.SamplingParams, draws: int) -> np.ndarray:
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
-                             ("data", "stage", "tensor"))
+    mesh = jax.sharding.Mesh(
+        np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "stage", "tensor")
+    )
     rows = sampler_rows([params], [params.seed or 0], (), 1)
     rows = SamplerRows(*(np.repeat(a, draws, axis=0) for a in rows))
     generated = jnp.arange(draws, dtype=jnp.int32)  # a different token index per draw
@@ -63,8 +78,9 @@ def _draw_many(params: jaxpp.SamplingParams, draws: int) -> np.ndarray:
     def body(logits, rows, generated):
         return sample(logits, rows, generated, None, None, VOCAB, mode).tokens
 
-    run = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=jax.P(), out_specs=jax.P(),
-                                check_vma=False))
+    run = jax.jit(
+        jax.shard_map(body, mesh=mesh, in_specs=jax.P(), out_specs=jax.P(), check_vma=False)
+    )
     tokens = run(jnp.broadcast_to(LOGITS, (draws, VOCAB)), rows, generated)
     return np.bincount(np.asarray(tokens), minlength=VOCAB) / draws
 
@@ -106,8 +122,9 @@ def _tokens(outputs):
 def test_seeded_request_is_independent_of_batch_position_and_layout(model_dir):
     target = random_seqs([7], seed=11)[0]
     others = random_seqs([3, 12, 5, 9, 4], seed=12)
-    seeded = jaxpp.SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234,
-                                  ignore_eos=True)
+    seeded = jaxpp.SamplingParams(
+        max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True
+    )
     unseeded = jaxpp.SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
     greedy = jaxpp.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -122,8 +139,9 @@ def test_seeded_request_is_independent_of_batch_position_and_layout(model_dir):
     split = jaxpp.LLM(model_dir, dtype="float32", pp=2, tp=2, dp=2)
     assert _tokens(split.generate(batch, params))[1] == alone
     # And it really samples: another seed gives another continuation.
-    other_seed = jaxpp.SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50,
-                                      seed=99, ignore_eos=True)
+    other_seed = jaxpp.SamplingParams(
+        max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=99, ignore_eos=True
+    )
     assert _tokens(llm.generate([target], other_seed))[0] != alone
 
 
@@ -139,30 +157,49 @@ def test_penalties_logprobs_and_stops(model_dir):
         assert len(entry) == 3 and all(lp.logprob <= 0 for lp in entry.values())
 
     # A strong frequency penalty forbids repeating the greedy tokens.
-    penalised = jaxpp.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
-                                     frequency_penalty=2.0, presence_penalty=2.0)
+    penalised = jaxpp.SamplingParams(
+        max_tokens=16, temperature=0.0, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0
+    )
     tokens = llm.generate([prompt], penalised)[0].outputs[0].token_ids
     assert len(set(tokens)) > len(set(out.token_ids)) or len(set(tokens)) == 16
 
     # stop_token_ids end a request with finish_reason "stop", the stop token included.
     stop_at = out.token_ids[5]
     first = out.token_ids.index(stop_at)
-    stopped = llm.generate([prompt], jaxpp.SamplingParams(
-        max_tokens=16, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_at]))[0].outputs[0]
+    stopped = llm.generate(
+        [prompt],
+        jaxpp.SamplingParams(
+            max_tokens=16, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_at]
+        ),
+    )[0].outputs[0]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_at
     assert stopped.token_ids == out.token_ids[: first + 1]
     # min_tokens holds the stop token back until enough tokens were generated.
-    held = llm.generate([prompt], jaxpp.SamplingParams(
-        max_tokens=16, min_tokens=first + 2, temperature=0.0, ignore_eos=True,
-        stop_token_ids=[stop_at]))[0].outputs[0]
+    held = llm.generate(
+        [prompt],
+        jaxpp.SamplingParams(
+            max_tokens=16,
+            min_tokens=first + 2,
+            temperature=0.0,
+            ignore_eos=True,
+            stop_token_ids=[stop_at],
+        ),
+    )[0].outputs[0]
     assert len(held.token_ids) >= first + 2
 
     # A stop string ends the text before the string; the tokens stop where it was completed.
-    text = llm.generate([prompt], jaxpp.SamplingParams(max_tokens=16, temperature=0.0,
-                                                        ignore_eos=True))[0].outputs[0].text
+    text = (
+        llm.generate(
+            [prompt], jaxpp.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+        )[0]
+        .outputs[0]
+        .text
+    )
     needle = text[len(text) // 2 : len(text) // 2 + 2]
     if needle.strip():
-        cut = llm.generate([prompt], jaxpp.SamplingParams(
-            max_tokens=16, temperature=0.0, ignore_eos=True, stop=[needle]))[0].outputs[0]
+        cut = llm.generate(
+            [prompt],
+            jaxpp.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, stop=[needle]),
+        )[0].outputs[0]
         assert cut.finish_reason == "stop" and cut.stop_reason == needle
         assert cut.text == text[: text.find(needle)]
