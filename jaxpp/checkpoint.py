@@ -75,10 +75,11 @@ class SafetensorsFile:
                 begin, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
-            if end - begin != int(np.prod(shape)) * dtype.itemsize or begin > end:
+            needed = int(np.prod(shape)) * dtype.itemsize
+            if end - begin != needed:
                 raise CheckpointError(
                     f"{path}: tensor {name!r} has {end - begin} bytes, "
-                    f"but shape {shape} {info['dtype']} needs {int(np.prod(shape)) * dtype.itemsize}"
+                    f"but shape {shape} {info['dtype']} needs {needed}"
                 )
             if self.data_start + end > size:
                 raise CheckpointError(
