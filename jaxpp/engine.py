@@ -24,9 +24,14 @@ from jaxpp.checkpoint import Checkpoint, load_state
 from jaxpp.config import ModelConfig, SamplingParams
 from jaxpp.model import Transformer, rope_inv_freq
 from jaxpp.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+
+# `layer_partition` is also an argument name of LLM, hence the alias.
 from jaxpp.partition import layer_grid
+from jaxpp.partition import layer_partition as split_layers
 from jaxpp.pipeline import (
     ROW,
+    SCHEDULE,
+    TRACE_TICKS,
     DecodeState,
     KVCache,
     Pipeline,
@@ -79,10 +84,8 @@ class LLM:
         self.mesh = make_mesh(dp, pp, tp)
         self.dp, self.pp, self.tp = dp, pp, tp
         kv_heads = self._check_tensor_parallel(cfg, tp)
-        self.partition = layer_partition_sizes = globals()["layer_partition"](
-            cfg.num_layers, pp, layer_partition
-        )
-        grid, _ = layer_grid(layer_partition_sizes)
+        self.partition = split_layers(cfg.num_layers, pp, layer_partition)
+        grid, _ = layer_grid(self.partition)
         self.microbatches = num_microbatches or pp
         if not isinstance(self.microbatches, int) or self.microbatches < pp:
             raise ValueError(
@@ -428,7 +431,14 @@ class LLM:
             top_logprobs=put(top_lp),
             counts=put(counts),
             seen=put(seen_host),
-            stats=RunStats(zero(), zero()),
+            stats=RunStats(
+                zero(),
+                zero(),
+                jax.device_put(
+                    np.full((TRACE_TICKS, self.pp), -1, np.int32),
+                    jax.sharding.NamedSharding(self.mesh, SCHEDULE),
+                ),
+            ),
         )
 
     def _apply_stop_strings(self, d: DecodeState, params) -> DecodeState:
@@ -501,6 +511,9 @@ class LLM:
                 stats[f"{name}_ticks"] = ticks
                 stats[f"{name}_busy_stage_ticks"] = busy
                 stats[f"{name}_bubble_fraction"] = 1 - busy / (ticks * self.pp) if ticks else 0.0
+                # schedule[t][s]: the micro-batch stage s ran at tick t (-1: idle); the decode
+                # ring records its first TRACE_TICKS ticks.
+                stats[f"{name}_schedule"] = host_array(s.schedule)[:ticks].tolist()
         self.last_run_stats = stats
 
     def device_memory(self) -> list[dict]:

@@ -58,6 +58,7 @@ from jaxpp.sharding import LOGICAL_TO_MESH, logical_to_spec
 CACHE_AXES = ("stage", "layer", "batch", "seq", "kv_heads", "head_dim")
 ROW = P(LOGICAL_TO_MESH["batch"])  # per-sequence arrays: split over pipeline replicas
 REPLICATED = P()
+SCHEDULE = P(None, "stage")  # [ticks, stages]: each stage reports its own column
 
 
 class KVCache(NamedTuple):
@@ -65,9 +66,13 @@ class KVCache(NamedTuple):
     v: jax.Array
 
 
+TRACE_TICKS = 64  # decode ticks whose schedule is recorded (the prefill records all of its)
+
+
 class RunStats(NamedTuple):
     ticks: jax.Array  # ticks the program executed
     busy: jax.Array  # stage-ticks that did real work (summed over stages, one pipeline replica)
+    schedule: jax.Array  # i32 [ticks, stages]: the micro-batch each stage ran per tick, -1 idle
 
 
 class DecodeState(NamedTuple):
@@ -193,7 +198,7 @@ class Pipeline:
             cache = None if cache is None else KVCache(cache.k[0], cache.v[0])
 
             def tick(t, carry):
-                act, cache, finals, busy = carry
+                act, cache, finals, busy, schedule = carry
                 m = t - s
                 valid = (m >= 0) & (m < M)
                 m = jnp.clip(m, 0, M - 1)
@@ -217,12 +222,20 @@ class Pipeline:
                 keep = jnp.where(valid & (s == last), out, finals[m])
                 finals = jax.lax.dynamic_update_index_in_dim(finals, keep, m, 0)
                 act = jax.lax.ppermute(out, "stage", [(i, i + 1) for i in range(S - 1)])
-                return act, cache, finals, busy + valid.astype(jnp.int32)
+                schedule = schedule.at[t, 0].set(jnp.where(valid, m, -1))
+                return act, cache, finals, busy + valid.astype(jnp.int32), schedule
 
-            init = (jnp.zeros_like(x_all[0]), cache, jnp.zeros_like(x_all), jnp.int32(0))
-            _, cache, finals, busy = jax.lax.fori_loop(0, M + S - 1, tick, init)
-            stats = RunStats(jnp.int32(M + S - 1), jax.lax.psum(busy, "stage"))
-            stats = RunStats(stats.ticks, jax.lax.pmax(stats.busy, ("data", "tensor")))
+            ticks = M + S - 1
+            init = (
+                jnp.zeros_like(x_all[0]),
+                cache,
+                jnp.zeros_like(x_all),
+                jnp.int32(0),
+                jnp.full((ticks, 1), -1, jnp.int32),
+            )
+            _, cache, finals, busy, schedule = jax.lax.fori_loop(0, ticks, tick, init)
+            busy = jax.lax.pmax(jax.lax.psum(busy, "stage"), ("data", "tensor"))
+            stats = RunStats(jnp.int32(ticks), busy, schedule)
             # The last stage holds the final hidden states; share them for the vocab-parallel head.
             finals = jax.lax.psum(jnp.where(s == last, finals, 0), "stage").reshape(
                 rows_local, T, -1
@@ -261,12 +274,12 @@ class Pipeline:
                 KVCache(self.cache_spec, self.cache_spec),
                 ROW,
                 ROW,
-                RunStats(REPLICATED, REPLICATED),
+                RunStats(REPLICATED, REPLICATED, SCHEDULE),
             )
         else:
             out_specs = (
                 P(LOGICAL_TO_MESH["batch"], None, VOCAB_AXES),
-                RunStats(REPLICATED, REPLICATED),
+                RunStats(REPLICATED, REPLICATED, SCHEDULE),
             )
         fn = jax.shard_map(
             program, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
@@ -348,11 +361,19 @@ class Pipeline:
                 live = (t >= last) & ~rows_of(d.done, m_out)
                 d = _record(d, m_out * mb + jnp.arange(mb), live, got, generated, out_rows, mode)
                 busy = jax.lax.psum(valid.astype(jnp.int32), "stage")
+                at = jnp.minimum(t, TRACE_TICKS - 1)
+                traced = jnp.where(
+                    t < TRACE_TICKS, jnp.where(valid, m, -1), d.stats.schedule[at, 0]
+                )
                 return d._replace(
                     cache=KVCache(cache.k[None], cache.v[None]),
                     in_flight=jax.lax.ppermute(out, "stage", ring)[None],
                     tick=t + 1,
-                    stats=RunStats(d.stats.ticks + 1, d.stats.busy + busy),
+                    stats=RunStats(
+                        d.stats.ticks + 1,
+                        d.stats.busy + busy,
+                        d.stats.schedule.at[at, 0].set(traced),
+                    ),
                 )
 
             def running(d: DecodeState):
@@ -376,7 +397,7 @@ class Pipeline:
             top_logprobs=ROW,
             counts=ROW,
             seen=ROW,
-            stats=RunStats(REPLICATED, REPLICATED),
+            stats=RunStats(REPLICATED, REPLICATED, SCHEDULE),
         )
         fn = jax.shard_map(
             program,

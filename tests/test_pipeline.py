@@ -104,6 +104,9 @@ def test_run_stats_measure_the_bubble(pp3_llm, prompts):
     assert stats["prefill_ticks"] == M + S - 1
     assert stats["prefill_busy_stage_ticks"] == M * S
     assert stats["prefill_bubble_fraction"] == pytest.approx((S - 1) / (M + S - 1))
+    # The recorded schedule is GPipe's: stage s runs micro-batch t - s at tick t.
+    for t, row in enumerate(stats["prefill_schedule"]):
+        assert row == [t - s if 0 <= t - s < M else -1 for s in range(S)]
 
     # 6 prompts fill all 6 micro-batches, so after the S-1 fill ticks the ring never idles.
     prompts6 = random_seqs([4, 5, 6, 7, 8, 9], seed=1)
@@ -115,6 +118,9 @@ def test_run_stats_measure_the_bubble(pp3_llm, prompts):
     assert stats["decode_ticks"] == 8 * M + S - 1
     assert stats["decode_busy_stage_ticks"] == 8 * M * S
     assert stats["decode_bubble_fraction"] == pytest.approx((S - 1) / (8 * M + S - 1))
+    # ... and the ring's: stage s runs micro-batch (t - s) mod M once filled.
+    for t, row in enumerate(stats["decode_schedule"]):
+        assert row == [(t - s) % M if t >= s else -1 for s in range(S)]
     assert out[0].metrics.pipeline["decode_ticks"] == stats["decode_ticks"]
 
 
