@@ -41,22 +41,60 @@ OPENAI_URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 # Sampling fields a plain line may set (the names of jaxpp.SamplingParams; kept here so that
 # building the parser needs no engine import; test_cli checks it against the dataclass).
 SAMPLING_FIELDS = (
-    "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
-    "stop_token_ids", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "skip_special_tokens",
+    "max_tokens",
+    "min_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "skip_special_tokens",
 )
 # OpenAI body fields mapped onto SamplingParams (the vLLM extras top_k, min_p, ... included).
 _OPENAI_SAMPLING = (
-    "max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty",
-    "frequency_penalty", "top_k", "min_p", "min_tokens", "repetition_penalty", "ignore_eos",
-    "stop_token_ids", "skip_special_tokens",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "min_tokens",
+    "repetition_penalty",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
 )
 _OPENAI_IGNORED = ("model", "user", "metadata", "store", "service_tier")
 _OPENAI_BODY = {
-    "completion": {"prompt", "n", "logprobs", "echo", "stream", *_OPENAI_SAMPLING,
-                   *_OPENAI_IGNORED},
-    "chat": {"messages", "n", "logprobs", "top_logprobs", "max_completion_tokens", "stream",
-             *_OPENAI_SAMPLING, *_OPENAI_IGNORED},
+    "completion": {
+        "prompt",
+        "n",
+        "logprobs",
+        "echo",
+        "stream",
+        *_OPENAI_SAMPLING,
+        *_OPENAI_IGNORED,
+    },
+    "chat": {
+        "messages",
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "max_completion_tokens",
+        "stream",
+        *_OPENAI_SAMPLING,
+        *_OPENAI_IGNORED,
+    },
 }
 _OPENAI_KEYS = {"custom_id", "method", "url", "body"}
 
@@ -144,36 +182,67 @@ def add_generate_parser(subparsers) -> None:
     io = p.add_argument_group("input and output")
     src = io.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", "-i", metavar="FILE", help="JSONL requests ('-' = stdin)")
-    src.add_argument("--prompt", "-p", metavar="TEXT",
-                     help="one prompt; prints its completion text (or, with --output, its "
-                     "JSON line)")
-    io.add_argument("--chat", action="store_true",
-                    help="with --prompt: send TEXT as a user message through the chat template")
-    io.add_argument("--output", "-o", metavar="FILE",
-                    help="JSONL answers (default: stdout; '-' = stdout)")
-    io.add_argument("--resume", action="store_true",
-                    help="continue an interrupted run: keep --output, skip answered ids")
-    io.add_argument("--batch-size", type=_positive_int, default=256, metavar="N",
-                    help="sequences per generate call: answers are written after each call "
-                    "(default: 256)")
-    io.add_argument("--quiet", "-q", action="store_true",
-                    help="no progress bar and no summary on stderr")
+    src.add_argument(
+        "--prompt",
+        "-p",
+        metavar="TEXT",
+        help="one prompt; prints its completion text (or, with --output, its JSON line)",
+    )
+    io.add_argument(
+        "--chat",
+        action="store_true",
+        help="with --prompt: send TEXT as a user message through the chat template",
+    )
+    io.add_argument(
+        "--output", "-o", metavar="FILE", help="JSONL answers (default: stdout; '-' = stdout)"
+    )
+    io.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run: keep --output, skip answered ids",
+    )
+    io.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="sequences per generate call: answers are written after each call (default: 256)",
+    )
+    io.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress bar and no summary on stderr"
+    )
 
     m = p.add_argument_group("model and parallelism")
-    m.add_argument("--model", "-m", default=None, metavar="DIR",
-                   help="Hugging Face model dir (default: the embedded demo model)")
+    m.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        metavar="DIR",
+        help="Hugging Face model dir (default: the embedded demo model)",
+    )
     m.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: the checkpoint's dtype")
     m.add_argument("--pp", type=_positive_int, default=1, help="pipeline stages (default: 1)")
-    m.add_argument("--tp", type=_positive_int, default=1,
-                   help="tensor-parallel ways (default: 1)")
-    m.add_argument("--dp", type=_positive_int, default=1,
-                   help="data-parallel replicas (default: 1)")
-    m.add_argument("--layer-partition", metavar="N,N,...",
-                   help="layers per stage, e.g. 10,11,11 (default: even split)")
-    m.add_argument("--num-microbatches", type=_positive_int, metavar="N",
-                   help="micro-batches in flight (default: pp; must be >= pp)")
-    m.add_argument("--max-model-len", type=_positive_int, metavar="N",
-                   help="longest prompt + completion (default: the model's max positions)")
+    m.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel ways (default: 1)")
+    m.add_argument(
+        "--dp", type=_positive_int, default=1, help="data-parallel replicas (default: 1)"
+    )
+    m.add_argument(
+        "--layer-partition",
+        metavar="N,N,...",
+        help="layers per stage, e.g. 10,11,11 (default: even split)",
+    )
+    m.add_argument(
+        "--num-microbatches",
+        type=_positive_int,
+        metavar="N",
+        help="micro-batches in flight (default: pp; must be >= pp)",
+    )
+    m.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        metavar="N",
+        help="longest prompt + completion (default: the model's max positions)",
+    )
 
     s = p.add_argument_group("sampling defaults (a line's own fields override them)")
     s.add_argument("--max-tokens", type=int, default=16, help="default: 16")
@@ -182,21 +251,36 @@ def add_generate_parser(subparsers) -> None:
     s.add_argument("--top-p", type=float, default=1.0, help="default: 1.0 (off)")
     s.add_argument("--top-k", type=int, default=0, help="default: 0 (off)")
     s.add_argument("--min-p", type=float, default=0.0, help="default: 0.0 (off)")
-    s.add_argument("--seed", type=int, default=0,
-                   help="base seed: a request without its own seed gets one derived from this "
-                   "and its id, so answers do not depend on batching or resuming (default: 0)")
-    s.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop string (repeatable)")
-    s.add_argument("--stop-token-ids", type=_int_list, default=[], metavar="ID,ID,...",
-                   help="token ids that end a completion")
+    s.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="base seed: a request without its own seed gets one derived from this "
+        "and its id, so answers do not depend on batching or resuming (default: 0)",
+    )
+    s.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)"
+    )
+    s.add_argument(
+        "--stop-token-ids",
+        type=_int_list,
+        default=[],
+        metavar="ID,ID,...",
+        help="token ids that end a completion",
+    )
     s.add_argument("--ignore-eos", action="store_true", help="keep going past EOS")
-    s.add_argument("--logprobs", type=int, metavar="N",
-                   help="return the chosen token's logprob and the top N")
+    s.add_argument(
+        "--logprobs", type=int, metavar="N", help="return the chosen token's logprob and the top N"
+    )
     s.add_argument("--presence-penalty", type=float, default=0.0)
     s.add_argument("--frequency-penalty", type=float, default=0.0)
     s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--skip-special-tokens", action=argparse.BooleanOptionalAction, default=True,
-                   help="drop special tokens from the text (default: yes)")
+    s.add_argument(
+        "--skip-special-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="drop special tokens from the text (default: yes)",
+    )
     p.set_defaults(func=run_generate)
 
 
@@ -242,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; answered lines are kept (rerun with --resume)",
-              file=sys.stderr)
+        print(
+            f"\n{PROG}: interrupted; answered lines are kept (rerun with --resume)", file=sys.stderr
+        )
         return 130
     except BrokenPipeError:  # e.g. `jaxpp generate ... | head`
         try:
@@ -354,8 +439,7 @@ class Requests:
                 )
             ids = list(prompt)
         else:
-            raise LineError(f"{what} must be a string or a list of token ids, got "
-                            f"{_short(prompt)}")
+            raise LineError(f"{what} must be a string or a list of token ids, got {_short(prompt)}")
         return self.check_length(ids, what)
 
     def check_length(self, ids: list[int], what: str = "prompt") -> list[int]:
@@ -363,22 +447,27 @@ class Requests:
             raise LineError(f"{what} is empty: expected at least one token")
         if len(ids) > self.llm.max_model_len:
             raise LineError(
-                f"{what} has {len(ids)} tokens, longer than max_model_len="
-                f"{self.llm.max_model_len}",
+                f"{what} has {len(ids)} tokens, longer than max_model_len={self.llm.max_model_len}",
                 code="context_length_exceeded",
             )
         return ids
 
     def chat(self, messages: Any) -> tuple[str, list[int]]:
         if not isinstance(messages, list) or not messages:
-            raise LineError(f"messages must be a non-empty list of {{role, content}} objects, "
-                            f"got {_short(messages)}")
+            raise LineError(
+                f"messages must be a non-empty list of {{role, content}} objects, "
+                f"got {_short(messages)}"
+            )
         flat = []
         for i, m in enumerate(messages):
             if isinstance(m, dict) and isinstance(m.get("content"), list):
                 parts = m["content"]
-                if not all(isinstance(x, dict) and x.get("type") == "text"
-                           and isinstance(x.get("text"), str) for x in parts):
+                if not all(
+                    isinstance(x, dict)
+                    and x.get("type") == "text"
+                    and isinstance(x.get("text"), str)
+                    for x in parts
+                ):
                     raise LineError(f"message {i}: only text content parts are supported")
                 m = {**m, "content": "".join(x["text"] for x in parts)}
             flat.append(m)
@@ -400,8 +489,9 @@ class Requests:
                 f"sampling fields ({', '.join(SAMPLING_FIELDS)})"
             )
         if ("prompt" in obj) == ("messages" in obj):
-            raise LineError("a line needs exactly one of 'prompt' (text or token ids) or "
-                            "'messages' (a chat)")
+            raise LineError(
+                "a line needs exactly one of 'prompt' (text or token ids) or 'messages' (a chat)"
+            )
         key = _id_key(job_id)
         params = self.params({k: obj[k] for k in SAMPLING_FIELDS if k in obj}, key)
         job = Job(line, job_id, "plain")
@@ -417,15 +507,18 @@ class Requests:
     def openai(self, obj: dict, line: int, job_id: Any) -> Job:
         unknown = sorted(set(obj) - _OPENAI_KEYS)
         if unknown:
-            raise LineError(f"unknown field {unknown[0]!r} in an OpenAI batch line (expected "
-                            "custom_id, method, url, body)")
+            raise LineError(
+                f"unknown field {unknown[0]!r} in an OpenAI batch line (expected "
+                "custom_id, method, url, body)"
+            )
         method = obj.get("method", "POST")
         if method != "POST":
             raise LineError(f"method must be 'POST', got {method!r}")
         url = obj.get("url")
         if url not in OPENAI_URLS:
-            raise LineError(f"url must be one of {sorted(OPENAI_URLS)}, got {url!r}",
-                            code="invalid_url")
+            raise LineError(
+                f"url must be one of {sorted(OPENAI_URLS)}, got {url!r}", code="invalid_url"
+            )
         kind = OPENAI_URLS[url]
         body = obj.get("body")
         if not isinstance(body, dict):
@@ -462,12 +555,16 @@ class Requests:
             if "prompt" not in body:
                 raise LineError("body.prompt is required for /v1/completions")
             prompt = body["prompt"]
-            many = isinstance(prompt, list) and prompt and all(
-                isinstance(x, str | list) for x in prompt
+            many = (
+                isinstance(prompt, list)
+                and prompt
+                and all(isinstance(x, str | list) for x in prompt)
             )
             items = prompt if many else [prompt]
-            prompts = [self.encode(x, "prompt" if len(items) == 1 else f"prompt[{i}]")
-                       for i, x in enumerate(items)]
+            prompts = [
+                self.encode(x, "prompt" if len(items) == 1 else f"prompt[{i}]")
+                for i, x in enumerate(items)
+            ]
         key = _id_key(job_id)
         for p, ids in enumerate(prompts):
             for k in range(n):
@@ -491,8 +588,13 @@ def is_openai_line(obj: Any) -> bool:
 
 def error_record(line: int, job_id: Any, err: LineError, openai: bool) -> dict:
     if openai:
-        return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": job_id, "response": None,
-                "error": {"code": err.code, "message": str(err)}, "line": line}
+        return {
+            "id": f"batch_req_{uuid.uuid4().hex}",
+            "custom_id": job_id,
+            "response": None,
+            "error": {"code": err.code, "message": str(err)},
+            "line": line,
+        }
     return {"id": line if job_id is None else job_id, "line": line, "error": str(err)}
 
 
@@ -504,10 +606,12 @@ def result_record(job: Job) -> dict:
     if job.kind == "plain":
         c = job.results[0]
         record = {
-            "id": job.id, "prompt": job.prompt, "text": c.text, "token_ids": list(c.token_ids),
+            "id": job.id,
+            "prompt": job.prompt,
+            "text": c.text,
+            "token_ids": list(c.token_ids),
             "finish_reason": c.finish_reason,
-            "usage": {"prompt_tokens": job.prompt_tokens,
-                      "completion_tokens": len(c.token_ids)},
+            "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": len(c.token_ids)},
         }
         if job.seqs[0].params.logprobs is not None:
             record["logprobs"] = _logprob_entries(c)
@@ -530,12 +634,18 @@ def result_record(job: Job) -> dict:
         "created": int(time.time()),
         "model": job.model,
         "choices": choices,
-        "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": job.prompt_tokens + completion_tokens},
+        "usage": {
+            "prompt_tokens": job.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": job.prompt_tokens + completion_tokens,
+        },
     }
-    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": job.id,
-            "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body},
-            "error": None}
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": job.id,
+        "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body},
+        "error": None,
+    }
 
 
 def _openai_logprobs(spec, c) -> dict | None:
@@ -552,25 +662,43 @@ def _openai_logprobs(spec, c) -> dict | None:
         for tok, entry in zip(c.token_ids, entries, strict=False):
             chosen = entry[tok]
             alts = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
-            content.append({
-                "token": piece(tok, chosen), "logprob": chosen.logprob,
-                "bytes": list(piece(tok, chosen).encode()),
-                "top_logprobs": [{"token": piece(t, lp), "logprob": lp.logprob,
-                                  "bytes": list(piece(t, lp).encode())}
-                                 for t, lp in alts if lp.rank is not None][:top],
-            })
+            content.append(
+                {
+                    "token": piece(tok, chosen),
+                    "logprob": chosen.logprob,
+                    "bytes": list(piece(tok, chosen).encode()),
+                    "top_logprobs": [
+                        {
+                            "token": piece(t, lp),
+                            "logprob": lp.logprob,
+                            "bytes": list(piece(t, lp).encode()),
+                        }
+                        for t, lp in alts
+                        if lp.rank is not None
+                    ][:top],
+                }
+            )
         return {"content": content}
     tokens, token_logprobs, tops, offsets, offset = [], [], [], [], 0
     for tok, entry in zip(c.token_ids, entries, strict=False):
         chosen = entry[tok]
         tokens.append(piece(tok, chosen))
         token_logprobs.append(chosen.logprob)
-        tops.append({piece(t, lp): lp.logprob for t, lp in entry.items()
-                     if lp.rank is not None and lp.rank <= top})
+        tops.append(
+            {
+                piece(t, lp): lp.logprob
+                for t, lp in entry.items()
+                if lp.rank is not None and lp.rank <= top
+            }
+        )
         offsets.append(offset)
         offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
 # --- resume: what an existing output file already answers ----------------------------------------
@@ -608,8 +736,10 @@ def scan_output(path: Path) -> Answered:
                 if rec is None and number == len(lines) and count:
                     end -= len(raw) + 1  # a complete-looking but invalid last line: torn too
                     break
-                raise UsageError(f"{path}: line {number} is not a jaxpp answer; refusing to "
-                                 "resume into it (fix or remove the file)")
+                raise UsageError(
+                    f"{path}: line {number} is not a jaxpp answer; refusing to "
+                    "resume into it (fix or remove the file)"
+                )
             count += 1
             _record_answer(answered, rec)
         if end < len(data) and not data[end:].lstrip().startswith(b"{") and not count:
@@ -659,7 +789,7 @@ class FileSink:
     def write(self, record: dict) -> None:
         data = memoryview(_dumps(record).encode("utf-8", "replace"))
         while data:
-            data = data[os.write(self.fd, data):]
+            data = data[os.write(self.fd, data) :]
         os.fsync(self.fd)
 
     def close(self) -> None:
@@ -705,8 +835,15 @@ class Progress:
         if enabled:
             from tqdm import tqdm  # noqa: PLC0415
 
-            self.bar = tqdm(total=total, initial=initial, unit="prompt", file=file or sys.stderr,
-                            dynamic_ncols=True, smoothing=0.1, desc="generate")
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                unit="prompt",
+                file=file or sys.stderr,
+                dynamic_ncols=True,
+                smoothing=0.1,
+                desc="generate",
+            )
 
     def advance(self, tokens: int = 0) -> None:
         self.tokens += tokens
@@ -735,19 +872,32 @@ def load_llm(args: argparse.Namespace):
     from jaxpp import LLM  # noqa: PLC0415
 
     return LLM(
-        args.model, dtype=args.dtype, pp=args.pp, tp=args.tp, dp=args.dp,
-        layer_partition=args.layer_partition, num_microbatches=args.num_microbatches,
-        max_model_len=args.max_model_len, seed=args.seed,
+        args.model,
+        dtype=args.dtype,
+        pp=args.pp,
+        tp=args.tp,
+        dp=args.dp,
+        layer_partition=args.layer_partition,
+        num_microbatches=args.num_microbatches,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
     )
 
 
 def _sampling_defaults(args: argparse.Namespace) -> dict:
     return {
-        "max_tokens": args.max_tokens, "min_tokens": args.min_tokens,
-        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-        "min_p": args.min_p, "stop": list(args.stop), "stop_token_ids": list(args.stop_token_ids),
-        "ignore_eos": args.ignore_eos, "logprobs": args.logprobs,
-        "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
+        "max_tokens": args.max_tokens,
+        "min_tokens": args.min_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "stop": list(args.stop),
+        "stop_token_ids": list(args.stop_token_ids),
+        "ignore_eos": args.ignore_eos,
+        "logprobs": args.logprobs,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
         "repetition_penalty": args.repetition_penalty,
         "skip_special_tokens": args.skip_special_tokens,
     }
@@ -756,8 +906,11 @@ def _sampling_defaults(args: argparse.Namespace) -> dict:
 def _input_lines(args: argparse.Namespace) -> tuple[Iterable[bytes], int | None, Callable]:
     """(lines, total or None, close)."""
     if args.prompt is not None:
-        obj = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
-               else {"prompt": args.prompt})
+        obj = (
+            {"messages": [{"role": "user", "content": args.prompt}]}
+            if args.chat
+            else {"prompt": args.prompt}
+        )
         return [json.dumps(obj).encode()], 1, lambda: None
     if args.input == "-":
         return sys.stdin.buffer, None, lambda: None
@@ -776,8 +929,9 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UsageError("--chat goes with --prompt (input lines choose with 'messages')")
     from_file = args.output not in (None, "-")
     if args.resume and not from_file:
-        raise UsageError("--resume needs --output FILE (answers already written are read "
-                         "back from it)")
+        raise UsageError(
+            "--resume needs --output FILE (answers already written are read back from it)"
+        )
     if from_file and args.input not in (None, "-"):
         if Path(args.output).resolve() == Path(args.input).resolve():
             raise UsageError("--output is the --input file")
@@ -786,8 +940,9 @@ def run_generate(args: argparse.Namespace) -> int:
         hint = "" if args.model else " (the embedded demo model is missing; pass --model DIR)"
         raise UsageError(f"model dir {model} does not exist{hint}")
     if not (model / "config.json").is_file():
-        raise UsageError(f"model dir {model} has no config.json: expected a Hugging Face "
-                         "model directory")
+        raise UsageError(
+            f"model dir {model} has no config.json: expected a Hugging Face model directory"
+        )
     args.model = str(model)
 
     defaults = _sampling_defaults(args)
@@ -802,8 +957,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if from_file:
         out_path = Path(args.output)
         if out_path.exists() and out_path.stat().st_size > 0 and not args.resume:
-            raise UsageError(f"--output {out_path} exists and is not empty: pass --resume "
-                             "to continue it, or remove it")
+            raise UsageError(
+                f"--output {out_path} exists and is not empty: pass --resume "
+                "to continue it, or remove it"
+            )
         sink = FileSink(out_path)  # takes the file's lock before reading it back
         try:
             answered = scan_output(out_path)
@@ -844,8 +1001,11 @@ def run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if runner.engine_error is not None:
-        print(f"{PROG}: error: the engine failed: {runner.engine_error}; answered lines are "
-              "kept (rerun with --resume)", file=sys.stderr)
+        print(
+            f"{PROG}: error: the engine failed: {runner.engine_error}; answered lines are "
+            "kept (rerun with --resume)",
+            file=sys.stderr,
+        )
         return EXIT_ENGINE
     return EXIT_LINE_ERRORS if errors else EXIT_OK
 
@@ -913,8 +1073,10 @@ class Runner:
                 if number in answered.error_lines:
                     self.skipped += 1
                     return None
-                raise LineError(f"duplicate {name} {job_id!r} (first used on line "
-                                f"{first_line[key]})", "duplicate_id")
+                raise LineError(
+                    f"duplicate {name} {job_id!r} (first used on line {first_line[key]})",
+                    "duplicate_id",
+                )
             first_line[key] = number
             if number in answered.error_lines or key in answered.ids:
                 self.skipped += 1
@@ -944,8 +1106,11 @@ class Runner:
                 self.emit(result_record(job), sum(len(c.token_ids) for c in job.results))
 
         try:
-            self.llm.generate([j.seqs[k].token_ids for j, k in seqs],
-                              [j.seqs[k].params for j, k in seqs], on_finish=on_finish)
+            self.llm.generate(
+                [j.seqs[k].token_ids for j, k in seqs],
+                [j.seqs[k].params for j, k in seqs],
+                on_finish=on_finish,
+            )
             return
         except OSError:  # writing the answer failed (disk full, closed pipe): stop
             raise

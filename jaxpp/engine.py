@@ -356,7 +356,6 @@ class LLM:
             completion = self._completion(
                 list(out_tokens[i, :n]),
                 p,
-                capped[i],
                 logprob[i, :n],
                 top_ids[i, :n],
                 top_lp[i, :n],
@@ -461,7 +460,7 @@ class LLM:
         return self.tokenizer.decode(token_ids, skip_special_tokens=p.skip_special_tokens)
 
     def _completion(
-        self, token_ids, p: SamplingParams, capped: SamplingParams, logprob, top_ids, top_lp
+        self, token_ids, p: SamplingParams, logprob, top_ids, top_lp
     ) -> CompletionOutput:
         token_ids = [int(t) for t in token_ids]
         stop_ids = set(p.stop_token_ids) | (
@@ -469,6 +468,7 @@ class LLM:
         )
         finish, reason = "length", None
         if token_ids and token_ids[-1] in stop_ids and len(token_ids) > p.min_tokens:
+            # EOS / a stop token ended it: vLLM keeps the token in token_ids.
             finish, reason = "stop", token_ids[-1]
         text = self._decode_text(token_ids, p)
         hits = [(text.find(s), s) for s in p.stop if s in text]
