@@ -3,14 +3,24 @@ each one jitted shard_map program over a ("data", "stage", "tensor") mesh."""
 
 from pathlib import Path
 
-from jaxpp.checkpoint import CheckpointError
 from jaxpp.config import ModelConfig, SamplingParams
-from jaxpp.engine import LLM
 from jaxpp.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxpp.partition import layer_partition
 
 # A small Llama trained on Python source that ships with the package (docs/demo_model.md).
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+
+# Names whose modules import JAX: loaded on first use, so `jaxpp --help` starts instantly.
+_LAZY = {"LLM": "jaxpp.engine", "CheckpointError": "jaxpp.checkpoint"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib  # noqa: PLC0415
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxpp' has no attribute {name!r}")
+
 
 __all__ = [
     "DEMO_MODEL",

@@ -239,18 +239,18 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         checks = [
-            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, ">= 1"),
+            ("max_tokens", _is_int(self.max_tokens) and 1 <= self.max_tokens < 2**31, ">= 1"),
             ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens, ">= 0"),
             ("temperature", _is_num(self.temperature) and self.temperature >= 0, ">= 0"),
-            ("top_k", _is_int(self.top_k) and self.top_k >= -1, "-1, 0 (off) or >= 1"),
+            ("top_k", _is_int(self.top_k) and -1 <= self.top_k < 2**31, "-1, 0 (off) or >= 1"),
             ("top_p", _is_num(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
             ("min_p", _is_num(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
-            ("seed", self.seed is None or _is_int(self.seed), "an integer or None"),
+            ("seed", self.seed is None or (_is_int(self.seed) and self.seed >= 0), "None or >= 0"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
             (
                 "stop_token_ids",
-                all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-                "non-negative integers",
+                all(_is_int(t) and 0 <= t < 2**31 for t in self.stop_token_ids),
+                "token ids (integers in [0, 2**31))",
             ),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
             (

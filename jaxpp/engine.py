@@ -174,6 +174,9 @@ class LLM:
         return results
 
     def _check_ids(self, seq: Sequence[int], index: int) -> list[int]:
+        wrong = [t for t in seq if isinstance(t, bool) or not isinstance(t, int | np.integer)]
+        if wrong:
+            raise ValueError(f"prompt {index} has a non-integer token id {wrong[0]!r}")
         ids = [int(t) for t in seq]
         if not ids:
             raise ValueError(f"prompt {index} is empty: expected at least one token")
@@ -261,9 +264,13 @@ class LLM:
         texts = [self.chat_prompt(c) for c in conversations]
         # The template already holds any BOS: encode without adding special tokens again.
         ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
-        outputs = self.generate(ids, sampling_params, on_finish)
-        for out, text in zip(outputs, texts, strict=True):
-            out.prompt = text
+
+        def finished(i: int, out: RequestOutput) -> None:
+            out.prompt = texts[i]
+            if on_finish is not None:
+                on_finish(i, out)
+
+        outputs = self.generate(ids, sampling_params, finished)
         return outputs
 
     def chat_prompt(self, messages: Sequence[dict]) -> str:

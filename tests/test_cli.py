@@ -1,0 +1,653 @@
+"""The `jaxpp` command line: JSONL in, JSONL out, one answer per input line, never lost.
+
+Most cases run `main([...])` in-process. Cases about line handling, resume, streaming and engine
+failures use a fake LLM (instant); one run drives the real engine over a tiny model with every
+kind of line at once (one compile). Subprocesses only where the process itself matters: --help,
+a missing model (exactly one stderr line) and a SIGKILL mid-run followed by --resume.
+"""
+
+import dataclasses
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import jaxpp
+from jaxpp import cli
+from jaxpp.outputs import CompletionOutput, Logprob, RequestOutput
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+REAL_FLAGS = ["--max-tokens", "4", "--temperature", "0", "--max-model-len", "32", "--quiet"]
+
+
+def _records(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    assert data == b"" or data.endswith(b"\n"), "torn last line"
+    return [json.loads(line) for line in data.decode().splitlines()]
+
+
+def _write_lines(path: Path, lines: list) -> Path:
+    """Each item: a dict (dumped as JSON) or a str/bytes written verbatim."""
+    chunks = []
+    for item in lines:
+        if isinstance(item, dict):
+            item = json.dumps(item)
+        chunks.append(item.encode() if isinstance(item, str) else item)
+    path.write_bytes(b"\n".join(chunks) + b"\n")
+    return path
+
+
+def _answered_lines(records: list[dict], ids_to_line: dict) -> list[int]:
+    """The input line each output record answers (errors carry it; answers by their id)."""
+    lines = []
+    for r in records:
+        if r.get("error") is not None:
+            lines.append(r["line"])
+        else:
+            lines.append(ids_to_line[json.dumps(r.get("custom_id", r.get("id")))])
+    return lines
+
+
+# --- a fake engine: instant, deterministic, records how it was called -------------------------
+
+
+class FakeTokenizer:
+    chat_template = "fake"
+
+    def encode(self, text, add_special_tokens=True):
+        return ([1] if add_special_tokens else []) + [3 + ord(c) % 90 for c in text]
+
+
+class FakeLLM:
+    """Answers "<prompt length>/<max_tokens>/<seed>"; raises on a prompt holding the text
+    BOOM (ValueError) or, from the `crash_on_call`-th call, RuntimeError."""
+
+    BOOM = FakeTokenizer().encode("BOOM", add_special_tokens=False)
+
+    def __init__(self, output: Path | None = None, crash_on_call: int | None = None):
+        self.max_model_len = 64
+        self.config = SimpleNamespace(vocab_size=100)
+        self.tokenizer = FakeTokenizer()
+        self.calls: list[int] = []  # batch size of each generate call
+        self.prompts: list[list[int]] = []
+        self.lines_before_call: list[int] = []  # output lines present when each call began
+        self.output = output
+        self.crash_on_call = crash_on_call
+
+    def chat_prompt(self, messages):
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i} must be {{'role': str, 'content': str}}")
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    def generate(self, prompts, sampling_params, on_finish=None):
+        self.calls.append(len(prompts))
+        self.prompts += [list(p) for p in prompts]
+        if self.output is not None:
+            self.lines_before_call.append(len(_records(self.output)))
+        if self.crash_on_call is not None and len(self.calls) >= self.crash_on_call:
+            raise RuntimeError("device lost")
+        for p in prompts:
+            if any(p[i : i + 4] == self.BOOM for i in range(len(p))):
+                raise ValueError("engine says no")
+        outs = []
+        for i, (p, sp) in enumerate(zip(prompts, sampling_params, strict=True)):
+            ids = [(t + 1) % 100 for t in p[: sp.max_tokens]]
+            logprobs = None
+            if sp.logprobs is not None:
+                logprobs = [
+                    {t: Logprob(-0.5, 1, f"t{t}"), 99: Logprob(-2.0, 2, "t99")} for t in ids
+                ]
+            c = CompletionOutput(
+                0,
+                f"{len(p)}/{sp.max_tokens}/{sp.seed}",
+                ids,
+                "length",
+                logprobs=logprobs,
+                cumulative_logprob=-0.5 * len(ids),
+            )
+            out = RequestOutput(str(i), None, list(p), [c])
+            outs.append(out)
+            if on_finish is not None:
+                on_finish(i, out)
+        return outs
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """(model dir, install(fake_llm)) — the model dir only has to look like one."""
+    model = tmp_path / "fake_model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+
+    def install(llm):
+        monkeypatch.setattr(cli, "load_llm", lambda args: llm)
+        return llm
+
+    return model, install
+
+
+# --- the parser ----------------------------------------------------------------------------
+
+
+def test_sampling_fields_match_sampling_params():
+    assert set(cli.SAMPLING_FIELDS) == {f.name for f in dataclasses.fields(jaxpp.SamplingParams)}
+
+
+def test_help_subprocess_is_complete():
+    """`jaxpp --help` works as a process and lists the subcommand; generate's epilog documents
+    the formats and the exit codes."""
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxpp.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "generate" in out.stdout and "usage: jaxpp" in out.stdout
+
+
+def test_generate_help(capsys):
+    assert cli.main(["generate", "--help"]) == 0
+    text = capsys.readouterr().out
+    for needle in (
+        "--input",
+        "--output",
+        "--resume",
+        "--prompt",
+        "--pp",
+        "--layer-partition",
+        "--max-tokens",
+        "--top-p",
+        "custom_id",
+        "/v1/chat/completions",
+        "exit status",
+        "batch_req_",
+        "finish_reason",
+    ):
+        assert needle in text, needle
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["generate", "--input", "x.jsonl", "--bogus"], "unrecognized arguments: --bogus"),
+        (["generate", "--input", "x.jsonl", "--pp", "0"], "--pp"),
+        (["generate"], "one of the arguments --input/-i --prompt/-p is required"),
+        (["frobnicate"], "invalid choice"),
+        (["generate", "--prompt", "hi", "--model", "/nonexistent/model"], "does not exist"),
+        (["generate", "--prompt", "hi", "--resume"], "--resume needs --output"),
+        (["generate", "--input", "x.jsonl", "--chat"], "--chat goes with --prompt"),
+    ],
+)
+def test_usage_errors_are_one_line(argv, needle, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert needle in err and "Traceback" not in err
+
+
+def test_missing_model_subprocess_one_line(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxpp.cli",
+            "generate",
+            "--model",
+            str(tmp_path / "none"),
+            "--prompt",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"jaxpp: error: model dir {tmp_path / 'none'} does not exist"
+    ]
+
+
+def test_bad_sampling_flag_and_existing_output(fake, tmp_path, capsys):
+    model, install = fake
+    install(FakeLLM())
+    inp = _write_lines(tmp_path / "in.jsonl", [{"prompt": "a"}])
+    base = ["generate", "--model", str(model), "--input", str(inp)]
+    assert cli.main(base + ["--top-p", "2"]) == 2
+    assert "SamplingParams.top_p=2.0 is invalid" in capsys.readouterr().err
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    assert cli.main(base + ["--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "exists" in err and "--resume" in err and len(err.splitlines()) == 1
+    assert out.read_text() == "precious\n"  # not clobbered
+    assert cli.main(base + ["--output", str(out), "--resume"]) == 2  # not a jaxpp answer file
+    assert "not a jaxpp answer" in capsys.readouterr().err
+
+
+# --- line handling, resume, streaming (fake engine) ----------------------------------------------
+
+FAKE_LINES = [
+    {"id": "a", "prompt": "hello"},  # 1
+    {"prompt": "no id"},  # 2 -> id 2
+    {"id": "a", "prompt": "again"},  # 3 duplicate
+    "",  # 4 blank
+    '{"id": "torn", "prompt": ',  # 5 malformed
+    {"id": "b", "prompt": "x", "top_p": 2},  # 6 invalid sampling value
+    {"id": "c", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},  # 7
+    {"id": 2, "prompt": "collides with line 2's default id"},  # 8 duplicate
+    {
+        "custom_id": "r1",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"prompt": "hey", "n": 2, "seed": 5},
+    },  # 9
+    {"custom_id": "r1", "url": "/v1/completions", "body": {"prompt": "dup"}},  # 10 duplicate
+    {"id": "d", "prompt": "y" * 80},  # 11 longer than max_model_len=64
+    {"id": "e", "prompt": "BOOM here"},  # 12 engine raises ValueError in its batch
+    {"id": "f", "prompt": "fine", "seed": 11},  # 13
+]
+FAKE_ERRORS = {3, 4, 5, 6, 8, 10, 11, 12}
+FAKE_IDS = {'"a"': 1, "2": 2, '"c"': 7, '"r1"': 9, '"f"': 13}
+
+
+def _fake_run(model, inp, out, *extra):
+    return cli.main(
+        [
+            "generate",
+            "--model",
+            str(model),
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
+
+
+def test_every_line_answered_once_and_streamed(fake, tmp_path):
+    model, install = fake
+    inp = _write_lines(tmp_path / "in.jsonl", FAKE_LINES)
+    out = tmp_path / "out.jsonl"
+    llm = install(FakeLLM(output=out))
+    assert _fake_run(model, inp, out, "--batch-size", "2") == 1
+    records = _records(out)
+    assert sorted(_answered_lines(records, FAKE_IDS)) == list(range(1, len(FAKE_LINES) + 1))
+    errors = {r["line"]: r for r in records if r.get("error") is not None}
+    assert set(errors) == FAKE_ERRORS
+    assert "duplicate id 'a' (first used on line 1)" in errors[3]["error"]
+    assert "blank line" in errors[4]["error"] and "invalid JSON" in errors[5]["error"]
+    assert errors[6]["error"].startswith("SamplingParams.top_p=2 is invalid")
+    assert "duplicate id 2" in errors[8]["error"]
+    assert errors[10]["error"]["code"] == "duplicate_id" and errors[10]["custom_id"] == "r1"
+    assert "longer than max_model_len=64" in errors[11]["error"]
+    assert errors[12] == {"id": "e", "line": 12, "error": "engine says no"}
+    # Streaming: each generate call began after the previous chunk's answers were on disk.
+    # [a, 2] [c, r1 x2] [e, f] -> ValueError -> [e] alone fails, [f] alone succeeds
+    assert llm.calls == [2, 3, 2, 1, 1]
+    assert llm.lines_before_call[:3] == [0, 7, 11]
+    by_id = {r.get("custom_id", r.get("id")): r for r in records if not r.get("error")}
+    assert by_id[2]["prompt"] == "no id"
+    assert by_id["c"]["prompt"] == "user: hi\nassistant:"
+    assert by_id["c"]["text"].split("/")[1] == "2"  # the line's max_tokens
+    # Seeds: the line's own seed wins; OpenAI n choices get seed, seed+1; else derived from id.
+    assert by_id["f"]["text"].endswith("/11")
+    assert [c["text"].split("/")[2] for c in by_id["r1"]["response"]["body"]["choices"]] == [
+        "5",
+        "6",
+    ]
+    assert by_id["a"]["text"].endswith(f"/{cli.derive_seed(0, json.dumps('a'))}")
+
+
+def test_resume_truncates_torn_line_and_answers_the_rest(fake, tmp_path, capsys):
+    model, install = fake
+    inp = _write_lines(tmp_path / "in.jsonl", FAKE_LINES)
+    full = tmp_path / "full.jsonl"
+    install(FakeLLM())
+    assert _fake_run(model, inp, full) == 1
+    records = _records(full)
+    # A killed run: some answers and some error lines made it, then a torn write.
+    kept = [r for r in records if r.get("id") in ("a", "c") or r.get("line") in (3, 5)]
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"id": "f", "text": "ha')
+    llm = install(FakeLLM())
+    assert _fake_run(model, inp, out, "--resume") == 1
+    records = _records(out)
+    answered = _answered_lines(records, FAKE_IDS)
+    assert sorted(answered) == list(range(1, len(FAKE_LINES) + 1)), answered
+    assert records[: len(kept)] == kept
+    tok = FakeTokenizer()
+    assert tok.encode("hello") not in llm.prompts  # a: answered before the kill
+    assert tok.encode("user: hi\nassistant:", False) not in llm.prompts  # c: likewise
+    assert tok.encode("fine") in llm.prompts  # f: its answer was the torn line
+    # Everything answered: a further resume generates nothing, still exits 1 (error lines).
+    llm = install(FakeLLM())
+    assert _fake_run(model, inp, out, "--resume") == 1 and llm.calls == []
+    assert _records(out) == records
+    # A file whose last complete line is not JSON: that line goes too.
+    scratch = tmp_path / "scratch.jsonl"
+    scratch.write_text('{"id": "a", "text": "x"}\n{"id": "b", "te\n')
+    assert cli.scan_output(scratch).ids == {'"a"'}
+    assert scratch.read_text() == '{"id": "a", "text": "x"}\n'
+    scratch.write_text('{"id": "a", "tex')
+    assert cli.scan_output(scratch).records == 0 and scratch.read_text() == ""
+
+
+def test_engine_crash_keeps_answers_and_exits_3(fake, tmp_path, capsys):
+    model, install = fake
+    inp = _write_lines(tmp_path / "in.jsonl", [{"id": i, "prompt": "p"} for i in range(1, 7)])
+    out = tmp_path / "out.jsonl"
+    install(FakeLLM(crash_on_call=2))
+    assert _fake_run(model, inp, out, "--batch-size", "2") == 3
+    assert "device lost" in capsys.readouterr().err
+    assert [r["id"] for r in _records(out)] == [1, 2]
+    install(FakeLLM())
+    assert _fake_run(model, inp, out, "--batch-size", "2", "--resume") == 0
+    assert sorted(r["id"] for r in _records(out)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_prompt_mode_stdin_and_logprobs(fake, tmp_path, capsys, monkeypatch):
+    model, install = fake
+    install(FakeLLM())
+    base = ["generate", "--model", str(model), "--quiet"]
+    assert cli.main(base + ["--prompt", "hi", "--max-tokens", "3"]) == 0
+    assert capsys.readouterr().out == f"3/3/{cli.derive_seed(0, '1')}\n"
+    assert cli.main(base + ["--prompt", "hi", "--chat", "--output", "-"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["prompt"] == "user: hi\nassistant:" and rec["id"] == 1
+    assert cli.main(base + ["--prompt", "z" * 100]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "longer than max_model_len" in captured.err
+    # stdin in, stdout out; logprobs in the plain and both OpenAI shapes
+    lines = [
+        {"id": "p", "prompt": "a", "logprobs": 1},
+        {"custom_id": "oc", "url": "/v1/completions", "body": {"prompt": "a", "logprobs": 1}},
+        {
+            "custom_id": "ch",
+            "url": "/v1/chat/completions",
+            "body": {
+                "messages": [{"role": "user", "content": "a"}],
+                "logprobs": True,
+                "top_logprobs": 1,
+            },
+        },
+    ]
+    stdin = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    assert cli.main(base + ["--input", "-", "--max-tokens", "1"]) == 0
+    recs = {
+        r.get("custom_id", r.get("id")): r
+        for r in map(json.loads, capsys.readouterr().out.splitlines())
+    }
+    tok = recs["p"]["token_ids"][0]
+    assert recs["p"]["logprobs"] == [{str(tok): -0.5, "99": -2.0}]
+    oc = recs["oc"]["response"]["body"]["choices"][0]["logprobs"]
+    assert oc == {
+        "tokens": [f"t{tok}"],
+        "token_logprobs": [-0.5],
+        "top_logprobs": [{f"t{tok}": -0.5}],
+        "text_offset": [0],
+    }
+    ch = recs["ch"]["response"]["body"]["choices"][0]["logprobs"]["content"][0]
+    assert ch["logprob"] == -0.5 and [t["token"] for t in ch["top_logprobs"]] == [ch["token"]]
+
+
+def test_progress_bar_reports_prompts_and_tokens():
+    buf = io.StringIO()
+    bar = cli.Progress(True, total=4, initial=1, file=buf)
+    bar.advance(tokens=10)
+    bar.close()
+    text = buf.getvalue()
+    assert "2/4" in text and "tok/s" in text and "prompt" in text
+    assert cli.Progress(False, total=4).bar is None
+
+
+# --- the real engine -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_model(hf_model, tmp_path_factory):
+    """The tiny fixture Llama plus a short chat template."""
+    from hf_fixtures import copy_model_dir
+
+    d = copy_model_dir(hf_model("llama"), tmp_path_factory.mktemp("cli") / "tiny-llama")
+    cfg_path = d / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg_path.write_text(json.dumps(cfg))
+    return d
+
+
+_LLMS: dict = {}
+
+
+@pytest.fixture
+def cached_llm(monkeypatch):
+    """Reuse one LLM per model/parallelism setting across in-process runs (compiles once)."""
+    real = cli.load_llm
+
+    def load(args):
+        key = (
+            args.model,
+            args.dtype,
+            args.pp,
+            args.tp,
+            args.dp,
+            args.layer_partition,
+            args.num_microbatches,
+            args.max_model_len,
+        )
+        if key not in _LLMS:
+            _LLMS[key] = real(args)
+        return _LLMS[key]
+
+    monkeypatch.setattr(cli, "load_llm", load)
+
+
+def test_real_engine_every_kind_of_line(chat_model, cached_llm, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    hello_ids = AutoTokenizer.from_pretrained(str(chat_model)).encode("hello world")
+    chat = [{"role": "user", "content": "hi"}]
+    lines = [
+        {"id": "greet", "prompt": "hello world"},  # 1
+        {"id": "ids", "prompt": hello_ids},  # 2
+        {"prompt": "the quick brown fox", "max_tokens": 2, "ignore_eos": True},  # 3 -> id 3
+        {"id": "greet", "prompt": "dup"},  # 4
+        {"id": "bad-top-p", "prompt": "x", "top_p": 2},  # 5
+        "",  # 6
+        "{not json",  # 7
+        {"id": "no-prompt"},  # 8
+        {"id": "bad-type", "prompt": 42},  # 9
+        {"id": "bad-temp", "prompt": "x", "temperature": "hot"},  # 10
+        {"id": "long", "prompt": "hello world " * 30},  # 11
+        {"id": "typo", "prompt": "x", "max_token": 3},  # 12
+        {"id": "chat", "messages": chat},  # 13
+        {"id": "bad-chat", "messages": [{"role": "user"}]},  # 14
+        {"id": 3, "prompt": "x"},  # 15: line 3's default id
+        {
+            "custom_id": "oa-cmpl",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "tiny", "prompt": "hello world", "max_tokens": 4, "n": 2},
+        },  # 16
+        {
+            "custom_id": "oa-chat",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "tiny", "messages": chat},
+        },  # 17
+        {"custom_id": "oa-url", "method": "POST", "url": "/v1/embeddings", "body": {}},  # 18
+        {
+            "custom_id": "oa-temp",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"prompt": "x", "temperature": -1},
+        },  # 19
+        {
+            "custom_id": "oa-long",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"prompt": "hello world " * 30},
+        },  # 20
+        {
+            "custom_id": "oa-cmpl",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"prompt": "again"},
+        },  # 21
+        b"\xff\xfe not utf-8",  # 22
+        {"id": "oov", "prompt": [1, 2, 99999]},  # 23
+    ]
+    inp = _write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    argv = [
+        "generate",
+        "--model",
+        str(chat_model),
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--batch-size",
+        "64",
+        *REAL_FLAGS,
+    ]
+    assert cli.main(argv) == 1
+    records = _records(out)
+    ids = {'"greet"': 1, '"ids"': 2, "3": 3, '"chat"': 13, '"oa-cmpl"': 16, '"oa-chat"': 17}
+    assert sorted(_answered_lines(records, ids)) == list(range(1, len(lines) + 1))
+    err = {r["line"]: r["error"] for r in records if r.get("error") is not None}
+    msg = {n: e["message"] if isinstance(e, dict) else e for n, e in err.items()}
+    assert set(err) == {4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15, 18, 19, 20, 21, 22, 23}
+    assert "duplicate id 'greet'" in msg[4] and "duplicate id 3" in msg[15]
+    assert msg[5] == "SamplingParams.top_p=2 is invalid: expected in (0, 1]"
+    assert "SamplingParams.temperature='hot'" in msg[10]
+    assert "prompt" in msg[8] and "prompt" in msg[9] and "'max_token'" in msg[12]
+    assert "longer than max_model_len=32" in msg[11] and "message 0" in msg[14]
+    assert "UTF-8" in msg[22] and "99999" in msg[23]
+    assert err[18]["code"] == "invalid_url" and err[20]["code"] == "context_length_exceeded"
+    assert "temperature" in msg[19] and err[21]["code"] == "duplicate_id"
+
+    ok = {r.get("custom_id", r.get("id")): r for r in records if r.get("error") is None}
+    greet = ok["greet"]
+    assert set(greet) == {"id", "prompt", "text", "token_ids", "finish_reason", "usage"}
+    assert greet["prompt"] == "hello world" and 1 <= len(greet["token_ids"]) <= 4
+    assert greet["usage"] == {
+        "prompt_tokens": len(hello_ids),
+        "completion_tokens": len(greet["token_ids"]),
+    }
+    assert ok["ids"]["token_ids"] == greet["token_ids"] and ok["ids"]["prompt"] == hello_ids
+    assert ok[3]["finish_reason"] == "length" and len(ok[3]["token_ids"]) == 2
+    assert ok["chat"]["prompt"] == "user: hi\nassistant:"
+
+    batch = ok["oa-cmpl"]
+    assert batch["id"].startswith("batch_req_") and batch["error"] is None
+    assert batch["response"]["status_code"] == 200 and batch["response"]["request_id"]
+    body = batch["response"]["body"]
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert [c["text"] for c in body["choices"]] == [greet["text"]] * 2  # greedy
+    assert all(c["finish_reason"] == greet["finish_reason"] for c in body["choices"])
+    assert body["usage"] == {
+        "prompt_tokens": len(hello_ids),
+        "completion_tokens": 2 * len(greet["token_ids"]),
+        "total_tokens": len(hello_ids) + 2 * len(greet["token_ids"]),
+    }
+    cbody = ok["oa-chat"]["response"]["body"]
+    assert cbody["object"] == "chat.completion"
+    assert cbody["choices"][0]["message"] == {"role": "assistant", "content": ok["chat"]["text"]}
+    assert cbody["usage"]["prompt_tokens"] == ok["chat"]["usage"]["prompt_tokens"]
+
+    # Resuming a finished file answers nothing more and changes nothing.
+    before = out.read_bytes()
+    assert cli.main(argv + ["--resume"]) == 1
+    assert out.read_bytes() == before
+    # An engine error at construction (bad layer partition): one line, exit 2.
+    capsys.readouterr()
+    bad = [
+        "generate",
+        "--model",
+        str(chat_model),
+        "--prompt",
+        "x",
+        "--pp",
+        "2",
+        "--layer-partition",
+        "1,1",
+    ]
+    assert cli.main(bad) == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1 and "sums to 2" in stderr
+
+
+def test_sigkill_then_resume_answers_every_line_exactly_once(chat_model, tmp_path):
+    n = 240
+    lines, ids = [], {}
+    for i in range(1, n + 1):
+        if i % 40 == 7:
+            lines.append('{"id": "broken", "prompt": ')
+        elif i % 40 == 19:
+            lines.append({"id": f"q{i}", "prompt": "x", "top_k": -5})
+        elif i % 40 == 29:
+            lines.append({"id": "q1", "prompt": "duplicate"})
+        else:
+            lines.append({"id": f"q{i}", "prompt": f"number {i}"})
+            ids[json.dumps(f"q{i}")] = i
+    inp = _write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxpp.cli",
+        "generate",
+        "--model",
+        str(chat_model),
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--batch-size",
+        "8",
+        *REAL_FLAGS,
+    ]
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1"}
+
+    log = open(tmp_path / "stderr.txt", "w+")  # noqa: SIM115 - a pipe could fill up and block
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and b'"text"' in out.read_bytes():
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+    first = out.read_bytes()
+    assert b'"text"' in first
+    assert len(first.splitlines()) < n, "the run finished before it could be killed"
+    with open(out, "ab") as f:  # and a torn write on top, as a kill mid-write leaves it
+        f.write(b'{"id": "q2", "prompt": "number 2", "te')
+
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]  # the broken lines
+    records = _records(out)
+    answered = _answered_lines(records, ids)
+    assert sorted(answered) == list(range(1, n + 1))
+    assert out.read_bytes().startswith(first[: first.rfind(b"\n") + 1])
+    errors = [r for r in records if r.get("error") is not None]
+    assert len(errors) == 3 * (n // 40)
