@@ -102,6 +102,7 @@ class Checkpoint:
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: model directory not found")
+        self.weight_map: dict[str, str] = {}  # tensor -> shard file, from the index if any
         files = self._weight_files()
         self.where: dict[str, SafetensorsFile] = {}
         for path in files:
@@ -113,10 +114,10 @@ class Checkpoint:
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                self.weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError):
                 raise CheckpointError(f"{index}: corrupt index (no weight_map)") from None
-            files = [self.dir / f for f in sorted(set(weight_map.values()))]
+            files = [self.dir / f for f in sorted(set(self.weight_map.values()))]
             for f in files:
                 if not f.is_file():
                     raise CheckpointError(
@@ -149,6 +150,11 @@ class Checkpoint:
 
     def _require(self, name: str) -> None:
         if name not in self.where:
+            if name in self.weight_map:
+                raise CheckpointError(
+                    f"{self.dir / self.weight_map[name]}: tensor {name!r} is missing, although "
+                    "model.safetensors.index.json lists it in this file"
+                )
             raise CheckpointError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
 
 
@@ -274,7 +280,8 @@ def load_state(
     for path, var in _iter_leaves(abstract):
         spec = logical_to_spec(var.get_metadata()["logical_axes"])
         sharding = jax.sharding.NamedSharding(mesh, spec)
-        shape, dtype = var.value.shape, np.dtype(var.value.dtype)
+        abstract_value = var.get_value()
+        shape, dtype = abstract_value.shape, np.dtype(abstract_value.dtype)
         builder = _leaf_builder(path, shape, dtype, cfg, ckpt, sources, grid, windows)
         value = jax.make_array_from_callback(shape, sharding, builder)
         flat.append((tuple(path.split(".")), var.replace(value)))
