@@ -244,13 +244,16 @@ def add_generate_parser(subparsers) -> None:
         help="longest prompt + completion (default: the model's max positions)",
     )
 
-    s = p.add_argument_group("sampling defaults (a line's own fields override them)")
-    s.add_argument("--max-tokens", type=int, default=16, help="default: 16")
+    s = p.add_argument_group(
+        "sampling defaults (a line's own fields override them; where a flag is not given, "
+        "the model's generation_config.json, then vLLM's defaults, decide)"
+    )
+    s.add_argument("--max-tokens", type=int, help="default: 16")
     s.add_argument("--min-tokens", type=int, default=0, help="default: 0")
-    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
-    s.add_argument("--top-p", type=float, default=1.0, help="default: 1.0 (off)")
-    s.add_argument("--top-k", type=int, default=0, help="default: 0 (off)")
-    s.add_argument("--min-p", type=float, default=0.0, help="default: 0.0 (off)")
+    s.add_argument("--temperature", type=float, help="0 = greedy (default: 1.0)")
+    s.add_argument("--top-p", type=float, help="default: 1.0 (off)")
+    s.add_argument("--top-k", type=int, help="default: 0 (off)")
+    s.add_argument("--min-p", type=float, help="default: 0.0 (off)")
     s.add_argument(
         "--seed",
         type=int,
@@ -274,7 +277,7 @@ def add_generate_parser(subparsers) -> None:
     )
     s.add_argument("--presence-penalty", type=float, default=0.0)
     s.add_argument("--frequency-penalty", type=float, default=0.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--repetition-penalty", type=float, help="default: 1.0 (off)")
     s.add_argument(
         "--skip-special-tokens",
         action=argparse.BooleanOptionalAction,
@@ -885,20 +888,27 @@ def load_llm(args: argparse.Namespace):
 
 
 def _sampling_defaults(args: argparse.Namespace) -> dict:
-    return {
+    """Flags given > the model's generation_config.json > SamplingParams' (vLLM's) defaults."""
+    from jaxpp.config import SamplingParams, generation_defaults  # noqa: PLC0415
+
+    flags = {
         "max_tokens": args.max_tokens,
-        "min_tokens": args.min_tokens,
         "temperature": args.temperature,
         "top_k": args.top_k,
         "top_p": args.top_p,
         "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    fallback = {**dataclasses.asdict(SamplingParams()), **generation_defaults(args.model)}
+    return {
+        **{k: fallback[k] if v is None else v for k, v in flags.items()},
+        "min_tokens": args.min_tokens,
         "stop": list(args.stop),
         "stop_token_ids": list(args.stop_token_ids),
         "ignore_eos": args.ignore_eos,
         "logprobs": args.logprobs,
         "presence_penalty": args.presence_penalty,
         "frequency_penalty": args.frequency_penalty,
-        "repetition_penalty": args.repetition_penalty,
         "skip_special_tokens": args.skip_special_tokens,
     }
 

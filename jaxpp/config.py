@@ -291,6 +291,41 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+# generation_config.json key -> SamplingParams field (vLLM's --generation-config auto).
+GENERATION_CONFIG_FIELDS = {
+    "max_new_tokens": "max_tokens",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+}
+
+
+def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """Sampling defaults the model's generation_config.json recommends (empty if none).
+
+    Like vLLM, these replace the built-in defaults for requests that do not set the field.
+    A value SamplingParams would reject is ignored rather than failing every request.
+    """
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+    found = {
+        ours: raw[theirs] for theirs, ours in GENERATION_CONFIG_FIELDS.items() if theirs in raw
+    }
+    valid = {}
+    for name, value in found.items():
+        try:
+            SamplingParams(**{name: value})
+        except (ValueError, TypeError):
+            continue
+        valid[name] = value
+    return valid
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

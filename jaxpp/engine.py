@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpp.checkpoint import Checkpoint, load_state
-from jaxpp.config import ModelConfig, SamplingParams
+from jaxpp.config import ModelConfig, SamplingParams, generation_defaults
 from jaxpp.model import Transformer, rope_inv_freq
 from jaxpp.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
@@ -123,6 +123,7 @@ class LLM:
             PipelineShape(pp, self.microbatches, cfg.vocab_size),
         )
         self._tokenizer = None
+        self.generation_defaults = generation_defaults(self.model_dir)
         self.last_run_stats: dict = {}
         self._cache: KVCache | None = None
 
@@ -288,9 +289,13 @@ class LLM:
             list(messages), tokenize=False, add_generation_prompt=True
         )
 
+    def default_sampling_params(self) -> SamplingParams:
+        """vLLM's defaults, overridden by what the model's generation_config.json recommends."""
+        return SamplingParams(**self.generation_defaults)
+
     def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * n
+            return [self.default_sampling_params()] * n
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
         params = list(sampling_params)

@@ -8,6 +8,7 @@ import pytest
 from hf_fixtures import build_model_dir, random_seqs
 
 import jaxpp
+from jaxpp.config import generation_defaults
 from jaxpp.sampling import SamplerMode, SamplerRows, sample, sampler_rows
 
 
@@ -203,3 +204,14 @@ def test_penalties_logprobs_and_stops(model_dir):
         )[0].outputs[0]
         assert cut.finish_reason == "stop" and cut.stop_reason == needle
         assert cut.text == text[: text.find(needle)]
+
+
+def test_generation_config_supplies_defaults(tmp_path):
+    (tmp_path / "generation_config.json").write_text(
+        '{"temperature": 0.6, "top_p": 0.9, "max_new_tokens": 40, "top_k": -7, "eos_token_id": 1}'
+    )
+    # top_k=-7 would be rejected by SamplingParams: ignored, the built-in default stays.
+    assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9, "max_tokens": 40}
+    assert generation_defaults(tmp_path / "missing") == {}
+    demo = jaxpp.LLM(jaxpp.DEMO_MODEL).default_sampling_params()
+    assert (demo.temperature, demo.top_p, demo.max_tokens) == (0.7, 0.95, 64)
