@@ -68,16 +68,24 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="local Hugging Face model directory")
     src.add_argument("--preset", help="name of configs/NAME.json (random weights), or a path")
-    p.add_argument("--cache-dir", default=None,
-                   help="where preset checkpoints are written (default ~/.cache/jaxpp/presets)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where preset checkpoints are written (default ~/.cache/jaxpp/presets)",
+    )
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--range-ratio", type=float, default=0.0,
-                   help="lengths uniform in [len*(1-r), len*(1+r)]")
+    p.add_argument(
+        "--range-ratio", type=float, default=0.0, help="lengths uniform in [len*(1-r), len*(1+r)]"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="prompts per generate call (default: all of them)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="prompts per generate call (default: all of them)",
+    )
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dp", type=int, default=1)
@@ -85,25 +93,56 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--decode-chunk", type=int, default=32)
-    p.add_argument("--compare-hf", action="store_true",
-                   help="also run transformers generate on the same model and prompts")
-    p.add_argument("--hf-attn", default="eager", choices=["eager", "sdpa"],
-                   help="transformers attention implementation (default eager)")
+    p.add_argument(
+        "--compare-hf",
+        action="store_true",
+        help="also run transformers generate on the same model and prompts",
+    )
+    p.add_argument(
+        "--hf-attn",
+        default="eager",
+        choices=["eager", "sdpa"],
+        help="transformers attention implementation (default eager)",
+    )
     p.add_argument("--hf-device", default="auto", help="torch device: auto, cpu, cuda")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch.set_num_threads for the transformers run (default: torch's)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="timed passes per engine; the fastest is reported (noisy machines)")
-    p.add_argument("--measure-bandwidth", action="store_true",
-                   help="time a large device-to-device copy; report decode bandwidth vs it")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak dense FLOP/s of one device in TFLOP/s, for prefill MFU")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for the transformers run (default: torch's)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed passes per engine; the fastest is reported (noisy machines)",
+    )
+    p.add_argument(
+        "--measure-bandwidth",
+        action="store_true",
+        help="time a large device-to-device copy; report decode bandwidth vs it",
+    )
+    p.add_argument(
+        "--bandwidth-mb",
+        type=int,
+        default=1024,
+        help="size of the array --measure-bandwidth copies (MiB)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak dense FLOP/s of one device in TFLOP/s, for prefill MFU",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxpp.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxpp.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_arguments(parser)
     return run(parser.parse_args(argv))
 
@@ -118,8 +157,14 @@ class Request:
     output_len: int
 
 
-def random_requests(num_prompts: int, input_len: int, output_len: int, range_ratio: float,
-                    vocab_size: int, seed: int = 0) -> list[Request]:
+def random_requests(
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    vocab_size: int,
+    seed: int = 0,
+) -> list[Request]:
     """vLLM's random dataset: lengths uniform in [len*(1-r), len*(1+r)], ids uniform."""
     if not 0 <= range_ratio < 1:
         raise ValueError(f"--range-ratio={range_ratio} is invalid: expected 0 <= r < 1")
@@ -130,8 +175,10 @@ def random_requests(num_prompts: int, input_len: int, output_len: int, range_rat
         return rng.integers(lo, hi + 1, size=num_prompts)
 
     ins, outs = lengths(input_len), lengths(output_len)
-    return [Request(rng.integers(0, vocab_size, size=int(i)).tolist(), int(o))
-            for i, o in zip(ins, outs, strict=True)]
+    return [
+        Request(rng.integers(0, vocab_size, size=int(i)).tolist(), int(o))
+        for i, o in zip(ins, outs, strict=True)
+    ]
 
 
 def preset_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -221,8 +268,9 @@ def bucket_key(llm, batch: list[Request]) -> tuple:
     from jaxpp.engine import _pow2_at_least  # noqa: PLC0415
 
     lens = [len(r.prompt) for r in batch]
-    budgets = [min(r.output_len, llm.max_model_len - n + 1) for r, n in zip(batch, lens,
-                                                                              strict=True)]
+    budgets = [
+        min(r.output_len, llm.max_model_len - n + 1) for r, n in zip(batch, lens, strict=True)
+    ]
     rows = llm._batch_bucket(len(batch))
     width = _pow2_at_least(max(lens), 16)
     longest = max(n + b for n, b in zip(lens, budgets, strict=True))
@@ -237,8 +285,9 @@ def _batches(requests: list[Request], batch_size: int) -> list[list[Request]]:
 def _params(batch: list[Request]):
     from jaxpp.config import SamplingParams  # noqa: PLC0415
 
-    return [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
-            for r in batch]
+    return [
+        SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in batch
+    ]
 
 
 @dataclasses.dataclass
@@ -252,8 +301,7 @@ class PassResult:
 
 
 def run_jaxpp_pass(llm, batches: list[list[Request]]) -> PassResult:
-    keys = ("prefill_ticks", "prefill_busy_stage_ticks", "decode_ticks",
-            "decode_busy_stage_ticks")
+    keys = ("prefill_ticks", "prefill_busy_stage_ticks", "decode_ticks", "decode_busy_stage_ticks")
     totals = dict.fromkeys(keys, 0)
     outputs, waves = [], []
     with CompileCounter() as counter:
@@ -263,13 +311,16 @@ def run_jaxpp_pass(llm, batches: list[list[Request]]) -> PassResult:
             for k in keys:
                 totals[k] += int(llm.last_run_stats.get(k, 0))
             m = outs[0].metrics
-            waves.append({
-                "requests": len(batch), "ttft": m.time_to_first_token,
-                "decode_time": m.decode_time,
-                "decode_ticks": int(llm.last_run_stats.get("decode_ticks", 0)),
-                "prefill_ticks": int(llm.last_run_stats.get("prefill_ticks", 0)),
-                "bucket": list(bucket_key(llm, batch)),
-            })
+            waves.append(
+                {
+                    "requests": len(batch),
+                    "ttft": m.time_to_first_token,
+                    "decode_time": m.decode_time,
+                    "decode_ticks": int(llm.last_run_stats.get("decode_ticks", 0)),
+                    "prefill_ticks": int(llm.last_run_stats.get("prefill_ticks", 0)),
+                    "bucket": list(bucket_key(llm, batch)),
+                }
+            )
             outputs += outs
         duration = time.perf_counter() - start
     for name in ("prefill", "decode"):
@@ -294,8 +345,11 @@ def _percentiles(values: list[float]) -> dict:
     if not values:
         return {"mean": None, "p50": None, "p99": None}
     a = np.asarray(values, np.float64)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
-            "p99": float(np.percentile(a, 99))}
+    return {
+        "mean": float(a.mean()),
+        "p50": float(np.percentile(a, 50)),
+        "p99": float(np.percentile(a, 99)),
+    }
 
 
 def summarize(requests: list[Request], result: PassResult) -> dict:
@@ -308,6 +362,7 @@ def summarize(requests: list[Request], result: PassResult) -> dict:
         if n > 1:
             tpot.append(o.metrics.decode_time / (n - 1))
     d = result.duration
+    decode_s = sum(w["decode_time"] for w in result.waves)
     return {
         "duration_s": d,
         "requests_per_s": len(requests) / d,
@@ -316,6 +371,8 @@ def summarize(requests: list[Request], result: PassResult) -> dict:
         "input_tokens_per_s": input_tokens / d,
         "output_tokens_per_s": output_tokens / d,
         "total_tokens_per_s": (input_tokens + output_tokens) / d,
+        # Tokens after each request's first, over the time the decode ring ran.
+        "decode_tokens_per_s": (output_tokens - len(requests)) / decode_s if decode_s else None,
         "ttft_s": _percentiles(ttft),
         "tpot_s": _percentiles(tpot),
     }
@@ -325,53 +382,66 @@ def summarize(requests: list[Request], result: PassResult) -> dict:
 # transformers
 
 
-def _torch_device(name: str) -> str:
-    import torch  # noqa: PLC0415
+class HFRunner:
+    """transformers `generate` on the same checkpoint: greedy, batched with left padding and an
+    attention mask, `max(output_len)` new tokens per batch (eos ignored, as in the jaxpp run)."""
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    def __init__(
+        self,
+        model_dir: Path,
+        dtype: str,
+        attn: str,
+        device: str = "auto",
+        threads: int | None = None,
+    ):
+        import torch  # noqa: PLC0415
+        from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-
-def load_hf(model_dir: Path, dtype: str, attn: str, device: str):
-    import torch  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=getattr(torch, dtype), attn_implementation=attn
-    )
-    model.generation_config.eos_token_id = None  # ignore_eos, as in the jaxpp run
-    return model.to(device).eval()
-
-
-def hf_generate_batch(model, batch: list[Request], device: str) -> list[list[int]]:
-    """Greedy, left padded with an attention mask, max(output_len) new tokens for the batch."""
-    import torch  # noqa: PLC0415
-
-    width = max(len(r.prompt) for r in batch)
-    ids = torch.zeros((len(batch), width), dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, r in enumerate(batch):
-        ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
-        mask[i, width - len(r.prompt):] = 1
-    new = max(r.output_len for r in batch)
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-            max_new_tokens=new, min_new_tokens=new, eos_token_id=None, pad_token_id=0,
-            temperature=None, top_p=None, top_k=None,
+        if threads:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=getattr(torch, dtype), attn_implementation=attn
         )
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return [out[i, width : width + r.output_len].tolist() for i, r in enumerate(batch)]
+        model.generation_config.eos_token_id = None  # ignore_eos
+        self.model = model.to(device).eval()
 
+    def generate_batch(self, batch: list[Request]) -> list[list[int]]:
+        import torch  # noqa: PLC0415
 
-def run_hf_pass(model, batches: list[list[Request]], device: str) -> tuple[float, list]:
-    start = time.perf_counter()
-    tokens = []
-    for batch in batches:
-        tokens += hf_generate_batch(model, batch, device)
-    return time.perf_counter() - start, tokens
+        width = max(len(r.prompt) for r in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[i, width - len(r.prompt) :] = 1
+        new = max(r.output_len for r in batch)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                do_sample=False,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                eos_token_id=None,
+                pad_token_id=0,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return [out[i, width : width + r.output_len].tolist() for i, r in enumerate(batch)]
+
+    def run_pass(self, batches: list[list[Request]]) -> tuple[float, list[list[int]]]:
+        start = time.perf_counter()
+        tokens = []
+        for batch in batches:
+            tokens += self.generate_batch(batch)
+        return time.perf_counter() - start, tokens
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,8 +467,12 @@ def measure_bandwidth(mbytes: int = 1024, iters: int = 10) -> dict:
         copy(x).block_until_ready()
         best = min(best, time.perf_counter() - t)
     del x
-    return {"bytes": 2 * n * 4, "seconds": best, "bytes_per_s": 2 * n * 4 / best,
-            "device": str(dev.device_kind)}
+    return {
+        "bytes": 2 * n * 4,
+        "seconds": best,
+        "bytes_per_s": 2 * n * 4 / best,
+        "device": str(dev.device_kind),
+    }
 
 
 def model_numbers(cfg) -> dict:
@@ -413,8 +487,12 @@ def model_numbers(cfg) -> dict:
     head = d * cfg.vocab_size
     embed = d * cfg.vocab_size
     total = per_layer * cfg.num_layers + embed + (0 if cfg.tie_word_embeddings else head) + d
-    return {"params": total, "layer_params": per_layer * cfg.num_layers, "head_params": head,
-            "kv_elems_per_token": 2 * cfg.num_layers * kv * hd}
+    return {
+        "params": total,
+        "layer_params": per_layer * cfg.num_layers,
+        "head_params": head,
+        "kv_elems_per_token": 2 * cfg.num_layers * kv * hd,
+    }
 
 
 def prefill_flops(cfg, prompt_lens: list[int]) -> float:
@@ -422,8 +500,9 @@ def prefill_flops(cfg, prompt_lens: list[int]) -> float:
     each prompt (all the generate path computes), causal attention QK^T and PV."""
     nums = model_numbers(cfg)
     toks = sum(prompt_lens)
-    attn = sum(2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * n * (n + 1) / 2
-               for n in prompt_lens)
+    attn = sum(
+        2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * n * (n + 1) / 2 for n in prompt_lens
+    )
     return 2 * nums["layer_params"] * toks + 2 * nums["head_params"] * len(prompt_lens) + attn
 
 
@@ -459,8 +538,11 @@ def decode_bandwidth(llm, result: PassResult, dtype_bytes: int) -> dict:
         moved += (weights + kv) * dtype_bytes * w["decode_ticks"]
     per_tick = moved / ticks
     tick_s = seconds / ticks
-    return {"bytes_per_tick_per_device": per_tick, "tick_s": tick_s,
-            "bytes_per_s_per_device": per_tick / tick_s}
+    return {
+        "bytes_per_tick_per_device": per_tick,
+        "tick_s": tick_s,
+        "bytes_per_s_per_device": per_tick / tick_s,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,8 +551,13 @@ def decode_bandwidth(llm, result: PassResult, dtype_bytes: int) -> dict:
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -480,8 +567,11 @@ def _ensure_cpu_devices(needed: int) -> None:
     import jax  # noqa: PLC0415
     from jax._src import xla_bridge  # noqa: PLC0415
 
-    if needed > 1 and not xla_bridge.backends_are_initialized() and not os.environ.get(
-            "JAX_PLATFORMS", "").startswith(("cuda", "gpu", "tpu")):
+    if (
+        needed > 1
+        and not xla_bridge.backends_are_initialized()
+        and not os.environ.get("JAX_PLATFORMS", "").startswith(("cuda", "gpu", "tpu"))
+    ):
         if jax.config.jax_num_cpu_devices < needed and "JAX_NUM_CPU_DEVICES" not in os.environ:
             jax.config.update("jax_num_cpu_devices", needed)
 
@@ -489,8 +579,10 @@ def _ensure_cpu_devices(needed: int) -> None:
 def run(args: argparse.Namespace) -> int:
     for name in ("input_len", "output_len", "num_prompts", "repeats"):
         if getattr(args, name) < 1:
-            print(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: expected >= 1",
-                  file=sys.stderr)
+            print(
+                f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: expected >= 1",
+                file=sys.stderr,
+            )
             return 2
     if args.batch_size is not None and args.batch_size < 1:
         print(f"--batch-size={args.batch_size} is invalid: expected >= 1", file=sys.stderr)
@@ -507,45 +599,87 @@ def run(args: argparse.Namespace) -> int:
     try:
         model_dir = Path(args.model) if args.model else preset_dir(args.preset, args.cache_dir)
         cfg = ModelConfig.from_dir(model_dir)
-        requests = random_requests(args.num_prompts, args.input_len, args.output_len,
-                                   args.range_ratio, cfg.vocab_size, args.seed)
+        requests = random_requests(
+            args.num_prompts,
+            args.input_len,
+            args.output_len,
+            args.range_ratio,
+            cfg.vocab_size,
+            args.seed,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     batch_size = args.batch_size or len(requests)
     batches = _batches(requests, batch_size)
-    log(f"model {model_dir} ({model_numbers(cfg)['params'] / 1e6:.1f}M params), "
+    log(
+        f"model {model_dir} ({model_numbers(cfg)['params'] / 1e6:.1f}M params), "
         f"{len(requests)} prompts, batch {batch_size}, devices {jax.devices()[0].platform} "
-        f"x{len(jax.devices())}")
+        f"x{len(jax.devices())}"
+    )
 
     t = time.perf_counter()
-    llm = LLM(model_dir, dtype=args.dtype, pp=args.pp, tp=args.tp, dp=args.dp,
-              num_microbatches=args.num_microbatches, max_model_len=args.max_model_len,
-              decode_chunk=args.decode_chunk, max_num_seqs=max(batch_size, 1), seed=args.seed)
+    llm = LLM(
+        model_dir,
+        dtype=args.dtype,
+        pp=args.pp,
+        tp=args.tp,
+        dp=args.dp,
+        num_microbatches=args.num_microbatches,
+        max_model_len=args.max_model_len,
+        decode_chunk=args.decode_chunk,
+        max_num_seqs=max(batch_size, 1),
+        seed=args.seed,
+    )
     load_s = time.perf_counter() - t
     dtype_name = jax.numpy.dtype(llm.dtype).name
-    log(f"loaded in {load_s:.1f}s: pp={llm.pp} tp={llm.tp} dp={llm.dp} "
-        f"microbatches={llm.microbatches} dtype={dtype_name}")
+    log(
+        f"loaded in {load_s:.1f}s: pp={llm.pp} tp={llm.tp} dp={llm.dp} "
+        f"microbatches={llm.microbatches} dtype={dtype_name}"
+    )
 
     buckets, warm_s, warm_compiles = warm_up(llm, batches)
     log(f"warm-up: {buckets} shape bucket(s), {warm_compiles} compilations, {warm_s:.1f}s")
-    results = [run_jaxpp_pass(llm, batches) for _ in range(args.repeats)]
+
+    hf = None
+    if args.compare_hf:
+        hf = HFRunner(model_dir, dtype_name, args.hf_attn, args.hf_device, args.torch_threads)
+        hf.generate_batch([dataclasses.replace(batches[0][0], output_len=2)])  # warm-up
+        log(f"transformers loaded: attn={args.hf_attn} device={hf.device}")
+    # Timed passes; with --compare-hf they alternate with the transformers passes, so that
+    # both engines see the same machine load (the fastest pass of each is reported).
+    results, hf_runs = [], []
+    for i in range(args.repeats):
+        results.append(run_jaxpp_pass(llm, batches))
+        log(f"jaxpp pass {i + 1}/{args.repeats}: {results[-1].duration:.2f}s")
+        if hf is not None:
+            hf_runs.append(hf.run_pass(batches))
+            log(f"transformers pass {i + 1}/{args.repeats}: {hf_runs[-1][0]:.2f}s")
     best = min(results, key=lambda r: r.duration)
     compilations = sum(r.compilations for r in results)
     report = {
         "engine": "jaxpp",
         "date": time.strftime("%Y-%m-%d"),
         "commit": _git_commit(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "jax_backend": jax.default_backend(),
-                    "device_kind": jax.devices()[0].device_kind,
-                    "jax_devices": len(jax.devices())},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "jax_backend": jax.default_backend(),
+            "device_kind": jax.devices()[0].device_kind,
+            "jax_devices": len(jax.devices()),
+        },
         "model": str(model_dir),
         "params": model_numbers(cfg)["params"],
         "args": {k: v for k, v in vars(args).items() if k not in ("func", "handler")},
-        "layout": {"pp": llm.pp, "tp": llm.tp, "dp": llm.dp, "microbatches": llm.microbatches,
-                   "partition": list(llm.partition), "dtype": dtype_name,
-                   "decode_chunk": llm.decode_chunk},
+        "layout": {
+            "pp": llm.pp,
+            "tp": llm.tp,
+            "dp": llm.dp,
+            "microbatches": llm.microbatches,
+            "partition": list(llm.partition),
+            "dtype": dtype_name,
+            "decode_chunk": llm.decode_chunk,
+        },
         "num_prompts": len(requests),
         "batch_size": batch_size,
         "load_s": load_s,
@@ -565,35 +699,34 @@ def run(args: argparse.Namespace) -> int:
     peak = peak_flops(dtype_name, args.peak_tflops)
     prefill_s = sum(w["ttft"] for w in best.waves)
     flops = prefill_flops(cfg, [len(r.prompt) for r in requests])
-    report["prefill"] = {"flops": flops, "seconds": prefill_s,
-                         "flops_per_s": flops / prefill_s if prefill_s else None,
-                         "peak_flops_per_s": peak,
-                         "mfu": flops / prefill_s / peak if peak and prefill_s else None}
+    report["prefill"] = {
+        "flops": flops,
+        "seconds": prefill_s,
+        "flops_per_s": flops / prefill_s if prefill_s else None,
+        "peak_flops_per_s": peak,
+        "mfu": flops / prefill_s / peak if peak and prefill_s else None,
+    }
     if args.measure_bandwidth:
-        bw = measure_bandwidth()
+        bw = measure_bandwidth(args.bandwidth_mb)
         report["copy_bandwidth"] = bw
         if report["decode_bandwidth"]:
             report["decode_bandwidth"]["fraction_of_copy"] = (
-                report["decode_bandwidth"]["bytes_per_s_per_device"] / bw["bytes_per_s"])
+                report["decode_bandwidth"]["bytes_per_s_per_device"] / bw["bytes_per_s"]
+            )
 
-    if args.compare_hf:
-        import torch  # noqa: PLC0415
-
-        if args.torch_threads:
-            torch.set_num_threads(args.torch_threads)
-        device = _torch_device(args.hf_device)
-        model = load_hf(model_dir, dtype_name, args.hf_attn, device)
-        hf_generate_batch(model, [dataclasses.replace(batches[0][0], output_len=2)], device)
-        hf_runs = [run_hf_pass(model, batches, device) for _ in range(args.repeats)]
+    if hf is not None:
         hf_s, hf_tokens = min(hf_runs, key=lambda r: r[0])
         out_tokens = sum(r.output_len for r in requests)
         in_tokens = sum(len(r.prompt) for r in requests)
-        same = sum(h == list(o.outputs[0].token_ids)
-                   for h, o in zip(hf_tokens, best.outputs, strict=True))
+        same = sum(
+            h == list(o.outputs[0].token_ids) for h, o in zip(hf_tokens, best.outputs, strict=True)
+        )
         report["hf"] = {
             "engine": f"transformers {__import__('transformers').__version__} generate",
-            "dtype": dtype_name, "attn_implementation": args.hf_attn, "device": device,
-            "torch_threads": torch.get_num_threads(),
+            "dtype": dtype_name,
+            "attn_implementation": args.hf_attn,
+            "device": hf.device,
+            "torch_threads": hf.threads,
             "repeats": [r[0] for r in hf_runs],
             "duration_s": hf_s,
             "requests_per_s": len(requests) / hf_s,
@@ -601,9 +734,13 @@ def run(args: argparse.Namespace) -> int:
             "total_tokens_per_s": (in_tokens + out_tokens) / hf_s,
             "same_tokens_fraction": same / len(requests),
         }
-        report["ratio_output_tokens_per_s"] = (report["output_tokens_per_s"]
-                                               / report["hf"]["output_tokens_per_s"])
-        del model
+        report["ratio_output_tokens_per_s"] = (
+            report["output_tokens_per_s"] / report["hf"]["output_tokens_per_s"]
+        )
+        report["ratio_total_tokens_per_s"] = (
+            report["total_tokens_per_s"] / report["hf"]["total_tokens_per_s"]
+        )
+        del hf
         gc.collect()
 
     if args.json:
@@ -625,37 +762,58 @@ def _ms(x):
 
 def _print_report(r: dict) -> None:
     lay = r["layout"]
-    print(f"\n==== jaxpp offline throughput ({r['num_prompts']} prompts, batch {r['batch_size']},"
-          f" pp={lay['pp']} tp={lay['tp']} dp={lay['dp']} M={lay['microbatches']}"
-          f" {lay['dtype']}) ====")
-    print(f"duration               {r['duration_s']:.3f} s"
-          + (f"  (passes: {', '.join(f'{d:.3f}' for d in r['repeats'])})"
-             if len(r["repeats"]) > 1 else ""))
+    print(
+        f"\n==== jaxpp offline throughput ({r['num_prompts']} prompts, batch {r['batch_size']},"
+        f" pp={lay['pp']} tp={lay['tp']} dp={lay['dp']} M={lay['microbatches']}"
+        f" {lay['dtype']}) ===="
+    )
+    print(
+        f"duration               {r['duration_s']:.3f} s"
+        + (
+            f"  (passes: {', '.join(f'{d:.3f}' for d in r['repeats'])})"
+            if len(r["repeats"]) > 1
+            else ""
+        )
+    )
     print(f"requests/s             {r['requests_per_s']:.2f}")
     print(f"input tokens/s         {r['input_tokens_per_s']:.1f}  ({r['input_tokens']} tokens)")
     print(f"output tokens/s        {r['output_tokens_per_s']:.1f}  ({r['output_tokens']} tokens)")
     print(f"total tokens/s         {r['total_tokens_per_s']:.1f}")
+    if r["decode_tokens_per_s"]:
+        print(f"decode tokens/s        {r['decode_tokens_per_s']:.1f}  (decode ring time only)")
     for key, name in (("ttft_s", "TTFT"), ("tpot_s", "TPOT")):
         s = r[key]
         print(f"{name} ms mean/p50/p99  {_ms(s['mean'])} / {_ms(s['p50'])} / {_ms(s['p99'])}")
     p = r["pipeline"]
-    print(f"prefill ticks {p['prefill_ticks']} busy stage-ticks {p['prefill_busy_stage_ticks']}"
-          f" bubble {p['prefill_bubble_fraction']:.3f}")
-    print(f"decode  ticks {p['decode_ticks']} busy stage-ticks {p['decode_busy_stage_ticks']}"
-          f" bubble {p['decode_bubble_fraction']:.3f}")
-    print(f"XLA compilations: warm-up {r['warmup_compilations']}, timed "
-          f"{r['compilations_timed']} (shape buckets: {r['shape_buckets']})")
+    print(
+        f"prefill ticks {p['prefill_ticks']} busy stage-ticks {p['prefill_busy_stage_ticks']}"
+        f" bubble {p['prefill_bubble_fraction']:.3f}"
+    )
+    print(
+        f"decode  ticks {p['decode_ticks']} busy stage-ticks {p['decode_busy_stage_ticks']}"
+        f" bubble {p['decode_bubble_fraction']:.3f}"
+    )
+    print(
+        f"XLA compilations: warm-up {r['warmup_compilations']}, timed "
+        f"{r['compilations_timed']} (shape buckets: {r['shape_buckets']})"
+    )
     for m in r["device_memory"]:
-        print(f"device {m['device']}: params {m['params'] / 2**20:.1f} MiB, "
-              f"KV cache {m['kv_cache'] / 2**20:.1f} MiB")
+        print(
+            f"device {m['device']}: params {m['params'] / 2**20:.1f} MiB, "
+            f"KV cache {m['kv_cache'] / 2**20:.1f} MiB"
+        )
     bw = r.get("decode_bandwidth") or {}
     if bw:
-        line = (f"decode: {bw['tick_s'] * 1e3:.2f} ms/tick, "
-                f"{bw['bytes_per_tick_per_device'] / 2**20:.1f} MiB/tick/device -> "
-                f"{bw['bytes_per_s_per_device'] / 1e9:.1f} GB/s per device")
+        line = (
+            f"decode: {bw['tick_s'] * 1e3:.2f} ms/tick, "
+            f"{bw['bytes_per_tick_per_device'] / 2**20:.1f} MiB/tick/device -> "
+            f"{bw['bytes_per_s_per_device'] / 1e9:.1f} GB/s per device"
+        )
         if "fraction_of_copy" in bw:
-            line += (f" = {100 * bw['fraction_of_copy']:.0f}% of copy bandwidth "
-                     f"{r['copy_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s")
+            line += (
+                f" = {100 * bw['fraction_of_copy']:.0f}% of copy bandwidth "
+                f"{r['copy_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s"
+            )
         print(line)
     pf = r["prefill"]
     if pf["flops_per_s"]:
@@ -665,8 +823,10 @@ def _print_report(r: dict) -> None:
         print(line)
     if "hf" in r:
         h = r["hf"]
-        print(f"---- {h['engine']} ({h['dtype']}, attn={h['attn_implementation']}, "
-              f"{h['device']}, {h['torch_threads']} threads) ----")
+        print(
+            f"---- {h['engine']} ({h['dtype']}, attn={h['attn_implementation']}, "
+            f"{h['device']}, {h['torch_threads']} threads) ----"
+        )
         print(f"duration               {h['duration_s']:.3f} s")
         print(f"output tokens/s        {h['output_tokens_per_s']:.1f}")
         print(f"same greedy tokens     {100 * h['same_tokens_fraction']:.0f}% of requests")

@@ -11,6 +11,7 @@ every sequence is done. The host only looks at the device between calls (to appl
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -552,6 +553,8 @@ def _replace_max(p: SamplingParams, max_tokens: int) -> SamplingParams:
 def _load_tokenizer(model_dir: Path):
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
+    # jaxpp needs only transformers' tokenizers: silence its "PyTorch was not found" advice.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoTokenizer  # noqa: PLC0415 - slow import, only when needed
 
     return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
