@@ -638,6 +638,14 @@ def run(args: argparse.Namespace) -> int:
         f"microbatches={llm.microbatches} dtype={dtype_name}"
     )
 
+    longest = max(len(r.prompt) for r in requests)
+    if longest > llm.max_model_len:
+        print(
+            f"error: a prompt has {longest} tokens, more than max_model_len="
+            f"{llm.max_model_len}: lower --input-len/--range-ratio or raise --max-model-len",
+            file=sys.stderr,
+        )
+        return 2
     buckets, warm_s, warm_compiles = warm_up(llm, batches)
     log(f"warm-up: {buckets} shape bucket(s), {warm_compiles} compilations, {warm_s:.1f}s")
 

@@ -35,6 +35,7 @@ stage-ticks that did real work, so the bubble fraction is measured, not assumed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -445,8 +446,15 @@ def empty_cache(
 ) -> KVCache:
     shape = (stages, slots, sequences, max_len, kv_heads, head_dim)
     sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(CACHE_AXES))
-    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    zeros = _zeros_program(shape, jnp.dtype(dtype), sharding)
     return KVCache(zeros(), zeros())
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_program(shape, dtype, sharding):
+    """One jitted allocator per cache shape: a fresh lambda per call would compile every time
+    consecutive waves change cache shape, i.e. a number of compilations growing with waves."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
 def host_array(x) -> np.ndarray:
