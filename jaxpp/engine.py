@@ -377,19 +377,13 @@ class LLM:
         return outputs
 
     def _take_cache(self, rows: int, cache_len: int) -> KVCache:
-        shape = (
-            self.pp,
-            self.layers_per_stage,
-            rows,
-            cache_len,
-            self.kv_heads,
-            self.config.head_dim,
-        )
-        if self._cache is not None and self._cache.k.shape == shape:
-            cache, self._cache = self._cache, None
+        """The previous wave's cache when the bucket matches (no new allocation), else zeros."""
+        hd = self.config.head_dim
+        v_shape = (self.pp, self.layers_per_stage, rows, self.kv_heads, cache_len, hd)
+        cache, self._cache = self._cache, None
+        if cache is not None and cache.v.shape == v_shape:
             return cache
-        self._cache = None
-        return empty_cache(self.mesh, *shape, self.dtype)
+        return empty_cache(self.mesh, *v_shape[:3], cache_len, self.kv_heads, hd, self.dtype)
 
     def _decode_state(
         self, cache, first, first_tokens, seen, lengths, rows_host, max_new, mode, real_rows: int

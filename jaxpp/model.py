@@ -192,6 +192,24 @@ def attend(q, k, v, q_pos, k_pos, window) -> jax.Array:
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, hq, hd)
 
 
+def attend_cached(q, k_cache, v_cache, q_pos, window) -> jax.Array:
+    """One decode token per sequence against its cached keys and values.
+
+    q [B, 1, Hq, Dh]; k_cache [B, Hkv, Dh, T] and v_cache [B, Hkv, T, Dh] (the cache's own
+    layouts, so both dots are plain batched matmuls); q_pos [B]. Cache index = position, so the
+    same visibility rule as `attend` applies with key positions 0..T-1.
+    """
+    b, _, hq, hd = q.shape
+    hkv = k_cache.shape[1]
+    q = q.reshape(b, hkv, hq // hkv, hd)
+    scores = jnp.einsum("bkgd,bkds->bkgs", q, k_cache) * (hd**-0.5)
+    kp, qp = jnp.arange(k_cache.shape[-1])[None, :], q_pos[:, None]
+    visible = ((kp <= qp) & ((window == 0) | (kp > qp - window)))[:, None, None, :]
+    scores = jnp.where(visible, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    return jnp.einsum("bkgs,bksd->bkgd", probs, v_cache).reshape(b, 1, hq, hd)
+
+
 def vocab_shard_index() -> jax.Array:
     """This device's position along the vocab-parallel ("stage", "tensor") split."""
     return jax.lax.axis_index(VOCAB_AXES)

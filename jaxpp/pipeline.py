@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpp.model import (
     VOCAB_AXES,
     attend,
+    attend_cached,
     embed_lookup,
     local_logits,
     rope_tables,
@@ -56,15 +57,19 @@ from jaxpp.model import (
 from jaxpp.sampling import SamplerMode, SamplerRows, sample
 from jaxpp.sharding import LOGICAL_TO_MESH, logical_to_spec
 
-CACHE_AXES = ("stage", "layer", "batch", "seq", "kv_heads", "head_dim")
+# K is stored [.., head_dim, seq] and V [.., seq, head_dim]: both decode dots (q.K and p.V) are
+# then plain batched matmuls over (sequence, kv head) with no per-tick relayout of the cache
+# (measured 2.1x faster decode on CPU than a [.., seq, kv_heads, head_dim] cache).
+K_CACHE_AXES = ("stage", "layer", "batch", "kv_heads", "head_dim", "seq")
+V_CACHE_AXES = ("stage", "layer", "batch", "kv_heads", "seq", "head_dim")
 ROW = P(LOGICAL_TO_MESH["batch"])  # per-sequence arrays: split over pipeline replicas
 REPLICATED = P()
 SCHEDULE = P(None, "stage")  # [ticks, stages]: each stage reports its own column
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [stages, slots_per_stage, sequences, max_len, kv_heads, head_dim]
-    v: jax.Array
+    k: jax.Array  # [stages, slots_per_stage, sequences, kv_heads, head_dim, max_len]
+    v: jax.Array  # [stages, slots_per_stage, sequences, kv_heads, max_len, head_dim]
 
 
 TRACE_TICKS = 64  # decode ticks whose schedule is recorded (the prefill records all of its)
@@ -126,15 +131,19 @@ class Pipeline:
             state,
             is_leaf=lambda x: isinstance(x, nnx.Variable),
         )
-        self.cache_spec = logical_to_spec(CACHE_AXES)
+        self.cache_spec = KVCache(logical_to_spec(K_CACHE_AXES), logical_to_spec(V_CACHE_AXES))
         # Tests set this to NaN: what a stage reads during a bubble tick must never matter.
         self.bubble_fill: float | None = None
         self._compiled: dict[tuple, Callable] = {}
 
     # --- one stage: its layers, one after another -------------------------------------------
 
-    def _run_stage(self, layers, x, cache: KVCache, kv_update, q_pos, cos, sin):
-        """Run this device's layer slots over x [R, T, D]; empty slots are skipped."""
+    def _run_stage(self, layers, x, cache: KVCache, attention, cos, sin):
+        """Run this device's layer slots over x [R, T, D]; empty slots are skipped.
+
+        `attention(cache, slot, q, k, v, window) -> (cache, out)` stores the new keys and
+        values in the cache and attends: the prefill and decode programs each bring their own.
+        """
 
         def body(carry, xs):
             x, cache = carry
@@ -144,8 +153,7 @@ class Pipeline:
             def compute(x, cache):
                 h = layer.input_norm(x)
                 q, k, v = layer.attn.qkv(h, cos, sin)
-                cache, keys, values, k_pos = kv_update(cache, slot, k, v)
-                attn = attend(q, keys, values, q_pos, k_pos, layer.window[...])
+                cache, attn = attention(cache, slot, q, k, v, layer.window[...])
                 x = x + layer.attn.out(attn)
                 return x + layer.mlp(layer.post_attn_norm(x)), cache
 
@@ -207,17 +215,21 @@ class Pipeline:
                 if bubble_fill is not None:
                     x = jnp.where(valid, x, bubble_fill)
 
-                def kv_update(cache, slot, k, v):
-                    if cache is not None:
+                def attention(cache, slot, q, k, v, window):
+                    if cache is not None:  # k, v [mb, T, Hkv, Dh] -> the cache's layouts
                         at = (slot, m * mb, 0, 0, 0)
                         cache = KVCache(
-                            jax.lax.dynamic_update_slice(cache.k, k[None], at),
-                            jax.lax.dynamic_update_slice(cache.v, v[None], at),
+                            jax.lax.dynamic_update_slice(
+                                cache.k, k.transpose(0, 2, 3, 1)[None], at
+                            ),
+                            jax.lax.dynamic_update_slice(
+                                cache.v, v.transpose(0, 2, 1, 3)[None], at
+                            ),
                         )
-                    return cache, k, v, positions
+                    return cache, attend(q, k, v, positions, positions, window)
 
                 def work(x, cache):
-                    return self._run_stage(layers, x, cache, kv_update, positions, cos, sin)
+                    return self._run_stage(layers, x, cache, attention, cos, sin)
 
                 out, cache = jax.lax.cond(valid, work, lambda x, c: (x, c), x, cache)
                 keep = jnp.where(valid & (s == last), out, finals[m])
@@ -267,12 +279,12 @@ class Pipeline:
             self.state_specs,
             ROW,
             ROW,
-            KVCache(self.cache_spec, self.cache_spec) if with_cache else None,
+            self.cache_spec if with_cache else None,
             rows_spec if with_sampling else None,
         )
         if with_sampling:
             out_specs = (
-                KVCache(self.cache_spec, self.cache_spec),
+                self.cache_spec,
                 ROW,
                 ROW,
                 RunStats(REPLICATED, REPLICATED, SCHEDULE),
@@ -333,19 +345,29 @@ class Pipeline:
                 cos, sin = rope_tables(q_pos, self.inv_freq, self.dtype)
                 row_ids = m * mb + jnp.arange(mb)
 
-                def kv_update(cache, slot, k, v):
-                    cache = KVCache(
-                        cache.k.at[slot, row_ids, q_pos[:, 0]].set(k[:, 0]),
-                        cache.v.at[slot, row_ids, q_pos[:, 0]].set(v[:, 0]),
-                    )
-                    size = (1, mb) + cache.k.shape[2:]
-                    keys = jax.lax.dynamic_slice(cache.k, (slot, m * mb, 0, 0, 0), size)[0]
-                    values = jax.lax.dynamic_slice(cache.v, (slot, m * mb, 0, 0, 0), size)[0]
-                    k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
-                    return cache, keys, values, k_pos
+                def attention(cache, slot, q, k, v, window):
+                    pos = q_pos[:, 0]
+                    if mb == 1:  # one row: an in-place dynamic_update_slice, cheaper than scatter
+                        cache = KVCache(
+                            jax.lax.dynamic_update_slice(
+                                cache.k, k.transpose(0, 2, 3, 1)[None], (slot, m, 0, 0, pos[0])
+                            ),
+                            jax.lax.dynamic_update_slice(
+                                cache.v, v.transpose(0, 2, 1, 3)[None], (slot, m, 0, pos[0], 0)
+                            ),
+                        )
+                    else:
+                        cache = KVCache(
+                            cache.k.at[slot, row_ids, :, :, pos].set(k[:, 0]),
+                            cache.v.at[slot, row_ids, :, pos, :].set(v[:, 0]),
+                        )
+                    start = (slot, m * mb, 0, 0, 0)
+                    keys = jax.lax.dynamic_slice(cache.k, start, (1, mb) + cache.k.shape[2:])
+                    values = jax.lax.dynamic_slice(cache.v, start, (1, mb) + cache.v.shape[2:])
+                    return cache, attend_cached(q, keys[0], values[0], pos, window)
 
                 def work(x, cache):
-                    return self._run_stage(layers, x, cache, kv_update, q_pos, cos, sin)
+                    return self._run_stage(layers, x, cache, attention, cos, sin)
 
                 cache = KVCache(d.cache.k[0], d.cache.v[0])
                 out, cache = jax.lax.cond(valid, work, lambda x, c: (x, c), x, cache)
@@ -385,7 +407,7 @@ class Pipeline:
 
         rows_spec = SamplerRows(*([ROW] * len(SamplerRows._fields)))
         d_spec = DecodeState(
-            cache=KVCache(self.cache_spec, self.cache_spec),
+            cache=self.cache_spec,
             in_flight=P("stage", LOGICAL_TO_MESH["batch"]),
             tick=REPLICATED,
             next_token=ROW,
@@ -444,10 +466,15 @@ def _record(d: DecodeState, row_ids, live, got, generated, rows: SamplerRows, mo
 def empty_cache(
     mesh: Mesh, stages, slots, sequences, max_len, kv_heads, head_dim, dtype
 ) -> KVCache:
-    shape = (stages, slots, sequences, max_len, kv_heads, head_dim)
-    sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(CACHE_AXES))
-    zeros = _zeros_program(shape, jnp.dtype(dtype), sharding)
-    return KVCache(zeros(), zeros())
+    lead = (stages, slots, sequences, kv_heads)
+    arrays = []
+    for shape, axes in (
+        (lead + (head_dim, max_len), K_CACHE_AXES),
+        (lead + (max_len, head_dim), V_CACHE_AXES),
+    ):
+        sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(axes))
+        arrays.append(_zeros_program(shape, jnp.dtype(dtype), sharding)())
+    return KVCache(*arrays)
 
 
 @functools.lru_cache(maxsize=64)
