@@ -6,7 +6,7 @@ header is validated before any weight moves, so a missing tensor, a wrong shape 
 file fails fast with the file and tensor named.
 
 Streaming: each parameter is built with `jax.make_array_from_callback`; the callback assembles
-only the shard one device owns (e.g. the q_proj of the layers of one stage), reading each source
+only the shard one device owns (e.g. one layer slot's q_proj on one stage), reading each source
 tensor from the memory map. Host memory never holds a second copy of the model.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -212,7 +212,7 @@ def _repeat_kv_bias(replicas: int) -> Callable:
 
 
 def layer_sources(cfg: ModelConfig, kv_replicas: int) -> dict[str, tuple[str, Callable]]:
-    """Our stacked parameter path -> (HF name template with {l}, reader)."""
+    """Our per-slot layer parameter path -> (HF name template with {l}, reader)."""
     p = "model.layers.{l}."
     src: dict[str, tuple[str, Callable]] = {
         "input_norm.weight": (p + "input_layernorm.weight", _vector),
@@ -255,15 +255,6 @@ def _padded_rows(w: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
-def _path(key: tuple) -> str:
-    return ".".join(str(k) for k in key)
-
-
-def _iter_leaves(state: nnx.State) -> Iterator[tuple[str, nnx.Variable]]:
-    for key, var in nnx.to_flat_state(state):
-        yield _path(key), var
-
-
 def load_state(
     abstract: nnx.State,
     cfg: ModelConfig,
@@ -277,47 +268,44 @@ def load_state(
     sources = layer_sources(cfg, kv_replicas)
     _validate(cfg, ckpt, sources, grid)
     flat = []
-    for path, var in _iter_leaves(abstract):
+    for key, var in nnx.to_flat_state(abstract):
+        path = ".".join(str(k) for k in key)  # "layers.3.attn.q_proj": slot 3's q_proj
         spec = logical_to_spec(var.get_metadata()["logical_axes"])
         sharding = jax.sharding.NamedSharding(mesh, spec)
         abstract_value = var.get_value()
         shape, dtype = abstract_value.shape, np.dtype(abstract_value.dtype)
         builder = _leaf_builder(path, shape, dtype, cfg, ckpt, sources, grid, windows)
         value = jax.make_array_from_callback(shape, sharding, builder)
-        flat.append((tuple(path.split(".")), var.replace(value)))
+        flat.append((key, var.replace(value)))
     return nnx.from_flat_state(flat)
 
 
 def _leaf_builder(path, shape, dtype, cfg, ckpt, sources, grid, windows) -> Callable:
     """callback(index) -> the numpy shard `index` of parameter `path`."""
     if path.startswith("layers."):
-        name = path[len("layers.") :]
+        _, slot, name = path.split(".", 2)
+        layers = grid[:, int(slot)]  # the layer each stage holds in this slot, -1 if none
         if name == "filled":
-            return lambda index: (grid >= 0)[index]
+            return lambda index: (layers >= 0)[index]
         if name == "window":
-            return lambda index: windows[index].astype(np.int32)
+            return lambda index: windows[:, int(slot)][index].astype(np.int32)
         if name == "mlp.is_moe":
-            moe = np.array(cfg.is_moe_layer + (False,))[grid]
-            return lambda index: moe[index]
+            return lambda index: np.array(cfg.is_moe_layer + (False,))[layers][index]
         template, read = sources[name]
-        one_layer = shape[2:]
+        one_layer = shape[1:]
 
-        def layer_shard(index):
-            stages, slots, rest = index[0], index[1], index[2:]
+        def slot_shard(index):
+            stages, rest = index[0], index[1:]
             rows = []
             for s in range(*stages.indices(shape[0])):
-                row = []
-                for i in range(*slots.indices(shape[1])):
-                    layer = int(grid[s, i])
-                    if layer < 0:  # empty slot of an uneven partition: never computed
-                        w = np.zeros(one_layer, dtype)[rest]
-                    else:
-                        w = np.asarray(read(ckpt, template.format(l=layer), one_layer)[rest])
-                    row.append(w.astype(dtype))
-                rows.append(np.stack(row))
+                if layers[s] < 0:  # empty slot of an uneven partition: never computed
+                    w = np.zeros(one_layer, dtype)[rest]
+                else:
+                    w = np.asarray(read(ckpt, template.format(l=int(layers[s])), one_layer)[rest])
+                rows.append(w.astype(dtype))
             return np.stack(rows)
 
-        return layer_shard
+        return slot_shard
     if path == "embed":
         return lambda index: _padded_rows(_embedding(ckpt, cfg), shape[0])[index].astype(dtype)
     if path == "lm_head":

@@ -107,7 +107,7 @@ class LLM:
             lambda: Transformer(cfg, pp, grid.shape[1], vocab, kv_heads, self.dtype)
         )
         graphdef, abstract_state = nnx.split(abstract)
-        layer_graphdef, _ = nnx.split(abstract.layers)
+        layer_graphdef, _ = nnx.split(abstract.layers[0])
         kv_replicas = kv_heads // cfg.num_kv_heads
         self.state = load_state(
             abstract_state, cfg, checkpoint, self.mesh, grid, kv_replicas, windows
@@ -379,11 +379,19 @@ class LLM:
     def _take_cache(self, rows: int, cache_len: int) -> KVCache:
         """The previous wave's cache when the bucket matches (no new allocation), else zeros."""
         hd = self.config.head_dim
-        v_shape = (self.pp, self.layers_per_stage, rows, self.kv_heads, cache_len, hd)
         cache, self._cache = self._cache, None
-        if cache is not None and cache.v.shape == v_shape:
+        if cache is not None and cache.v[0].shape == (self.pp, rows, self.kv_heads, cache_len, hd):
             return cache
-        return empty_cache(self.mesh, *v_shape[:3], cache_len, self.kv_heads, hd, self.dtype)
+        return empty_cache(
+            self.mesh,
+            self.pp,
+            self.layers_per_stage,
+            rows,
+            cache_len,
+            self.kv_heads,
+            hd,
+            self.dtype,
+        )
 
     def _decode_state(
         self, cache, first, first_tokens, seen, lengths, rows_host, max_new, mode, real_rows: int
@@ -532,7 +540,7 @@ class LLM:
             for shard in leaf.addressable_shards:
                 usage[shard.device.id]["params"] += shard.data.nbytes
         if self._cache is not None:
-            for leaf in self._cache:
+            for leaf in jax.tree.leaves(self._cache):
                 for shard in leaf.addressable_shards:
                     usage[shard.device.id]["kv_cache"] += shard.data.nbytes
         return list(usage.values())

@@ -5,12 +5,16 @@ experts), never copies of the model. The numerical rules follow transformers exa
 shared/reference/hf-parity.md: RMSNorm in float32 then weight, rotate-half rope, softmax in
 float32, GQA head j -> KV head j // group.
 
-Storage: `DecoderLayer` is built ONCE with every parameter stacked `[stages, layers_per_stage,
-...]`, so one NNX module holds the whole decoder stack in the layout the pipeline shards on
-"stage". At run time pipeline.py slices one layer's state out of the stack and `nnx.merge`s it
-with the layer graphdef inside the traced loop — a trace-time operation, no Python on the hot
-path. Every function here runs INSIDE `jax.shard_map`, on one device's shard: tensor-parallel
-sums (`psum("tensor")`) and vocab-parallel lookups are written out explicitly.
+Storage: the decoder stack is a list of layer SLOTS, one `DecoderLayer` per slot, each parameter
+stacked over stages `[stages, ...]` and sharded on "stage": layer l of stage s lives in slot i
+at index s (see partition.layer_grid), so the partition is the sharding spec. One array per slot
+rather than one `[stages, slots, ...]` stack: inside the jitted programs a slot's weights are then
+whole buffers, whereas picking a layer out of a stack is a `dynamic_slice`, which XLA
+materialises as a copy of the layer's weights on every tick (measured: 63% of a batch-1 decode
+tick on CPU; docs/performance.md). pipeline.py `nnx.merge`s each slot with the layer graphdef
+at trace time — no Python on the hot path. Every function here runs INSIDE `jax.shard_map`, on
+one device's shard: tensor-parallel sums (`psum("tensor")`) and vocab-parallel lookups are
+written out explicitly.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from flax import nnx
 
 from jaxpp.config import ModelConfig
 
-STACK_AXES = ("stage", "layer")
+STACK_AXES = ("stage",)  # leading axis of every per-slot layer tensor
 VOCAB_AXES = ("stage", "tensor")  # the devices a vocab-parallel table is split over
 
 
@@ -110,7 +114,7 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: x + attn(rms(x)), then x + mlp(rms(x)). Built stacked, run one at a time."""
+    """Pre-norm block: x + attn(rms(x)), then x + mlp(rms(x)). One slot, stacked over stages."""
 
     def __init__(self, cfg: ModelConfig, kv_heads: int, dtype, stack: tuple[int, ...]):
         d = cfg.hidden_size
@@ -128,14 +132,15 @@ class DecoderLayer(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Embedding, the stacked decoder layers, final norm and LM head — the whole model."""
+    """Embedding, the decoder layer slots, final norm and LM head — the whole model."""
 
     def __init__(
         self, cfg: ModelConfig, stages: int, layers_per_stage: int, vocab: int, kv_heads: int, dtype
     ):
-        stack = (stages, layers_per_stage)
         self.embed = _param((vocab, cfg.hidden_size), ("vocab", "embed"), dtype)
-        self.layers = DecoderLayer(cfg, kv_heads, dtype, stack)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, kv_heads, dtype, (stages,)) for _ in range(layers_per_stage)]
+        )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = (
             None
@@ -192,22 +197,32 @@ def attend(q, k, v, q_pos, k_pos, window) -> jax.Array:
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, hq, hd)
 
 
-def attend_cached(q, k_cache, v_cache, q_pos, window) -> jax.Array:
-    """One decode token per sequence against its cached keys and values.
+def attend_cached(q, k_cache, v_cache, k_new, v_new, q_pos, window) -> jax.Array:
+    """One decode token per sequence against its cached keys and values plus its own.
 
     q [B, 1, Hq, Dh]; k_cache [B, Hkv, Dh, T] and v_cache [B, Hkv, T, Dh] (the cache's own
-    layouts, so both dots are plain batched matmuls); q_pos [B]. Cache index = position, so the
-    same visibility rule as `attend` applies with key positions 0..T-1.
+    layouts, so both dots are plain batched matmuls); k_new, v_new [B, Hkv, Dh] the token's own
+    key and value; q_pos [B]. The cache is read as it was BEFORE this token is written (cache
+    index = position; keys at positions < q_pos, same window rule as `attend`) and the token's
+    own key joins the softmax separately: the caller writes the cache afterwards, so XLA can
+    update it in place instead of copying it for the read (measured: four copies of every
+    layer's K and V per tick at batch 1 when attention read the freshly updated cache).
     """
     b, _, hq, hd = q.shape
     hkv = k_cache.shape[1]
     q = q.reshape(b, hkv, hq // hkv, hd)
-    scores = jnp.einsum("bkgd,bkds->bkgs", q, k_cache) * (hd**-0.5)
+    scale = hd**-0.5
+    scores = jnp.einsum("bkgd,bkds->bkgs", q, k_cache).astype(jnp.float32) * scale
+    own = jnp.einsum("bkgd,bkd->bkg", q, k_new).astype(jnp.float32)[..., None] * scale
     kp, qp = jnp.arange(k_cache.shape[-1])[None, :], q_pos[:, None]
-    visible = ((kp <= qp) & ((window == 0) | (kp > qp - window)))[:, None, None, :]
-    scores = jnp.where(visible, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    return jnp.einsum("bkgs,bksd->bkgd", probs, v_cache).reshape(b, 1, hq, hd)
+    visible = ((kp < qp) & ((window == 0) | (kp > qp - window)))[:, None, None, :]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), own)
+    p_cache, p_own = jnp.exp(scores - top), jnp.exp(own - top)
+    total = jnp.sum(p_cache, axis=-1, keepdims=True) + p_own
+    out = jnp.einsum("bkgs,bksd->bkgd", (p_cache / total).astype(v_cache.dtype), v_cache)
+    out = out + (p_own / total).astype(v_new.dtype) * v_new[:, :, None, :]
+    return out.reshape(b, 1, hq, hd)
 
 
 def vocab_shard_index() -> jax.Array:

@@ -1,9 +1,9 @@
 """The two pipeline schedules, each ONE jitted `jax.shard_map` program over the whole mesh.
 
-Every device runs the same program; `axis_index("stage")` tells it which stage it is. Layers
-live at `layers[stage, slot]` (the partition is the sharding spec); the KV cache
-`[stages, slots_per_stage, sequences, max_len, kv_heads, head_dim]` is sharded the same way, so a
-stage only ever touches its own layers' cache. Activations move s -> s+1 with `ppermute`.
+Every device runs the same program; `axis_index("stage")` tells it which stage it is. Layer slot
+i of stage s lives at `layers[i][s]` (the partition is the sharding spec); the KV cache has one K
+and one V array per slot, `[stages, sequences, kv_heads, ...]`, sharded the same way, so a stage
+only ever touches its own layers' cache. Activations move s -> s+1 with `ppermute`.
 
 Prefill (GPipe), S = 3 stages, M = 4 micro-batches: stage s runs micro-batch t - s at tick t,
 M + S - 1 ticks, bubble (S - 1) / (M + S - 1) = 2/6.
@@ -59,17 +59,18 @@ from jaxpp.sharding import LOGICAL_TO_MESH, logical_to_spec
 
 # K is stored [.., head_dim, seq] and V [.., seq, head_dim]: both decode dots (q.K and p.V) are
 # then plain batched matmuls over (sequence, kv head) with no per-tick relayout of the cache
-# (measured 2.1x faster decode on CPU than a [.., seq, kv_heads, head_dim] cache).
-K_CACHE_AXES = ("stage", "layer", "batch", "kv_heads", "head_dim", "seq")
-V_CACHE_AXES = ("stage", "layer", "batch", "kv_heads", "seq", "head_dim")
+# (measured 2.1x faster decode on CPU than a [.., seq, kv_heads, head_dim] cache). One array per
+# layer slot, like the weights: slicing a layer out of a stacked cache would copy it every tick.
+K_CACHE_AXES = ("stage", "batch", "kv_heads", "head_dim", "seq")
+V_CACHE_AXES = ("stage", "batch", "kv_heads", "seq", "head_dim")
 ROW = P(LOGICAL_TO_MESH["batch"])  # per-sequence arrays: split over pipeline replicas
 REPLICATED = P()
 SCHEDULE = P(None, "stage")  # [ticks, stages]: each stage reports its own column
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [stages, slots_per_stage, sequences, kv_heads, head_dim, max_len]
-    v: jax.Array  # [stages, slots_per_stage, sequences, kv_heads, max_len, head_dim]
+    k: tuple[jax.Array, ...]  # per layer slot: [stages, sequences, kv_heads, head_dim, max_len]
+    v: tuple[jax.Array, ...]  # per layer slot: [stages, sequences, kv_heads, max_len, head_dim]
 
 
 TRACE_TICKS = 64  # decode ticks whose schedule is recorded (the prefill records all of its)
@@ -131,42 +132,48 @@ class Pipeline:
             state,
             is_leaf=lambda x: isinstance(x, nnx.Variable),
         )
-        self.cache_spec = KVCache(logical_to_spec(K_CACHE_AXES), logical_to_spec(V_CACHE_AXES))
+        slots = len(nnx.merge(graphdef, state).layers)
+        self.cache_spec = KVCache(
+            (logical_to_spec(K_CACHE_AXES),) * slots, (logical_to_spec(V_CACHE_AXES),) * slots
+        )
         # Tests set this to NaN: what a stage reads during a bubble tick must never matter.
         self.bubble_fill: float | None = None
         self._compiled: dict[tuple, Callable] = {}
 
     # --- one stage: its layers, one after another -------------------------------------------
 
-    def _run_stage(self, layers, x, cache: KVCache, attention, cos, sin):
-        """Run this device's layer slots over x [R, T, D]; empty slots are skipped.
+    def _run_stage(self, layers, x, cache: KVCache | None, attention, cos, sin):
+        """Run this device's layer slots, one after another, over x [R, T, D].
 
-        `attention(cache, slot, q, k, v, window) -> (cache, out)` stores the new keys and
-        values in the cache and attends: the prefill and decode programs each bring their own.
+        Returns (x, the new keys and values of every slot). The cache is only READ here:
+        `attention(slot_cache, q, k, v, window)` attends over the slot's cache as it was plus
+        this call's own k, v, and the caller writes the new keys and values after the stage
+        ran. Threading the cache through the `lax.cond`s instead makes XLA copy every layer's
+        K and V on every tick (measured: copies were a fifth of the batch-1 decode tick).
+        The slot loop is unrolled over per-slot weights: a `scan` over a stack would slice each
+        layer out of it, i.e. copy its weights, every tick. Empty slots are skipped.
         """
+        new_kv = []
+        for i, layer in enumerate(layers):
+            slot_cache = None if cache is None else (cache.k[i], cache.v[i])
 
-        def body(carry, xs):
-            x, cache = carry
-            layer_state, slot = xs
-            layer = nnx.merge(self.layer_graphdef, layer_state)
-
-            def compute(x, cache):
+            def compute(x, layer=layer, slot_cache=slot_cache):
                 h = layer.input_norm(x)
                 q, k, v = layer.attn.qkv(h, cos, sin)
-                cache, attn = attention(cache, slot, q, k, v, layer.window[...])
-                x = x + layer.attn.out(attn)
-                return x + layer.mlp(layer.post_attn_norm(x)), cache
+                x = x + layer.attn.out(attention(slot_cache, q, k, v, layer.window[...]))
+                return x + layer.mlp(layer.post_attn_norm(x)), (k, v)
 
-            return jax.lax.cond(layer.filled[...], compute, lambda x, c: (x, c), x, cache), None
-
-        slots = jax.tree.leaves(layers)[0].shape[0]
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (layers, jnp.arange(slots)))
-        return x, cache
+            x, kv = jax.lax.cond(layer.filled[...], compute, _skip_like(compute), x)
+            new_kv.append(kv)
+        return x, new_kv
 
     def _split(self, state):
-        """Local model (embed/norm/head) and this stage's stacked layers [slots, ...]."""
+        """Local model (embed/norm/head) and this stage's layers, one module per slot."""
         model = nnx.merge(self.graphdef, state)
-        layers = jax.tree.map(lambda a: a[0], nnx.state(model.layers))
+        layers = [
+            nnx.merge(self.layer_graphdef, jax.tree.map(lambda a: a[0], nnx.state(slot)))
+            for slot in model.layers
+        ]
         return model, layers
 
     # --- prefill: GPipe --------------------------------------------------------------------
@@ -185,7 +192,13 @@ class Pipeline:
         With `rows` (generate): writes the KV cache and returns (cache, first tokens, Sampled
         extras, stats). Without (logits): returns (logits [B, T, Vpad] float32, stats).
         """
-        key = ("prefill", tokens.shape, cache is not None and cache.k.shape, mode, self.bubble_fill)
+        key = (
+            "prefill",
+            tokens.shape,
+            cache is not None and cache.k[0].shape,
+            mode,
+            self.bubble_fill,
+        )
         if key not in self._compiled:
             self._compiled[key] = self._build_prefill(
                 cache is not None, rows is not None, mode, self.bubble_fill
@@ -204,7 +217,7 @@ class Pipeline:
             x_all = embed_lookup(model.embed[...], tokens).reshape(M, mb, T, -1)
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (mb, T))
             cos, sin = rope_tables(positions, self.inv_freq, self.dtype)
-            cache = None if cache is None else KVCache(cache.k[0], cache.v[0])
+            cache = jax.tree.map(lambda a: a[0], cache)  # this stage's shard
 
             def tick(t, carry):
                 act, cache, finals, busy, schedule = carry
@@ -215,23 +228,25 @@ class Pipeline:
                 if bubble_fill is not None:
                     x = jnp.where(valid, x, bubble_fill)
 
-                def attention(cache, slot, q, k, v, window):
-                    if cache is not None:  # k, v [mb, T, Hkv, Dh] -> the cache's layouts
-                        at = (slot, m * mb, 0, 0, 0)
-                        cache = KVCache(
-                            jax.lax.dynamic_update_slice(
-                                cache.k, k.transpose(0, 2, 3, 1)[None], at
-                            ),
-                            jax.lax.dynamic_update_slice(
-                                cache.v, v.transpose(0, 2, 1, 3)[None], at
-                            ),
-                        )
-                    return cache, attend(q, k, v, positions, positions, window)
+                def attention(slot_cache, q, k, v, window):  # a prompt attends to itself
+                    return attend(q, k, v, positions, positions, window)
 
-                def work(x, cache):
-                    return self._run_stage(layers, x, cache, attention, cos, sin)
+                def work(x):
+                    return self._run_stage(layers, x, None, attention, cos, sin)
 
-                out, cache = jax.lax.cond(valid, work, lambda x, c: (x, c), x, cache)
+                out, new_kv = jax.lax.cond(valid, work, _skip_like(work), x)
+                if cache is not None:  # k, v [mb, T, Hkv, Dh] -> the cache's layouts
+                    at = (m * mb, 0, 0, 0)
+                    cache = KVCache(
+                        tuple(
+                            _write_if(valid, c, k.transpose(0, 2, 3, 1), at)
+                            for c, (k, _) in zip(cache.k, new_kv, strict=True)
+                        ),
+                        tuple(
+                            _write_if(valid, c, v.transpose(0, 2, 1, 3), at)
+                            for c, (_, v) in zip(cache.v, new_kv, strict=True)
+                        ),
+                    )
                 keep = jnp.where(valid & (s == last), out, finals[m])
                 finals = jax.lax.dynamic_update_index_in_dim(finals, keep, m, 0)
                 act = jax.lax.ppermute(out, "stage", [(i, i + 1) for i in range(S - 1)])
@@ -255,7 +270,7 @@ class Pipeline:
             )
             if not with_sampling:
                 return local_logits(model, finals, self.shape.vocab_size), stats
-            cache = KVCache(cache.k[None], cache.v[None])
+            cache = jax.tree.map(lambda a: a[None], cache)
             last_hidden = finals[jnp.arange(rows_local), lengths - 1]
             logits = local_logits(model, last_hidden, self.shape.vocab_size)
             seen = None
@@ -307,7 +322,7 @@ class Pipeline:
         """Advance the ring until tick `tick_end` or until every sequence is done."""
         key = (
             "decode",
-            dstate.cache.k.shape,
+            dstate.cache.k[0].shape,
             dstate.out_tokens.shape,
             dstate.top_ids.shape,
             mode,
@@ -343,34 +358,21 @@ class Pipeline:
                     x = jnp.where(valid, x, bubble_fill)
                 q_pos = rows_of(d.position, m)[:, None]
                 cos, sin = rope_tables(q_pos, self.inv_freq, self.dtype)
-                row_ids = m * mb + jnp.arange(mb)
 
-                def attention(cache, slot, q, k, v, window):
-                    pos = q_pos[:, 0]
-                    if mb == 1:  # one row: an in-place dynamic_update_slice, cheaper than scatter
-                        cache = KVCache(
-                            jax.lax.dynamic_update_slice(
-                                cache.k, k.transpose(0, 2, 3, 1)[None], (slot, m, 0, 0, pos[0])
-                            ),
-                            jax.lax.dynamic_update_slice(
-                                cache.v, v.transpose(0, 2, 1, 3)[None], (slot, m, 0, pos[0], 0)
-                            ),
-                        )
-                    else:
-                        cache = KVCache(
-                            cache.k.at[slot, row_ids, :, :, pos].set(k[:, 0]),
-                            cache.v.at[slot, row_ids, :, pos, :].set(v[:, 0]),
-                        )
-                    start = (slot, m * mb, 0, 0, 0)
-                    keys = jax.lax.dynamic_slice(cache.k, start, (1, mb) + cache.k.shape[2:])
-                    values = jax.lax.dynamic_slice(cache.v, start, (1, mb) + cache.v.shape[2:])
-                    return cache, attend_cached(q, keys[0], values[0], pos, window)
+                def attention(slot_cache, q, k, v, window):
+                    keys, values = slot_cache
+                    if M > 1:  # this micro-batch's rows (a copy; with M == 1 the cache itself)
+                        keys = jax.lax.dynamic_slice_in_dim(keys, m * mb, mb, 0)
+                        values = jax.lax.dynamic_slice_in_dim(values, m * mb, mb, 0)
+                    return attend_cached(q, keys, values, k[:, 0], v[:, 0], q_pos[:, 0], window)
 
-                def work(x, cache):
+                cache = jax.tree.map(lambda a: a[0], d.cache)  # this stage's shard
+
+                def work(x):
                     return self._run_stage(layers, x, cache, attention, cos, sin)
 
-                cache = KVCache(d.cache.k[0], d.cache.v[0])
-                out, cache = jax.lax.cond(valid, work, lambda x, c: (x, c), x, cache)
+                out, new_kv = jax.lax.cond(valid, work, _skip_like(work), x)
+                cache = _write_decode(cache, new_kv, valid, m, mb, q_pos[:, 0])
 
                 # The micro-batch leaving the last stage gets its next token, on every device.
                 m_out = jnp.mod(t - last, M)
@@ -389,7 +391,7 @@ class Pipeline:
                     t < TRACE_TICKS, jnp.where(valid, m, -1), d.stats.schedule[at, 0]
                 )
                 return d._replace(
-                    cache=KVCache(cache.k[None], cache.v[None]),
+                    cache=jax.tree.map(lambda a: a[None], cache),
                     in_flight=jax.lax.ppermute(out, "stage", ring)[None],
                     tick=t + 1,
                     stats=RunStats(
@@ -463,18 +465,62 @@ def _record(d: DecodeState, row_ids, live, got, generated, rows: SamplerRows, mo
     return d
 
 
+def _skip_like(fn: Callable) -> Callable:
+    """The `lax.cond` branch that skips `fn`: x passes through, zeros for fn's other outputs."""
+
+    def skip(x):
+        _, rest = jax.eval_shape(fn, x)
+        return x, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest)
+
+    return skip
+
+
+def _write_if(valid, cache: jax.Array, update: jax.Array, at: tuple) -> jax.Array:
+    """dynamic_update_slice of `update` at `at`, or the old contents when not `valid`."""
+    old = jax.lax.dynamic_slice(cache, at, update.shape)
+    return jax.lax.dynamic_update_slice(cache, jnp.where(valid, update, old), at)
+
+
+def _write_decode(cache: KVCache, new_kv, valid, m, mb: int, pos) -> KVCache:
+    """Store each slot's new key and value (k, v [mb, 1, Hkv, Dh]) of micro-batch m's rows at
+    their positions `pos` [mb]: one row is a dynamic_update_slice, several a scatter; both
+    update the cache in place. Nothing changes on a skipped tick (`valid` false)."""
+    if mb == 1:
+        ks = tuple(
+            _write_if(valid, c, k.transpose(0, 2, 3, 1), (m, 0, 0, pos[0]))
+            for c, (k, _) in zip(cache.k, new_kv, strict=True)
+        )
+        vs = tuple(
+            _write_if(valid, c, v.transpose(0, 2, 1, 3), (m, 0, pos[0], 0))
+            for c, (_, v) in zip(cache.v, new_kv, strict=True)
+        )
+        return KVCache(ks, vs)
+    rows = m * mb + jnp.arange(mb)
+    ks = tuple(
+        c.at[rows, :, :, pos].set(jnp.where(valid, k[:, 0], c[rows, :, :, pos]))
+        for c, (k, _) in zip(cache.k, new_kv, strict=True)
+    )
+    vs = tuple(
+        c.at[rows, :, pos, :].set(jnp.where(valid, v[:, 0], c[rows, :, pos, :]))
+        for c, (_, v) in zip(cache.v, new_kv, strict=True)
+    )
+    return KVCache(ks, vs)
+
+
 def empty_cache(
     mesh: Mesh, stages, slots, sequences, max_len, kv_heads, head_dim, dtype
 ) -> KVCache:
-    lead = (stages, slots, sequences, kv_heads)
-    arrays = []
+    """Zeros: one K and one V array per layer slot, each [stages, sequences, kv_heads, ...]."""
+    lead = (stages, sequences, kv_heads)
+    per_slot = []
     for shape, axes in (
         (lead + (head_dim, max_len), K_CACHE_AXES),
         (lead + (max_len, head_dim), V_CACHE_AXES),
     ):
         sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(axes))
-        arrays.append(_zeros_program(shape, jnp.dtype(dtype), sharding)())
-    return KVCache(*arrays)
+        zeros = _zeros_program(shape, jnp.dtype(dtype), sharding)
+        per_slot.append(tuple(zeros() for _ in range(slots)))
+    return KVCache(*per_slot)
 
 
 @functools.lru_cache(maxsize=64)

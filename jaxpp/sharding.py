@@ -1,12 +1,12 @@
 """The device mesh and THE table that decides where every tensor lives.
 
-Every parameter (and the KV cache) names its axes logically — ("stage", "layer", "embed",
+Every parameter (and the KV cache) names its axes logically — ("stage", "embed",
 "q_heads", "head_dim") — and `LOGICAL_TO_MESH` below is the one place that turns those names into
 mesh axes. Changing a sharding decision means changing one row here.
 
 Mesh axes:
     data    independent pipeline replicas; the batch (KV-cache slots) is split over them
-    stage   pipeline stages; axis 0 of every stacked layer tensor, so the partition IS the spec
+    stage   pipeline stages; axis 0 of every layer slot's tensors, so the partition IS the spec
     tensor  Megatron tensor parallelism inside a stage (heads / ffn columns)
 """
 
@@ -21,8 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "stage", "tensor")
 
 LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
-    "stage": "stage",  # stacked layers [stages, layers_per_stage, ...]: the pipeline partition
-    "layer": None,  # layers inside a stage run one after another on that stage
+    "stage": "stage",  # every layer slot's tensors [stages, ...]: the pipeline partition
     "vocab": ("stage", "tensor"),  # embedding and LM head: vocab-parallel over every device
     "embed": None,  # the residual stream is replicated inside a stage
     "q_heads": "tensor",  # attention is split by heads ...
