@@ -264,18 +264,12 @@ class CompileCounter:
 
 
 def bucket_key(llm, batch: list[Request]) -> tuple:
-    """The shapes `LLM._generate_wave` compiles for this batch (mirrors its bucketing)."""
-    from jaxpp.engine import _pow2_at_least  # noqa: PLC0415
-
+    """The shapes `LLM._generate_wave` compiles for this batch."""
     lens = [len(r.prompt) for r in batch]
     budgets = [
         min(r.output_len, llm.max_model_len - n + 1) for r, n in zip(batch, lens, strict=True)
     ]
-    rows = llm._batch_bucket(len(batch))
-    width = _pow2_at_least(max(lens), 16)
-    longest = max(n + b for n, b in zip(lens, budgets, strict=True))
-    cache_len = max(width, min(_pow2_at_least(longest), llm.max_model_len))
-    return rows, width, cache_len, _pow2_at_least(max(budgets))
+    return llm.wave_shape(lens, budgets)
 
 
 def _batches(requests: list[Request], batch_size: int) -> list[list[Request]]:

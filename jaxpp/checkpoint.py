@@ -211,6 +211,18 @@ def _repeat_kv_bias(replicas: int) -> Callable:
     )
 
 
+def gate_up(read: Callable) -> Callable:
+    """Reader of our fused [.., 2, F] gate/up tensor: HF's `gate_proj` name is the source's
+    template, its `up_proj` twin is read next to it (and validated with it, see _validate)."""
+
+    def both(ckpt: Checkpoint, gate_name: str, shape: tuple[int, ...]) -> np.ndarray:
+        one = shape[:-2] + shape[-1:]
+        up_name = gate_name.replace("gate_proj", "up_proj")
+        return np.stack([read(ckpt, gate_name, one), read(ckpt, up_name, one)], axis=-2)
+
+    return both
+
+
 def layer_sources(cfg: ModelConfig, kv_replicas: int) -> dict[str, tuple[str, Callable]]:
     """Our per-slot layer parameter path -> (HF name template with {l}, reader)."""
     p = "model.layers.{l}."
@@ -236,12 +248,10 @@ def layer_sources(cfg: ModelConfig, kv_replicas: int) -> dict[str, tuple[str, Ca
 
         src.update(moe_sources(cfg, p))
     else:
-        src["mlp.gate_proj"] = (p + "mlp.gate_proj.weight", _linear_in_out)
-        src["mlp.up_proj"] = (p + "mlp.up_proj.weight", _linear_in_out)
+        src["mlp.gate_up_proj"] = (p + "mlp.gate_proj.weight", gate_up(_linear_in_out))
         src["mlp.down_proj"] = (p + "mlp.down_proj.weight", _linear_out_proj)
         if cfg.mlp_bias:
-            src["mlp.gate_bias"] = (p + "mlp.gate_proj.bias", _vector)
-            src["mlp.up_bias"] = (p + "mlp.up_proj.bias", _vector)
+            src["mlp.gate_up_bias"] = (p + "mlp.gate_proj.bias", gate_up(_vector))
             src["mlp.down_bias"] = (p + "mlp.down_proj.bias", _vector)
     return src
 
@@ -339,6 +349,9 @@ def _validate(cfg: ModelConfig, ckpt: Checkpoint, sources: dict, grid: np.ndarra
     for path, (template, _) in sources.items():
         if cfg.num_experts and path.startswith("mlp."):
             continue
-        needed += [template.format(l=layer) for layer in range(cfg.num_layers)]
+        for layer in range(cfg.num_layers):
+            needed.append(template.format(l=layer))
+            if "gate_proj" in template:  # a fused gate/up source reads the up_proj twin too
+                needed.append(template.replace("gate_proj", "up_proj").format(l=layer))
     for name in needed:
         ckpt._require(name)

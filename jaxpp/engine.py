@@ -2,8 +2,9 @@
 
 A generate call sorts requests by prompt length and serves them in waves of at most
 `max_num_seqs` sequences. A wave is padded to a shape bucket — batch to a multiple of
-dp x micro-batches times a power of two, prompt length and cache length to powers of two — so
-the programs compile once per bucket, never per prompt. Each wave: one GPipe prefill (which also
+dp x micro-batches times a power of two, prompt length and cache length to the next size in
+16, 24, 32, 48, 64, 96, ... (powers of two and 1.5x powers of two) — so the programs compile once
+per bucket, never per prompt. Each wave: one GPipe prefill (which also
 samples every sequence's first token), then decode-ring calls of `decode_chunk` tokens each until
 every sequence is done. The host only looks at the device between calls (to apply stop strings).
 """
@@ -49,6 +50,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 def _pow2_at_least(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def _size_bucket(n: int, minimum: int = 16) -> int:
+    """The smallest of 2^k and 1.5 * 2^k that is >= n: at most 33% padding (a power of two
+    wastes up to 50%), two compiled shapes per octave. Decode reads the whole cache every tick,
+    so its length is bandwidth: 192 instead of 256 for a 64 + 128 token request."""
+    p = _pow2_at_least(n, minimum)
+    three_quarters = p * 3 // 4
+    return three_quarters if three_quarters >= max(n, minimum) else p
 
 
 class LLM:
@@ -199,9 +209,16 @@ class LLM:
         unit = self.dp * self.microbatches
         return unit * _pow2_at_least(math.ceil(n / unit))
 
+    def wave_shape(self, prompt_lens: list[int], budgets: list[int]) -> tuple[int, ...]:
+        """(rows, prompt width, cache length, output slots): the shape bucket of one wave."""
+        width = _size_bucket(max(prompt_lens))
+        longest = max(n + b for n, b in zip(prompt_lens, budgets, strict=True))
+        cache_len = max(width, min(_size_bucket(longest), self.max_model_len))
+        return self._batch_bucket(len(prompt_lens)), width, cache_len, _pow2_at_least(max(budgets))
+
     def _pad_prompts(self, seqs: list[list[int]]) -> tuple[jax.Array, jax.Array]:
         rows = self._batch_bucket(len(seqs))
-        width = _pow2_at_least(max(len(s) for s in seqs), 16)
+        width = _size_bucket(max(len(s) for s in seqs))
         tokens = np.zeros((rows, width), np.int32)
         lengths = np.ones(rows, np.int32)
         for i, s in enumerate(seqs):
@@ -316,10 +333,7 @@ class LLM:
             for s, p in zip(prompts, params, strict=True)
         ]
         tokens, lengths = self._pad_prompts(prompts)
-        rows = tokens.shape[0]
-        longest = max(len(s) + b for s, b in zip(prompts, budgets, strict=True))
-        cache_len = max(tokens.shape[1], min(_pow2_at_least(longest), self.max_model_len))
-        max_new = _pow2_at_least(max(budgets))
+        rows, _, cache_len, max_new = self.wave_shape([len(s) for s in prompts], budgets)
         mode = SamplerMode.of(params)
         capped = [
             p if p.max_tokens == b else _replace_max(p, b)

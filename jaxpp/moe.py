@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpp.checkpoint import CheckpointError, _linear_in_out, _linear_out_proj
+from jaxpp.checkpoint import CheckpointError, _linear_in_out, _linear_out_proj, gate_up
 from jaxpp.config import ModelConfig
 from jaxpp.model import MLP, STACK_AXES, LayerInfo, _stacked
 
@@ -69,8 +69,7 @@ class MoEBlock(nnx.Module):
         out = out * weights[order][:, None]
         y = jnp.zeros_like(x).at[owner[order]].add(out)
         if self.shared is not None:
-            shared = jax.nn.silu(x @ self.shared.gate_proj[...]) * (x @ self.shared.up_proj[...])
-            shared = shared @ self.shared.down_proj[...]
+            shared = self.shared.partial_sum(x)
             y = y + jax.nn.sigmoid(x @ self.shared_gate[...]) * shared
         return jax.lax.psum(y, "tensor").reshape(shape)
 
@@ -143,16 +142,20 @@ def moe_sources(cfg: ModelConfig, p: str) -> dict:
     }
     if cfg.shared_expert_intermediate_size:
         s = p + "mlp.shared_expert."
-        src["mlp.shared.gate_proj"] = (s + "gate_proj.weight", _only_moe(cfg, _linear_in_out))
-        src["mlp.shared.up_proj"] = (s + "up_proj.weight", _only_moe(cfg, _linear_in_out))
+        src["mlp.shared.gate_up_proj"] = (
+            s + "gate_proj.weight",
+            gate_up(_only_moe(cfg, _linear_in_out)),
+        )
         src["mlp.shared.down_proj"] = (s + "down_proj.weight", _only_moe(cfg, _linear_out_proj))
         src["mlp.shared_gate"] = (
             p + "mlp.shared_expert_gate.weight",
             _only_moe(cfg, _linear_in_out),
         )
     if not all(cfg.is_moe_layer):
-        src["mlp.dense.gate_proj"] = (p + "mlp.gate_proj.weight", _only_dense(cfg, _linear_in_out))
-        src["mlp.dense.up_proj"] = (p + "mlp.up_proj.weight", _only_dense(cfg, _linear_in_out))
+        src["mlp.dense.gate_up_proj"] = (
+            p + "mlp.gate_proj.weight",
+            gate_up(_only_dense(cfg, _linear_in_out)),
+        )
         src["mlp.dense.down_proj"] = (
             p + "mlp.down_proj.weight",
             _only_dense(cfg, _linear_out_proj),
