@@ -323,7 +323,7 @@ def _leaf_builder(path, shape, dtype, cfg, ckpt, sources, grid, windows) -> Call
         def head(index):
             w = ckpt.read("lm_head.weight")
             _check_shape(ckpt, "lm_head.weight", w.shape, (cfg.vocab_size, cfg.hidden_size))
-            return _padded_rows(w, shape[1]).T[index].astype(dtype)
+            return _padded_rows(w, shape[0])[index].astype(dtype)
 
         return head
     if path == "final_norm.weight":

@@ -55,9 +55,10 @@ def test_layout_gives_same_logits_and_tokens(
         f"pp={pp} partition={llm.partition} M={llm.microbatches}: max|dlogit|={worst:.2e}"
         f" (max|logit| {scale:.2f})"
     )
-    # Not bitwise: XLA:CPU tiles a [D, V/pp] vocab shard's matmul differently from [D, V],
-    # which moves the last bits (a few ulp). Bounded at 1e-6 per unit of logit magnitude.
-    assert worst <= 1e-6 * scale
+    # Not bitwise: XLA:CPU tiles the LM head's matmul over a vocab shard [V/pp, D] differently
+    # from [V, D], i.e. sums the D products in another order, which moves the last bits (seen:
+    # up to 9 float32 ulp of the largest logit). Bounded at 32 ulp; every layer is bitwise.
+    assert worst <= 32 * np.finfo(np.float32).eps * scale
     assert tokens == reference[1]
     assert all(len(t) == NEW_TOKENS for t in tokens)
     if partition is None and 6 % pp == 0:
