@@ -187,7 +187,10 @@ def rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-def attend(q, k, v, q_pos, k_pos, window) -> jax.Array:
+PROMPT_BLOCK = 128  # query rows per block of prompt attention (see attend_prompt)
+
+
+def _attend(q, k, v, q_pos, k_pos, window) -> jax.Array:
     """Causal (optionally sliding-window) GQA attention.
 
     q [B, T, Hq, Dh]; k, v [B, S, Hkv, Dh]; q_pos [B, T], k_pos [B, S] absolute positions.
@@ -205,13 +208,32 @@ def attend(q, k, v, q_pos, k_pos, window) -> jax.Array:
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, hq, hd)
 
 
+def attend_prompt(q, k, v, positions, window) -> jax.Array:
+    """A prompt attending to itself: q [B, T, Hq, Dh], k, v [B, T, Hkv, Dh], positions [B, T].
+
+    Positions grow along T, so the keys after a query row are never visible to it: each block
+    of PROMPT_BLOCK query rows attends only to the keys up to its own end. That skips the
+    upper triangle of the T x T scores instead of computing and masking it (the masked
+    entries are exact zeros after the softmax, so the result is the same): measured 3.0x
+    faster for one layer at T = 2048 on CPU (104 vs 310 ms); block 64 was no faster, 256 1.2x
+    slower. Prompts up to one block wide are a single block.
+    """
+    t = q.shape[1]
+    blocks = []
+    for start in range(0, t, PROMPT_BLOCK):
+        end = min(start + PROMPT_BLOCK, t)
+        q_pos, k_pos = positions[:, start:end], positions[:, :end]
+        blocks.append(_attend(q[:, start:end], k[:, :end], v[:, :end], q_pos, k_pos, window))
+    return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
+
+
 def attend_cached(q, k_cache, v_cache, k_new, v_new, q_pos, window) -> jax.Array:
     """One decode token per sequence against its cached keys and values plus its own.
 
     q [B, 1, Hq, Dh]; k_cache [B, Hkv, Dh, T] and v_cache [B, Hkv, T, Dh] (the cache's own
     layouts, so both dots are plain batched matmuls); k_new, v_new [B, Hkv, Dh] the token's own
     key and value; q_pos [B]. The cache is read as it was BEFORE this token is written (cache
-    index = position; keys at positions < q_pos, same window rule as `attend`) and the token's
+    index = position; keys at positions < q_pos, same window rule as `_attend`) and the token's
     own key joins the softmax separately: the caller writes the cache afterwards, so XLA can
     update it in place instead of copying it for the read (measured: four copies of every
     layer's K and V per tick at batch 1 when attention read the freshly updated cache).

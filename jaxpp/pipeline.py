@@ -48,8 +48,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpp.model import (
     VOCAB_AXES,
-    attend,
     attend_cached,
+    attend_prompt,
     embed_lookup,
     local_logits,
     rope_tables,
@@ -229,7 +229,7 @@ class Pipeline:
                     x = jnp.where(valid, x, bubble_fill)
 
                 def attention(slot_cache, q, k, v, window):  # a prompt attends to itself
-                    return attend(q, k, v, positions, positions, window)
+                    return attend_prompt(q, k, v, positions, window)
 
                 def work(x):
                     return self._run_stage(layers, x, None, attention, cos, sin)

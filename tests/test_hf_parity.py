@@ -129,6 +129,17 @@ def test_float32_logits_match_hf(family, llm32, seqs, ref_logits):
     )
 
 
+def test_blockwise_prompt_attention_matches_hf(family, model_dir, seqs, ref_logits, monkeypatch):
+    """Prompt attention in blocks of 20 query rows (uneven: the longest prompt is padded to 48)
+    spans several blocks and, where the family has one, the sliding window (8) across block
+    edges; the logits still match HF. The default block (128) is wider than these prompts."""
+    monkeypatch.setattr(jaxpp.model, "PROMPT_BLOCK", 20)
+    got = jaxpp.LLM(str(model_dir), dtype="float32").logits(seqs)
+    rel, diff, scale = _rel(got, ref_logits)
+    print(f"{family}: blocks of 20: max|diff|={diff:.3e} rel={rel:.2e}")
+    assert rel <= F32_RTOL, f"{family}: blockwise prompt attention: {_per_seq(got, ref_logits)}"
+
+
 def test_greedy_matches_hf(family, llm32, model_dir, prompts):
     want, margins = hf_greedy_with_margins(model_dir, prompts, NEW_TOKENS)
     params = jaxpp.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
