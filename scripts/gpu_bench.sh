@@ -28,7 +28,7 @@ mkdir -p "$OUT"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # JAX and PyTorch share the GPU in one process: JAX must not preallocate 75% of it.
-# 0.45 of 80 GB leaves JAX 36 GB (16 GB of weights, KV cache for batch 64 x 512 slots = 4.3 GB,
+# 0.45 of 80 GB leaves JAX 36 GB (16 GB of weights, KV cache for batch 64 x 384 positions = 3.2 GB,
 # activations) and PyTorch the rest (its own 16 GB copy of the weights plus its KV cache).
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
 
