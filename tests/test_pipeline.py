@@ -57,7 +57,7 @@ def test_layout_gives_same_logits_and_tokens(
     )
     # Not bitwise: XLA:CPU tiles the LM head's matmul over a vocab shard [V/pp, D] differently
     # from [V, D], i.e. sums the D products in another order, which moves the last bits (seen:
-    # up to 9 float32 ulp of the largest logit). Bounded at 32 ulp; every layer is bitwise.
+    # up to 9 float32 ulp of the largest logit). Bounded at 32 ulp.
     assert worst <= 32 * np.finfo(np.float32).eps * scale
     assert tokens == reference[1]
     assert all(len(t) == NEW_TOKENS for t in tokens)
