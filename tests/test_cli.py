@@ -21,6 +21,7 @@ import pytest
 
 import jaxpp
 from jaxpp import cli
+from jaxpp.cli import formats, generate, progress, resume
 from jaxpp.outputs import CompletionOutput, Logprob, RequestOutput
 
 CHAT_TEMPLATE = (
@@ -76,7 +77,7 @@ class FakeLLM:
 
     def __init__(self, output: Path | None = None, crash_on_call: int | None = None):
         self.max_model_len = 64
-        self.config = SimpleNamespace(vocab_size=100)
+        self.config = SimpleNamespace(vocab_size=100, bos_token_id=1, eos_token_ids=())
         self.tokenizer = FakeTokenizer()
         self.calls: list[int] = []  # batch size of each generate call
         self.prompts: list[list[int]] = []
@@ -131,7 +132,7 @@ def fake(tmp_path, monkeypatch):
     (model / "config.json").write_text("{}")
 
     def install(llm):
-        monkeypatch.setattr(cli, "load_llm", lambda args: llm)
+        monkeypatch.setattr(generate, "load_llm", lambda args: llm)
         return llm
 
     return model, install
@@ -141,7 +142,7 @@ def fake(tmp_path, monkeypatch):
 
 
 def test_sampling_fields_match_sampling_params():
-    assert set(cli.SAMPLING_FIELDS) == {f.name for f in dataclasses.fields(jaxpp.SamplingParams)}
+    assert set(formats.SAMPLING_FIELDS) == {f.name for f in dataclasses.fields(jaxpp.SamplingParams)}
 
 
 def test_help_subprocess_is_complete():
@@ -291,10 +292,16 @@ def test_every_line_answered_once_and_streamed(fake, tmp_path):
     assert "duplicate id 2" in errors[8]["error"]
     assert errors[10]["error"]["code"] == "duplicate_id" and errors[10]["custom_id"] == "r1"
     assert "longer than max_model_len=64" in errors[11]["error"]
-    assert errors[12] == {"id": "e", "line": 12, "error": "engine says no"}
+    assert errors[12] == {
+        "id": "e",
+        "line": 12,
+        "error": "the engine refused the request: engine says no",
+        "code": "generation_failed",
+    }
     # Streaming: each generate call began after the previous chunk's answers were on disk.
-    # [a, 2] [c, r1 x2] [e, f] -> ValueError -> [e] alone fails, [f] alone succeeds
-    assert llm.calls == [2, 3, 2, 1, 1]
+    # [a, 2] [c, r1 x2] [e, f] -> ValueError -> [e] alone fails, a one-token canary request
+    # succeeds (so the engine is fine and the failure is e's), [f] alone succeeds
+    assert llm.calls == [2, 3, 2, 1, 1, 1]
     assert llm.lines_before_call[:3] == [0, 7, 11]
     by_id = {r.get("custom_id", r.get("id")): r for r in records if not r.get("error")}
     assert by_id[2]["prompt"] == "no id"
@@ -306,7 +313,7 @@ def test_every_line_answered_once_and_streamed(fake, tmp_path):
         "5",
         "6",
     ]
-    assert by_id["a"]["text"].endswith(f"/{cli.derive_seed(0, json.dumps('a'))}")
+    assert by_id["a"]["text"].endswith(f"/{formats.derive_seed(0, json.dumps('a'))}")
 
 
 def test_resume_truncates_torn_line_and_answers_the_rest(fake, tmp_path, capsys):
@@ -337,10 +344,10 @@ def test_resume_truncates_torn_line_and_answers_the_rest(fake, tmp_path, capsys)
     # A file whose last complete line is not JSON: that line goes too.
     scratch = tmp_path / "scratch.jsonl"
     scratch.write_text('{"id": "a", "text": "x"}\n{"id": "b", "te\n')
-    assert cli.scan_output(scratch).ids == {'"a"'}
+    assert resume.scan_output(scratch).ids == {'"a"'}
     assert scratch.read_text() == '{"id": "a", "text": "x"}\n'
     scratch.write_text('{"id": "a", "tex')
-    assert cli.scan_output(scratch).records == 0 and scratch.read_text() == ""
+    assert resume.scan_output(scratch).records == 0 and scratch.read_text() == ""
 
 
 def test_engine_crash_keeps_answers_and_exits_3(fake, tmp_path, capsys):
@@ -361,7 +368,7 @@ def test_prompt_mode_stdin_and_logprobs(fake, tmp_path, capsys, monkeypatch):
     install(FakeLLM())
     base = ["generate", "--model", str(model), "--quiet"]
     assert cli.main(base + ["--prompt", "hi", "--max-tokens", "3"]) == 0
-    assert capsys.readouterr().out == f"3/3/{cli.derive_seed(0, '1')}\n"
+    assert capsys.readouterr().out == f"3/3/{formats.derive_seed(0, '1')}\n"
     assert cli.main(base + ["--prompt", "hi", "--chat", "--output", "-"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["prompt"] == "user: hi\nassistant:" and rec["id"] == 1
@@ -404,12 +411,12 @@ def test_prompt_mode_stdin_and_logprobs(fake, tmp_path, capsys, monkeypatch):
 
 def test_progress_bar_reports_prompts_and_tokens():
     buf = io.StringIO()
-    bar = cli.Progress(True, total=4, initial=1, file=buf)
+    bar = progress.Progress(True, total=4, initial=1, file=buf)
     bar.advance(tokens=10)
     bar.close()
     text = buf.getvalue()
     assert "2/4" in text and "tok/s" in text and "prompt" in text
-    assert cli.Progress(False, total=4).bar is None
+    assert progress.Progress(False, total=4).bar is None
 
 
 # --- the real engine -----------------------------------------------------------------------------
@@ -434,7 +441,7 @@ _LLMS: dict = {}
 @pytest.fixture
 def cached_llm(monkeypatch):
     """Reuse one LLM per model/parallelism setting across in-process runs (compiles once)."""
-    real = cli.load_llm
+    real = generate.load_llm
 
     def load(args):
         key = (
@@ -451,7 +458,7 @@ def cached_llm(monkeypatch):
             _LLMS[key] = real(args)
         return _LLMS[key]
 
-    monkeypatch.setattr(cli, "load_llm", load)
+    monkeypatch.setattr(generate, "load_llm", load)
 
 
 def test_real_engine_every_kind_of_line(chat_model, cached_llm, tmp_path, capsys):
