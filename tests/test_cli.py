@@ -124,12 +124,26 @@ class FakeLLM:
         return outs
 
 
+# What the up-front flag checks read of the fake model dir: the FakeLLM's vocabulary and length.
+FAKE_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 100,
+    "hidden_size": 8,
+    "intermediate_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     """(model dir, install(fake_llm)) — the model dir only has to look like one."""
     model = tmp_path / "fake_model"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text(json.dumps(FAKE_CONFIG))
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
 
     def install(llm):
         monkeypatch.setattr(generate, "load_llm", lambda args: llm)

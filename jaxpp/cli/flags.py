@@ -63,6 +63,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
@@ -185,7 +195,7 @@ def add_generate_parser(subparsers, run) -> None:
     s.add_argument("--min-p", type=float, help="default: 0.0 (off)")
     s.add_argument(
         "--seed",
-        type=int,
+        type=_non_negative_int,
         default=0,
         help="base seed: a request without its own seed gets one derived from this "
         "and its id, so answers do not depend on batching or resuming (default: 0)",

@@ -16,6 +16,7 @@ from jaxpp.cli.errors import EXIT_LINE_ERRORS, EXIT_OK, UsageError, one_line
 from jaxpp.cli.formats import RequestBuilder
 from jaxpp.cli.limits import Limits
 from jaxpp.cli.lines import OversizedLine, count_lines, read_lines
+from jaxpp.cli.preflight import check_flags, model_config
 from jaxpp.cli.progress import Progress
 from jaxpp.cli.resume import Answered, scan_output
 from jaxpp.cli.runner import Runner
@@ -52,6 +53,22 @@ def load_llm(args: argparse.Namespace):
     from jaxpp import LLM  # noqa: PLC0415
 
     return LLM(args.model, **llm_kwargs(args))
+
+
+def _loaded(args: argparse.Namespace):
+    """The LLM and its tokenizer, loaded before any line runs: a broken checkpoint or tokenizer
+    is the model dir's problem (exit 2), not every request's."""
+    try:
+        llm = load_llm(args)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        raise UsageError(one_line(e) or repr(e)) from None
+    try:
+        llm.tokenizer  # noqa: B018 - loaded on first use: make that now
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+        raise UsageError(
+            f"cannot load the tokenizer of {args.model}: {type(e).__name__}: {one_line(e, 300)}"
+        ) from None
+    return llm
 
 
 def sampling_defaults(args: argparse.Namespace) -> dict:
@@ -131,14 +148,10 @@ def run_generate(args: argparse.Namespace) -> int:
             f"model dir {model} has no config.json: expected a Hugging Face model directory"
         )
     args.model = str(model)
-
+    config = model_config(model)
     defaults = sampling_defaults(args)
-    try:  # validate the flags before any slow work
-        from jaxpp import SamplingParams  # noqa: PLC0415
-
-        SamplingParams(**defaults)
-    except ValueError as e:
-        raise UsageError(f"bad sampling flag: {e}") from None
+    limits = limits_of(args)
+    check_flags(args, model, config, defaults, limits)
 
     answered = Answered()
     if from_file:
@@ -162,11 +175,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     log = TracebackLog(log_path_for(args.output))
     try:
-        try:
-            llm = load_llm(args)
-        except (ValueError, OSError) as e:  # CheckpointError is a ValueError
-            raise UsageError(one_line(e) or repr(e)) from None
-        builder = RequestBuilder(llm, defaults, args.seed, model.name, limits_of(args))
+        llm = _loaded(args)
+        builder = RequestBuilder(llm, defaults, args.seed, model.name, limits)
         show = not args.quiet and sys.stderr.isatty() and args.prompt is None
         progress = Progress(show, total, initial=min(answered.records, total or 0))
         runner = Runner(llm, builder, sink, progress, args.batch_size, log)
