@@ -156,7 +156,9 @@ def fake(tmp_path, monkeypatch):
 
 
 def test_sampling_fields_match_sampling_params():
-    assert set(formats.SAMPLING_FIELDS) == {f.name for f in dataclasses.fields(jaxpp.SamplingParams)}
+    assert set(formats.SAMPLING_FIELDS) == {
+        f.name for f in dataclasses.fields(jaxpp.SamplingParams)
+    }
 
 
 def test_help_subprocess_is_complete():
@@ -362,6 +364,44 @@ def test_resume_truncates_torn_line_and_answers_the_rest(fake, tmp_path, capsys)
     assert scratch.read_text() == '{"id": "a", "text": "x"}\n'
     scratch.write_text('{"id": "a", "tex')
     assert resume.scan_output(scratch).records == 0 and scratch.read_text() == ""
+
+
+def test_retry_errors_reruns_only_error_lines(fake, tmp_path, capsys):
+    """--resume --retry-errors: after the user fixed the bad lines, they are answered and every
+    answer of the first run stays byte for byte; lines still bad get their error line again."""
+    model, install = fake
+    lines = [
+        {"id": "a", "prompt": "hello"},
+        '{"id": "b", "prompt": ',
+        {"id": "c", "prompt": "x", "top_p": 2},
+        {"id": "d", "prompt": "fine"},
+    ]
+    inp = _write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    install(FakeLLM())
+    assert _fake_run(model, inp, out) == 1
+    first = _records(out)
+    good = [r for r in first if r.get("error") is None]
+    assert {r["id"] for r in good} == {"a", "d"}
+    assert cli.main(["generate", "--model", str(model), "-i", str(inp), "--retry-errors"]) == 2
+    assert "--retry-errors goes with --resume" in capsys.readouterr().err
+
+    lines[1] = {"id": "b", "prompt": "fixed"}  # c stays bad
+    _write_lines(inp, lines)
+    llm = install(FakeLLM())
+    assert _fake_run(model, inp, out, "--resume", "--retry-errors") == 1
+    records = _records(out)
+    assert records[: len(good)] == good  # kept first, unchanged
+    assert sorted(_answered_lines(records, {'"a"': 1, '"b"': 2, '"d"': 4})) == [1, 2, 3, 4]
+    assert [r["line"] for r in records if r.get("error")] == [3]
+    assert llm.prompts == [FakeTokenizer().encode("fixed")]  # a and d were not generated again
+    assert not list(tmp_path.glob(".out.jsonl.retry-*"))
+
+    lines[2] = {"id": "c", "prompt": "now fine"}
+    _write_lines(inp, lines)
+    install(FakeLLM())
+    assert _fake_run(model, inp, out, "--resume", "--retry-errors") == 0
+    assert sorted(r["id"] for r in _records(out)) == ["a", "b", "c", "d"]
 
 
 def test_engine_crash_keeps_answers_and_exits_3(fake, tmp_path, capsys):

@@ -38,7 +38,8 @@ output lines (written and fsync'd as each request finishes, so NOT in input orde
    "error": {"code": "invalid_request", "message": "..."}, "line": 9}
 
 resume: an existing non-empty --output is refused unless --resume is given; --resume drops a
-  torn last line, then answers only the input lines not yet answered in the file.
+  torn last line, then answers only the input lines not yet answered in the file;
+  --resume --retry-errors first removes the file's error lines, so those lines run again.
 
 exit status:
   0  every line answered without error
@@ -113,6 +114,12 @@ def add_generate_parser(subparsers, run) -> None:
         "--resume",
         action="store_true",
         help="continue an interrupted run: keep --output, skip answered ids",
+    )
+    io.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="with --resume: answer again the lines whose stored answer is an error line "
+        "(after fixing them), keeping every other answer",
     )
     io.add_argument(
         "--batch-size",

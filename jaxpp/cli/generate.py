@@ -18,7 +18,7 @@ from jaxpp.cli.limits import Limits
 from jaxpp.cli.lines import OversizedLine, count_lines, read_lines
 from jaxpp.cli.preflight import check_flags, model_config
 from jaxpp.cli.progress import Progress
-from jaxpp.cli.resume import Answered, scan_output
+from jaxpp.cli.resume import Answered, drop_errors, scan_output
 from jaxpp.cli.runner import Runner
 from jaxpp.cli.sinks import FileSink, StdoutSink, TextSink
 
@@ -132,6 +132,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.chat and args.prompt is None:
         raise UsageError("--chat goes with --prompt (input lines choose with 'messages')")
     from_file = args.output not in (None, "-")
+    if args.retry_errors and not args.resume:
+        raise UsageError("--retry-errors goes with --resume (it re-runs a file's error lines)")
     if args.resume and not from_file:
         raise UsageError(
             "--resume needs --output FILE (answers already written are read back from it)"
@@ -164,6 +166,8 @@ def run_generate(args: argparse.Namespace) -> int:
         sink = FileSink(out_path)  # takes the file's lock before reading it back
         try:
             answered = scan_output(out_path)
+            if args.retry_errors and drop_errors(out_path, sink):
+                answered = scan_output(out_path)
         except BaseException:
             sink.close()
             raise

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from jaxpp.cli.errors import UsageError
 from jaxpp.cli.formats import id_key
+from jaxpp.cli.sinks import FileSink, open_locked
 
 
 @dataclasses.dataclass
@@ -69,3 +70,53 @@ def _record_answer(answered: Answered, rec: dict) -> None:
         answered.ids.add(id_key(rec["custom_id"]))
     else:
         answered.ids.add(id_key(rec["id"]))
+
+
+def drop_errors(path: Path, sink: FileSink) -> int:
+    """--retry-errors: rewrite `path` without its error records, so that their input lines are
+    answered again; every other record stays, byte for byte. Returns how many were dropped.
+
+    Crash-safe: the kept records go to a locked temporary file that is fsync'd and then renamed
+    over `path` (atomic), and `sink` continues into it. A kill before the rename leaves `path`
+    as it was; after it, the dropped lines are simply unanswered, which any --resume fixes.
+    """
+    data = path.read_bytes()
+    kept, dropped = [], 0
+    for raw in data.splitlines(keepends=True):
+        rec = json.loads(raw) if raw.strip() else None
+        if isinstance(rec, dict) and rec.get("error") is not None:
+            dropped += 1
+        else:
+            kept.append(raw)
+    if not dropped:
+        return 0
+    tmp = path.with_name(f".{path.name}.retry-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    fd = open_locked(tmp)
+    try:
+        view = memoryview(b"".join(kept))
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    sink.replace_fd(fd)
+    return dropped
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX: the directory entry lives in the directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
