@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -465,12 +466,38 @@ def test_prompt_mode_stdin_and_logprobs(fake, tmp_path, capsys, monkeypatch):
 
 def test_progress_bar_reports_prompts_and_tokens():
     buf = io.StringIO()
-    bar = progress.Progress(True, total=4, initial=1, file=buf)
+    bar = progress.Progress(progress.BAR, total=4, initial=1, file=buf)
     bar.advance(tokens=10)
     bar.close()
     text = buf.getvalue()
     assert "2/4" in text and "tok/s" in text and "prompt" in text
-    assert progress.Progress(False, total=4).bar is None
+    assert progress.Progress(None, total=4).bar is None
+
+
+class SlowFakeLLM(FakeLLM):
+    def generate(self, prompts, sampling_params, on_finish=None):
+        time.sleep(0.15)
+        return super().generate(prompts, sampling_params, on_finish)
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(fake, tmp_path, capsys):
+    """Off a terminal (capsys is not a TTY): no bar, but a plain line every interval, also while
+    the engine is busy, with done/total, errors and tokens/s; --quiet silences it."""
+    model, install = fake
+    inp = _write_lines(tmp_path / "in.jsonl", [{"prompt": "abc"}, "oops", {"prompt": "de"}])
+    install(SlowFakeLLM())
+    argv = ["generate", "--model", str(model), "-i", str(inp), "-o", str(tmp_path / "o.jsonl")]
+    assert cli.main(argv + ["--batch-size", "1", "--progress-interval", "0.05"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    progress_lines = [line for line in err if " lines done, " in line]
+    assert len(progress_lines) >= 3, err
+    assert all(
+        re.fullmatch(r"jaxpp: [0-3]/3 lines done, [01] errors, [\d.]+ tok/s, \d+ s elapsed", line)
+        for line in progress_lines
+    ), progress_lines
+    assert "\r" not in "".join(err) and err[-1].startswith("jaxpp: 3 answered, 1 with errors")
+    assert cli.main(argv[:-2] + ["-o", str(tmp_path / "q.jsonl"), "--quiet"]) == 1
+    assert capsys.readouterr().err == ""
 
 
 # --- the real engine -----------------------------------------------------------------------------

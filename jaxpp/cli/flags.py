@@ -64,6 +64,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -155,7 +165,15 @@ def add_generate_parser(subparsers, run) -> None:
         f"{DEFAULT_MAX_LOGPROBS})",
     )
     io.add_argument(
-        "--quiet", "-q", action="store_true", help="no progress bar and no summary on stderr"
+        "--quiet", "-q", action="store_true", help="no progress and no summary on stderr"
+    )
+    io.add_argument(
+        "--progress-interval",
+        type=_positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="when stderr is not a terminal (nohup, CI): one progress line this often, "
+        "instead of a bar (default: 5)",
     )
 
     m = p.add_argument_group("model and parallelism")

@@ -17,7 +17,7 @@ from jaxpp.cli.formats import RequestBuilder
 from jaxpp.cli.limits import Limits
 from jaxpp.cli.lines import OversizedLine, count_lines, read_lines
 from jaxpp.cli.preflight import check_flags, model_config
-from jaxpp.cli.progress import Progress
+from jaxpp.cli.progress import BAR, LINES, Progress
 from jaxpp.cli.resume import Answered, drop_errors, scan_output
 from jaxpp.cli.runner import Runner
 from jaxpp.cli.sinks import FileSink, StdoutSink, TextSink
@@ -69,6 +69,12 @@ def _loaded(args: argparse.Namespace):
             f"cannot load the tokenizer of {args.model}: {type(e).__name__}: {one_line(e, 300)}"
         ) from None
     return llm
+
+
+def _progress_mode(args: argparse.Namespace) -> str | None:
+    if args.quiet or args.prompt is not None:
+        return None
+    return BAR if sys.stderr.isatty() else LINES
 
 
 def sampling_defaults(args: argparse.Namespace) -> dict:
@@ -181,8 +187,13 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         llm = _loaded(args)
         builder = RequestBuilder(llm, defaults, args.seed, model.name, limits)
-        show = not args.quiet and sys.stderr.isatty() and args.prompt is None
-        progress = Progress(show, total, initial=min(answered.records, total or 0))
+        progress = Progress(
+            _progress_mode(args),
+            total,
+            initial=min(answered.records, total or answered.records),
+            interval=args.progress_interval,
+            prog=PROG,
+        )
         runner = Runner(llm, builder, sink, progress, args.batch_size, log)
         started = time.perf_counter()
         try:

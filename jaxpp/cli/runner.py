@@ -102,5 +102,6 @@ class Runner:
     def emit(self, record: dict, tokens: int = 0) -> None:
         self.sink.write(record)
         self.done += 1
-        self.errors += record.get("error") is not None
-        self.progress.advance(tokens)
+        error = record.get("error") is not None
+        self.errors += error
+        self.progress.advance(tokens, error)
