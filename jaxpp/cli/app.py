@@ -28,7 +28,7 @@ from jaxpp.cli.errors import (
     UsageError,
     one_line,
 )
-from jaxpp.cli.flags import add_generate_parser
+from jaxpp.cli.flags import add_generate_parser, model_in_argv
 
 PROG = generate.PROG
 
@@ -49,12 +49,16 @@ def _optional_subcommands() -> Iterator[Callable]:
 
 
 # THE place where subcommands are registered.
-def _subcommands() -> Iterator[Callable]:
-    yield functools.partial(add_generate_parser, run=generate.run_generate)
+def _subcommands(argv: list[str]) -> Iterator[Callable]:
+    yield functools.partial(
+        add_generate_parser, run=generate.run_generate, model_dir=model_in_argv(argv)
+    )
     yield from _optional_subcommands()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `jaxpp` parser; `argv` (default sys.argv[1:]) only picks the model whose
+    generation_config.json defaults `generate --help` shows."""
     parser = _Parser(
         prog=PROG,
         description="jaxpp: pipeline-parallel LLM inference on JAX.",
@@ -62,13 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and exit codes. Full reference: docs/cli.md.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for add_parser in _subcommands():
+    for add_parser in _subcommands(sys.argv[1:] if argv is None else argv):
         add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed

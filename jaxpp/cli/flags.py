@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 
+from jaxpp import DEMO_MODEL
 from jaxpp.cli.limits import (
     DEFAULT_MAX_LINE_BYTES,
     DEFAULT_MAX_LOGPROBS,
     DEFAULT_MAX_SEQS_PER_REQUEST,
 )
+from jaxpp.config import GENERATION_CONFIG_FIELDS, SamplingParams, generation_defaults
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -93,8 +97,36 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
-def add_generate_parser(subparsers, run) -> None:
-    """Register `generate` on argparse subparsers; `run(args) -> int` executes it."""
+def model_in_argv(argv: list[str]) -> Path:
+    """The --model an argument list names (the demo model if none), read before parsing so that
+    --help can show the defaults that model's generation_config.json sets."""
+    for i, arg in enumerate(argv):
+        if arg in ("--model", "-m") and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--model="):
+            return Path(arg.split("=", 1)[1])
+        if arg.startswith("-m") and len(arg) > 2 and not arg.startswith("--"):
+            return Path(arg[2:])
+    return DEMO_MODEL
+
+
+def defaults_for_help(model_dir: Path) -> dict[str, str]:
+    """ "default: X" for each sampling flag generation_config.json may set, naming the file when
+    the value comes from it: what a run with that model will actually use."""
+    built_in = dataclasses.asdict(SamplingParams())
+    recommended = generation_defaults(model_dir) if model_dir.is_dir() else {}
+    where = f"{model_dir.name}/generation_config.json"
+    return {
+        field: f"default: {recommended[field]}, from {where}"
+        if field in recommended
+        else f"default: {built_in[field]}"
+        for field in GENERATION_CONFIG_FIELDS.values()
+    }
+
+
+def add_generate_parser(subparsers, run, model_dir: Path = DEMO_MODEL) -> None:
+    """Register `generate` on argparse subparsers; `run(args) -> int` executes it. `model_dir`
+    is the model whose generation_config.json supplies the defaults --help shows."""
     p = subparsers.add_parser(
         "generate",
         help="generate completions for a JSONL file (or one --prompt)",
@@ -212,12 +244,13 @@ def add_generate_parser(subparsers, run) -> None:
         "sampling defaults (a line's own fields override them; where a flag is not given, "
         "the model's generation_config.json, then vLLM's defaults, decide)"
     )
-    s.add_argument("--max-tokens", type=int, help="default: 16")
+    shown = defaults_for_help(model_dir)
+    s.add_argument("--max-tokens", type=int, help=shown["max_tokens"])
     s.add_argument("--min-tokens", type=int, default=0, help="default: 0")
-    s.add_argument("--temperature", type=float, help="0 = greedy (default: 1.0)")
-    s.add_argument("--top-p", type=float, help="default: 1.0 (off)")
-    s.add_argument("--top-k", type=int, help="default: 0 (off)")
-    s.add_argument("--min-p", type=float, help="default: 0.0 (off)")
+    s.add_argument("--temperature", type=float, help=f"0 = greedy ({shown['temperature']})")
+    s.add_argument("--top-p", type=float, help=shown["top_p"] + " (1.0 = off)")
+    s.add_argument("--top-k", type=int, help=shown["top_k"] + " (0 = off)")
+    s.add_argument("--min-p", type=float, help=shown["min_p"] + " (0.0 = off)")
     s.add_argument(
         "--seed",
         type=_non_negative_int,
@@ -241,7 +274,9 @@ def add_generate_parser(subparsers, run) -> None:
     )
     s.add_argument("--presence-penalty", type=float, default=0.0)
     s.add_argument("--frequency-penalty", type=float, default=0.0)
-    s.add_argument("--repetition-penalty", type=float, help="default: 1.0 (off)")
+    s.add_argument(
+        "--repetition-penalty", type=float, help=shown["repetition_penalty"] + " (1.0 = off)"
+    )
     s.add_argument(
         "--skip-special-tokens",
         action=argparse.BooleanOptionalAction,

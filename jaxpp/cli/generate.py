@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from jaxpp import DEMO_MODEL
 from jaxpp.cli.errorlog import TracebackLog, log_path_for
 from jaxpp.cli.errors import EXIT_LINE_ERRORS, EXIT_OK, UsageError, one_line
 from jaxpp.cli.formats import RequestBuilder
@@ -23,7 +24,6 @@ from jaxpp.cli.runner import Runner
 from jaxpp.cli.sinks import FileSink, StdoutSink, TextSink
 
 PROG = "jaxpp"
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "demo_model"
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
@@ -147,7 +147,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if from_file and args.input not in (None, "-"):
         if Path(args.output).resolve() == Path(args.input).resolve():
             raise UsageError("--output is the --input file")
-    model = Path(args.model) if args.model else DEFAULT_MODEL
+    model = Path(args.model) if args.model else DEMO_MODEL
     if not model.is_dir():
         hint = "" if args.model else " (the embedded demo model is missing; pass --model DIR)"
         raise UsageError(f"model dir {model} does not exist{hint}")
