@@ -134,6 +134,9 @@ def add_generate_parser(subparsers, run, model_dir: Path = DEMO_MODEL) -> None:
         "Answers stream to --output as requests finish; --resume continues a killed run.",
         epilog=GENERATE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        # A misspelled flag is an error, never a silent prefix match (--max-token is not
+        # --max-tokens), as a misspelled field of an input line is.
+        allow_abbrev=False,
     )
     io = p.add_argument_group("input and output")
     src = io.add_mutually_exclusive_group(required=True)

@@ -9,7 +9,7 @@ import argparse
 import re
 from pathlib import Path
 
-from jaxpp.cli.errors import UsageError, one_line
+from jaxpp.cli.errors import RequestError, UsageError, one_line
 from jaxpp.cli.limits import Limits
 from jaxpp.config import ModelConfig, SamplingParams, read_json_object
 from jaxpp.partition import layer_partition
@@ -76,7 +76,7 @@ def check_flags(
     try:
         limits.check_sampling(defaults)
         SamplingParams(**defaults)
-    except ValueError as e:
+    except (RequestError, ValueError) as e:
         raise UsageError(f"{_flag_named_in(str(e))}: {one_line(e)}") from None
     tokenizer_config = _tokenizer_config(model)
     has_tokenizer = tokenizer_config is not None or (model / "tokenizer.json").is_file()
