@@ -16,8 +16,14 @@ from pathlib import Path
 from jaxpp.cli.errors import OutputError, UsageError
 
 
+# Characters json.dumps leaves raw that str.splitlines() (and other readers) take for line
+# breaks: escaped, so that every answer stays one line for any reader.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def encode_line(record: dict) -> bytes:
-    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "replace")
+    text = json.dumps(record, ensure_ascii=False).translate(_LINE_BREAKS)
+    return (text + "\n").encode("utf-8", "replace")
 
 
 class FileSink:
