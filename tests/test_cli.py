@@ -25,7 +25,10 @@ from jaxpp import cli
 from jaxpp.cli import formats, generate, progress, resume
 from jaxpp.outputs import CompletionOutput, Logprob, RequestOutput
 
+# Refuses a conversation that opens with the assistant, as Mistral-style templates do.
 CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'assistant' %}"
+    "{{ raise_exception('Conversation must start with the user') }}{% endif %}"
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
@@ -596,6 +599,10 @@ def test_real_engine_every_kind_of_line(chat_model, cached_llm, tmp_path, capsys
         },  # 21
         b"\xff\xfe not utf-8",  # 22
         {"id": "oov", "prompt": [1, 2, 99999]},  # 23
+        '{"id": "surrogate", "prompt": "\\ud800 hello"}',  # 24
+        "[" * 50_000 + "]" * 50_000,  # 25
+        {"id": "raises", "messages": [{"role": "assistant", "content": "hi"}]},  # 26
+        {"custom_id": "huge-n", "url": "/v1/completions", "body": {"prompt": "x", "n": 10**6}},
     ]
     inp = _write_lines(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out.jsonl"
@@ -616,8 +623,38 @@ def test_real_engine_every_kind_of_line(chat_model, cached_llm, tmp_path, capsys
     ids = {'"greet"': 1, '"ids"': 2, "3": 3, '"chat"': 13, '"oa-cmpl"': 16, '"oa-chat"': 17}
     assert sorted(_answered_lines(records, ids)) == list(range(1, len(lines) + 1))
     err = {r["line"]: r["error"] for r in records if r.get("error") is not None}
+    records_code = {r["line"]: r.get("code") for r in records if r.get("error") is not None}
     msg = {n: e["message"] if isinstance(e, dict) else e for n, e in err.items()}
-    assert set(err) == {4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15, 18, 19, 20, 21, 22, 23}
+    assert set(err) == {
+        4,
+        5,
+        6,
+        7,
+        8,
+        9,
+        10,
+        11,
+        12,
+        14,
+        15,
+        18,
+        19,
+        20,
+        21,
+        22,
+        23,
+        24,
+        25,
+        26,
+        27,
+    }
+    codes = {n: e["code"] if isinstance(e, dict) else records_code[n] for n, e in err.items()}
+    assert [codes[n] for n in (24, 25, 26, 27)] == [
+        "invalid_prompt",
+        "invalid_json",
+        "chat_template_error",
+        "limit_exceeded",
+    ]
     assert "duplicate id 'greet'" in msg[4] and "duplicate id 3" in msg[15]
     assert msg[5] == "SamplingParams.top_p=2 is invalid: expected in (0, 1]"
     assert "SamplingParams.temperature='hot'" in msg[10]
