@@ -15,7 +15,6 @@ from pathlib import Path
 
 from jaxpp.cli.errors import OutputError, UsageError
 
-
 # Characters json.dumps leaves raw that str.splitlines() (and other readers) take for line
 # breaks: escaped, so that every answer stays one line for any reader.
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
