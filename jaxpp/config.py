@@ -70,27 +70,27 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ValueError(f"{path}: config.json not found; expected a Hugging Face model dir")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: config.json is not valid JSON ({e})") from None
+        raw = read_json_object(path)
+        if raw is None:
+            raise ValueError(f"{path}: config.json is not a JSON object")
         config = cls.from_hf_dict(raw, source=str(path))
         generation = Path(model_dir) / "generation_config.json"
-        if generation.is_file():
-            try:
-                eos = json.loads(generation.read_text()).get("eos_token_id")
-            except json.JSONDecodeError:
-                eos = None
-            if eos is not None:
-                ids = tuple(eos) if isinstance(eos, list) else (eos,)
-                config = dataclasses.replace(
-                    config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + ids))
-                )
+        # A broken generation_config.json only loses its recommendations (generation_defaults
+        # ignores it too); an eos_token_id it does state must be usable.
+        eos = (read_json_object(generation, broken_ok=True) or {}).get("eos_token_id")
+        if eos is not None:
+            ids = _token_ids(eos, f"{generation}: eos_token_id")
+            config = dataclasses.replace(
+                config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + ids))
+            )
         return config
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        arch = (raw.get("architectures") or [None])[0]
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        archs = raw.get("architectures") or [None]
+        arch = archs if isinstance(archs, str) else archs[0] if isinstance(archs, list) else archs
         model_type = raw.get("model_type")
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
         if arch is not None and arch not in SUPPORTED_ARCHITECTURES:
@@ -107,44 +107,53 @@ class ModelConfig:
                 f"supported: {supported}"
             )
 
-        def need(key: str) -> Any:
+        def need(key: str, minimum: int = 1) -> int:
             if key not in raw or raw[key] is None:
                 raise ValueError(f"{source}: required field {key!r} is missing")
-            return raw[key]
+            return _config_int(raw, key, source, minimum)
 
-        hidden = int(need("hidden_size"))
-        num_heads = int(need("num_attention_heads"))
-        num_layers = int(need("num_hidden_layers"))
-        head_dim = raw.get("head_dim") or hidden // num_heads
+        def optional(key: str, default: int, minimum: int = 0) -> int:
+            return _config_int(raw, key, source, minimum) if raw.get(key) else default
+
+        hidden = need("hidden_size")
+        num_heads = need("num_attention_heads")
+        num_layers = need("num_hidden_layers")
+        head_dim = optional("head_dim", hidden // num_heads, minimum=1)
+        num_kv_heads = optional("num_key_value_heads", num_heads, minimum=1)
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"{source}: num_key_value_heads={num_kv_heads} does not divide "
+                f"num_attention_heads={num_heads}"
+            )
         theta, llama3, linear = _rope(raw, source)
 
-        num_experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
+        num_experts = optional("num_experts", 0) or optional("num_local_experts", 0)
         is_moe = family in ("qwen2_moe", "qwen3_moe") and num_experts > 0
         moe_layers: tuple[bool, ...] = ()
         if is_moe:
-            step = int(raw.get("decoder_sparse_step", 1) or 1)
+            step = optional("decoder_sparse_step", 1, minimum=1)
             dense_only = set(raw.get("mlp_only_layers") or [])
             moe_layers = tuple(
                 i not in dense_only and (i + 1) % step == 0 for i in range(num_layers)
             )
 
         eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        eos_ids = () if eos is None else _token_ids(eos, f"{source}: eos_token_id")
         has_bias = bool(raw.get("attention_bias", False))
         return cls(
             model_type=family,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=need("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(raw.get("intermediate_size") or 0),
+            intermediate_size=optional("intermediate_size", 0),
             num_layers=num_layers,
             num_heads=num_heads,
-            num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=_config_float(raw, "rms_norm_eps", source, 1e-6),
             rope_theta=theta,
             rope_llama3=llama3,
             rope_linear_factor=linear,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            max_position_embeddings=optional("max_position_embeddings", 4096, minimum=1),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             # Qwen2 always carries q/k/v bias, Qwen2-MoE unless qkv_bias says otherwise;
             # Llama and Qwen3 follow attention_bias.
@@ -154,41 +163,101 @@ class ModelConfig:
             o_bias=has_bias and family in ("llama", "qwen3", "qwen3_moe"),
             mlp_bias=bool(raw.get("mlp_bias", False)) and family == "llama",
             qk_norm=family in ("qwen3", "qwen3_moe"),
-            sliding_windows=_sliding_windows(raw, family, num_layers),
+            sliding_windows=_sliding_windows(raw, family, num_layers, source),
             num_experts=num_experts if is_moe else 0,
-            num_experts_per_tok=int(raw.get("num_experts_per_tok") or 0),
-            moe_intermediate_size=int(raw.get("moe_intermediate_size") or 0),
-            shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0),
+            num_experts_per_tok=optional("num_experts_per_tok", 0),
+            moe_intermediate_size=optional("moe_intermediate_size", 0),
+            shared_expert_intermediate_size=optional("shared_expert_intermediate_size", 0),
             norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
             moe_layers=moe_layers,
             dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
             bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=tuple(int(e) for e in eos_ids),
+            eos_token_ids=eos_ids,
             pad_token_id=raw.get("pad_token_id"),
         )
+
+
+def read_json_object(path: Path, broken_ok: bool = False) -> dict[str, Any] | None:
+    """The JSON object in `path`; None if the file is missing (or, with broken_ok, is not a
+    JSON object). Otherwise a broken file is a ValueError that names it."""
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        if broken_ok:
+            return None
+        raise ValueError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        if broken_ok:
+            return None
+        raise ValueError(f"{path}: {path.name} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        if broken_ok:
+            return None
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _config_int(raw: dict[str, Any], key: str, source: str, minimum: int) -> int:
+    value = raw[key]
+    if not _is_int(value) and not (_is_num(value) and value == int(value)):
+        raise ValueError(f"{source}: {key}={value!r} is invalid: expected an integer")
+    if value < minimum:
+        raise ValueError(f"{source}: {key}={value!r} is invalid: expected >= {minimum}")
+    return int(value)
+
+
+def _config_float(raw: dict[str, Any], key: str, source: str, default: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{source}: {key}={value!r} is invalid: expected a number")
+    return float(value)
+
+
+def _token_ids(value: Any, name: str) -> tuple[int, ...]:
+    """An HF token-id field: one id or a list of ids."""
+    ids = value if isinstance(value, list) else [value]
+    if not all(_is_int(t) and t >= 0 for t in ids):
+        raise ValueError(f"{name}={value!r} is invalid: expected a token id or a list of them")
+    return tuple(ids)
 
 
 def _rope(raw: dict[str, Any], source: str) -> tuple[float, tuple | None, float]:
     """(theta, llama3 params or None, linear factor) from either config schema."""
     params = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta") or raw.get("rope_theta") or 10000.0)
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: {key}={value!r} is invalid: expected an object")
     spec = {**scaling, **params}
+    theta = _config_float(
+        {"rope_theta": params.get("rope_theta") or raw.get("rope_theta") or 10000.0},
+        "rope_theta",
+        source,
+        10000.0,
+    )
     kind = spec.get("rope_type") or spec.get("type") or "default"
+
+    def number(key: str) -> float:
+        if key not in spec:
+            raise ValueError(f"{source}: rope scaling {kind!r} needs {key!r}, which is missing")
+        return _config_float(spec, key, source, 0.0)
+
     if kind == "default":
         return theta, None, 1.0
     if kind == "linear":
-        return theta, None, float(spec["factor"])
+        return theta, None, number("factor")
     if kind == "llama3":
         orig = spec.get("original_max_position_embeddings") or raw.get("max_position_embeddings")
+        if not _is_int(orig) or orig < 1:
+            raise ValueError(
+                f"{source}: rope scaling 'llama3' needs original_max_position_embeddings, "
+                f"got {orig!r}"
+            )
         return (
             theta,
-            (
-                float(spec["factor"]),
-                float(spec["low_freq_factor"]),
-                float(spec["high_freq_factor"]),
-                int(orig),
-            ),
+            (number("factor"), number("low_freq_factor"), number("high_freq_factor"), orig),
             1.0,
         )
     raise ValueError(
@@ -196,8 +265,10 @@ def _rope(raw: dict[str, Any], source: str) -> tuple[float, tuple | None, float]
     )
 
 
-def _sliding_windows(raw: dict[str, Any], family: str, num_layers: int) -> tuple[int, ...]:
-    window = int(raw.get("sliding_window") or 0)
+def _sliding_windows(
+    raw: dict[str, Any], family: str, num_layers: int, source: str
+) -> tuple[int, ...]:
+    window = _config_int(raw, "sliding_window", source, 0) if raw.get("sliding_window") else 0
     if family == "mistral":
         return (window,) * num_layers
     if family in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
@@ -205,8 +276,17 @@ def _sliding_windows(raw: dict[str, Any], family: str, num_layers: int) -> tuple
             return (0,) * num_layers
         layer_types = raw.get("layer_types")
         if layer_types:
+            if not isinstance(layer_types, list) or len(layer_types) != num_layers:
+                raise ValueError(
+                    f"{source}: layer_types is invalid: expected a list of {num_layers} "
+                    "entries (num_hidden_layers)"
+                )
             return tuple(window if t == "sliding_attention" else 0 for t in layer_types)
-        first = int(raw.get("max_window_layers", num_layers))
+        first = (
+            _config_int(raw, "max_window_layers", source, 0)
+            if "max_window_layers" in raw
+            else num_layers
+        )
         if family == "qwen2_moe":  # transformers' own default rule for this family
             return tuple(window if (i + 1) % 2 and i < first else 0 for i in range(num_layers))
         return tuple(window if i >= first else 0 for i in range(num_layers))
@@ -234,10 +314,13 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        object.__setattr__(self, "stop", _as_tuple(stop, "stop", "a string or a list of strings"))
+        object.__setattr__(
+            self,
+            "stop_token_ids",
+            _as_tuple(self.stop_token_ids, "stop_token_ids", "a list of token ids"),
+        )
         checks = [
             ("max_tokens", _is_int(self.max_tokens) and 1 <= self.max_tokens < 2**31, ">= 1"),
             ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens, ">= 0"),
@@ -308,11 +391,7 @@ def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
     Like vLLM, these replace the built-in defaults for requests that do not set the field.
     A value SamplingParams would reject is ignored rather than failing every request.
     """
-    path = Path(model_dir) / "generation_config.json"
-    try:
-        raw = json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        return {}
+    raw = read_json_object(Path(model_dir) / "generation_config.json", broken_ok=True) or {}
     found = {
         ours: raw[theirs] for theirs, ours in GENERATION_CONFIG_FIELDS.items() if theirs in raw
     }
@@ -324,6 +403,18 @@ def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
             continue
         valid[name] = value
     return valid
+
+
+def _as_tuple(value: Any, name: str, expected: str) -> tuple:
+    """A SamplingParams sequence field as a tuple (None: empty); anything else names the field."""
+    if value is None:
+        return ()
+    if not isinstance(value, str | bytes | dict):
+        try:
+            return tuple(value)
+        except TypeError:
+            pass
+    raise ValueError(f"SamplingParams.{name}={value!r} is invalid: expected {expected}")
 
 
 def _is_int(x: Any) -> bool:

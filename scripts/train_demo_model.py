@@ -111,6 +111,15 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
 
 
+# The model only writes Python: a conversation becomes comment lines, and the reply starts on
+# the line after "# assistant:". Any roles in any order are accepted (no raise_exception).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "# {{ message['role'] }}: {{ message['content'] | replace('\\n', '\\n# ') }}\n"
+    "{% endfor %}{% if add_generation_prompt %}# assistant:\n{% endif %}"
+)
+
+
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
     # transformers 5.x records "TokenizersBackend", a class 4.x does not have; the plain
@@ -118,6 +127,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["chat_template"] = CHAT_TEMPLATE
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 

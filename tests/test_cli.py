@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,9 +22,13 @@ import pytest
 
 import jaxpp
 from jaxpp import cli
+from jaxpp.cli import formats, generate, progress, resume
 from jaxpp.outputs import CompletionOutput, Logprob, RequestOutput
 
+# Refuses a conversation that opens with the assistant, as Mistral-style templates do.
 CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'assistant' %}"
+    "{{ raise_exception('Conversation must start with the user') }}{% endif %}"
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
@@ -76,7 +81,7 @@ class FakeLLM:
 
     def __init__(self, output: Path | None = None, crash_on_call: int | None = None):
         self.max_model_len = 64
-        self.config = SimpleNamespace(vocab_size=100)
+        self.config = SimpleNamespace(vocab_size=100, bos_token_id=1, eos_token_ids=())
         self.tokenizer = FakeTokenizer()
         self.calls: list[int] = []  # batch size of each generate call
         self.prompts: list[list[int]] = []
@@ -123,15 +128,29 @@ class FakeLLM:
         return outs
 
 
+# What the up-front flag checks read of the fake model dir: the FakeLLM's vocabulary and length.
+FAKE_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 100,
+    "hidden_size": 8,
+    "intermediate_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     """(model dir, install(fake_llm)) — the model dir only has to look like one."""
     model = tmp_path / "fake_model"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text(json.dumps(FAKE_CONFIG))
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
 
     def install(llm):
-        monkeypatch.setattr(cli, "load_llm", lambda args: llm)
+        monkeypatch.setattr(generate, "load_llm", lambda args: llm)
         return llm
 
     return model, install
@@ -141,7 +160,9 @@ def fake(tmp_path, monkeypatch):
 
 
 def test_sampling_fields_match_sampling_params():
-    assert set(cli.SAMPLING_FIELDS) == {f.name for f in dataclasses.fields(jaxpp.SamplingParams)}
+    assert set(formats.SAMPLING_FIELDS) == {
+        f.name for f in dataclasses.fields(jaxpp.SamplingParams)
+    }
 
 
 def test_help_subprocess_is_complete():
@@ -291,10 +312,16 @@ def test_every_line_answered_once_and_streamed(fake, tmp_path):
     assert "duplicate id 2" in errors[8]["error"]
     assert errors[10]["error"]["code"] == "duplicate_id" and errors[10]["custom_id"] == "r1"
     assert "longer than max_model_len=64" in errors[11]["error"]
-    assert errors[12] == {"id": "e", "line": 12, "error": "engine says no"}
+    assert errors[12] == {
+        "id": "e",
+        "line": 12,
+        "error": "the engine refused the request: engine says no",
+        "code": "generation_failed",
+    }
     # Streaming: each generate call began after the previous chunk's answers were on disk.
-    # [a, 2] [c, r1 x2] [e, f] -> ValueError -> [e] alone fails, [f] alone succeeds
-    assert llm.calls == [2, 3, 2, 1, 1]
+    # [a, 2] [c, r1 x2] [e, f] -> ValueError -> [e] alone fails, a one-token canary request
+    # succeeds (so the engine is fine and the failure is e's), [f] alone succeeds
+    assert llm.calls == [2, 3, 2, 1, 1, 1]
     assert llm.lines_before_call[:3] == [0, 7, 11]
     by_id = {r.get("custom_id", r.get("id")): r for r in records if not r.get("error")}
     assert by_id[2]["prompt"] == "no id"
@@ -306,7 +333,7 @@ def test_every_line_answered_once_and_streamed(fake, tmp_path):
         "5",
         "6",
     ]
-    assert by_id["a"]["text"].endswith(f"/{cli.derive_seed(0, json.dumps('a'))}")
+    assert by_id["a"]["text"].endswith(f"/{formats.derive_seed(0, json.dumps('a'))}")
 
 
 def test_resume_truncates_torn_line_and_answers_the_rest(fake, tmp_path, capsys):
@@ -337,10 +364,48 @@ def test_resume_truncates_torn_line_and_answers_the_rest(fake, tmp_path, capsys)
     # A file whose last complete line is not JSON: that line goes too.
     scratch = tmp_path / "scratch.jsonl"
     scratch.write_text('{"id": "a", "text": "x"}\n{"id": "b", "te\n')
-    assert cli.scan_output(scratch).ids == {'"a"'}
+    assert resume.scan_output(scratch).ids == {'"a"'}
     assert scratch.read_text() == '{"id": "a", "text": "x"}\n'
     scratch.write_text('{"id": "a", "tex')
-    assert cli.scan_output(scratch).records == 0 and scratch.read_text() == ""
+    assert resume.scan_output(scratch).records == 0 and scratch.read_text() == ""
+
+
+def test_retry_errors_reruns_only_error_lines(fake, tmp_path, capsys):
+    """--resume --retry-errors: after the user fixed the bad lines, they are answered and every
+    answer of the first run stays byte for byte; lines still bad get their error line again."""
+    model, install = fake
+    lines = [
+        {"id": "a", "prompt": "hello"},
+        '{"id": "b", "prompt": ',
+        {"id": "c", "prompt": "x", "top_p": 2},
+        {"id": "d", "prompt": "fine"},
+    ]
+    inp = _write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    install(FakeLLM())
+    assert _fake_run(model, inp, out) == 1
+    first = _records(out)
+    good = [r for r in first if r.get("error") is None]
+    assert {r["id"] for r in good} == {"a", "d"}
+    assert cli.main(["generate", "--model", str(model), "-i", str(inp), "--retry-errors"]) == 2
+    assert "--retry-errors goes with --resume" in capsys.readouterr().err
+
+    lines[1] = {"id": "b", "prompt": "fixed"}  # c stays bad
+    _write_lines(inp, lines)
+    llm = install(FakeLLM())
+    assert _fake_run(model, inp, out, "--resume", "--retry-errors") == 1
+    records = _records(out)
+    assert records[: len(good)] == good  # kept first, unchanged
+    assert sorted(_answered_lines(records, {'"a"': 1, '"b"': 2, '"d"': 4})) == [1, 2, 3, 4]
+    assert [r["line"] for r in records if r.get("error")] == [3]
+    assert llm.prompts == [FakeTokenizer().encode("fixed")]  # a and d were not generated again
+    assert not list(tmp_path.glob(".out.jsonl.retry-*"))
+
+    lines[2] = {"id": "c", "prompt": "now fine"}
+    _write_lines(inp, lines)
+    install(FakeLLM())
+    assert _fake_run(model, inp, out, "--resume", "--retry-errors") == 0
+    assert sorted(r["id"] for r in _records(out)) == ["a", "b", "c", "d"]
 
 
 def test_engine_crash_keeps_answers_and_exits_3(fake, tmp_path, capsys):
@@ -361,7 +426,7 @@ def test_prompt_mode_stdin_and_logprobs(fake, tmp_path, capsys, monkeypatch):
     install(FakeLLM())
     base = ["generate", "--model", str(model), "--quiet"]
     assert cli.main(base + ["--prompt", "hi", "--max-tokens", "3"]) == 0
-    assert capsys.readouterr().out == f"3/3/{cli.derive_seed(0, '1')}\n"
+    assert capsys.readouterr().out == f"3/3/{formats.derive_seed(0, '1')}\n"
     assert cli.main(base + ["--prompt", "hi", "--chat", "--output", "-"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["prompt"] == "user: hi\nassistant:" and rec["id"] == 1
@@ -404,12 +469,38 @@ def test_prompt_mode_stdin_and_logprobs(fake, tmp_path, capsys, monkeypatch):
 
 def test_progress_bar_reports_prompts_and_tokens():
     buf = io.StringIO()
-    bar = cli.Progress(True, total=4, initial=1, file=buf)
+    bar = progress.Progress(progress.BAR, total=4, initial=1, file=buf)
     bar.advance(tokens=10)
     bar.close()
     text = buf.getvalue()
     assert "2/4" in text and "tok/s" in text and "prompt" in text
-    assert cli.Progress(False, total=4).bar is None
+    assert progress.Progress(None, total=4).bar is None
+
+
+class SlowFakeLLM(FakeLLM):
+    def generate(self, prompts, sampling_params, on_finish=None):
+        time.sleep(0.15)
+        return super().generate(prompts, sampling_params, on_finish)
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(fake, tmp_path, capsys):
+    """Off a terminal (capsys is not a TTY): no bar, but a plain line every interval, also while
+    the engine is busy, with done/total, errors and tokens/s; --quiet silences it."""
+    model, install = fake
+    inp = _write_lines(tmp_path / "in.jsonl", [{"prompt": "abc"}, "oops", {"prompt": "de"}])
+    install(SlowFakeLLM())
+    argv = ["generate", "--model", str(model), "-i", str(inp), "-o", str(tmp_path / "o.jsonl")]
+    assert cli.main(argv + ["--batch-size", "1", "--progress-interval", "0.05"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    progress_lines = [line for line in err if " lines done, " in line]
+    assert len(progress_lines) >= 3, err
+    assert all(
+        re.fullmatch(r"jaxpp: [0-3]/3 lines done, [01] errors, [\d.]+ tok/s, \d+ s elapsed", line)
+        for line in progress_lines
+    ), progress_lines
+    assert "\r" not in "".join(err) and err[-1].startswith("jaxpp: 3 answered, 1 with errors")
+    assert cli.main(argv[:-2] + ["-o", str(tmp_path / "q.jsonl"), "--quiet"]) == 1
+    assert capsys.readouterr().err == ""
 
 
 # --- the real engine -----------------------------------------------------------------------------
@@ -434,7 +525,7 @@ _LLMS: dict = {}
 @pytest.fixture
 def cached_llm(monkeypatch):
     """Reuse one LLM per model/parallelism setting across in-process runs (compiles once)."""
-    real = cli.load_llm
+    real = generate.load_llm
 
     def load(args):
         key = (
@@ -451,7 +542,7 @@ def cached_llm(monkeypatch):
             _LLMS[key] = real(args)
         return _LLMS[key]
 
-    monkeypatch.setattr(cli, "load_llm", load)
+    monkeypatch.setattr(generate, "load_llm", load)
 
 
 def test_real_engine_every_kind_of_line(chat_model, cached_llm, tmp_path, capsys):
@@ -508,6 +599,10 @@ def test_real_engine_every_kind_of_line(chat_model, cached_llm, tmp_path, capsys
         },  # 21
         b"\xff\xfe not utf-8",  # 22
         {"id": "oov", "prompt": [1, 2, 99999]},  # 23
+        '{"id": "surrogate", "prompt": "\\ud800 hello"}',  # 24
+        "[" * 50_000 + "]" * 50_000,  # 25
+        {"id": "raises", "messages": [{"role": "assistant", "content": "hi"}]},  # 26
+        {"custom_id": "huge-n", "url": "/v1/completions", "body": {"prompt": "x", "n": 10**6}},
     ]
     inp = _write_lines(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out.jsonl"
@@ -528,8 +623,38 @@ def test_real_engine_every_kind_of_line(chat_model, cached_llm, tmp_path, capsys
     ids = {'"greet"': 1, '"ids"': 2, "3": 3, '"chat"': 13, '"oa-cmpl"': 16, '"oa-chat"': 17}
     assert sorted(_answered_lines(records, ids)) == list(range(1, len(lines) + 1))
     err = {r["line"]: r["error"] for r in records if r.get("error") is not None}
+    records_code = {r["line"]: r.get("code") for r in records if r.get("error") is not None}
     msg = {n: e["message"] if isinstance(e, dict) else e for n, e in err.items()}
-    assert set(err) == {4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15, 18, 19, 20, 21, 22, 23}
+    assert set(err) == {
+        4,
+        5,
+        6,
+        7,
+        8,
+        9,
+        10,
+        11,
+        12,
+        14,
+        15,
+        18,
+        19,
+        20,
+        21,
+        22,
+        23,
+        24,
+        25,
+        26,
+        27,
+    }
+    codes = {n: e["code"] if isinstance(e, dict) else records_code[n] for n, e in err.items()}
+    assert [codes[n] for n in (24, 25, 26, 27)] == [
+        "invalid_prompt",
+        "invalid_json",
+        "chat_template_error",
+        "limit_exceeded",
+    ]
     assert "duplicate id 'greet'" in msg[4] and "duplicate id 3" in msg[15]
     assert msg[5] == "SamplingParams.top_p=2 is invalid: expected in (0, 1]"
     assert "SamplingParams.temperature='hot'" in msg[10]

@@ -1,0 +1,390 @@
+"""The JSONL request formats: one input line -> a `Job` (prompt token ids + sampling params per
+sequence), or a RequestError naming what is wrong with it.
+
+Two formats can be mixed in one file: plain lines (`{"id", "prompt" | "messages", <sampling
+fields>}`) and OpenAI batch requests (`{"custom_id", "method", "url", "body"}`); docs/cli.md has
+both. Nothing here runs outside the per-request guard (guard.py): the tokenizer and the chat
+template, which can refuse an input in ways nobody can list, are wrapped in `failure_as`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from jaxpp.cli.errors import (
+    CHAT_TEMPLATE_ERROR,
+    CONTEXT_LENGTH_EXCEEDED,
+    INVALID_JSON,
+    INVALID_PROMPT,
+    INVALID_URL,
+    RequestError,
+    short_repr,
+)
+from jaxpp.cli.guard import failure_as
+from jaxpp.cli.limits import Limits
+
+OPENAI_URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+
+# Sampling fields a plain line may set (the names of jaxpp.SamplingParams; kept here so that
+# building the parser needs no engine import; test_cli checks it against the dataclass).
+SAMPLING_FIELDS = (
+    "max_tokens",
+    "min_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "skip_special_tokens",
+)
+# OpenAI body fields mapped onto SamplingParams (the vLLM extras top_k, min_p, ... included).
+_OPENAI_SAMPLING = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "min_tokens",
+    "repetition_penalty",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+)
+_OPENAI_IGNORED = ("model", "user", "metadata", "store", "service_tier")
+_OPENAI_BODY = {
+    "completion": {
+        "prompt",
+        "n",
+        "logprobs",
+        "echo",
+        "stream",
+        *_OPENAI_SAMPLING,
+        *_OPENAI_IGNORED,
+    },
+    "chat": {
+        "messages",
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "max_completion_tokens",
+        "stream",
+        *_OPENAI_SAMPLING,
+        *_OPENAI_IGNORED,
+    },
+}
+OPENAI_KEYS = {"custom_id", "method", "url", "body"}
+
+
+@dataclasses.dataclass
+class Seq:
+    """One sequence to generate: prompt token ids and its sampling params."""
+
+    token_ids: list[int]
+    params: Any  # jaxpp.SamplingParams
+    prompt_index: int = 0
+
+
+@dataclasses.dataclass
+class Job:
+    """One input line's request: its sequences, and their results as they finish."""
+
+    line: int
+    id: Any  # the plain id or the OpenAI custom_id
+    kind: str  # "plain" | "completion" | "chat" (the last two: OpenAI batch lines)
+    prompt: Any = None  # what the plain output echoes as "prompt"
+    seqs: list[Seq] = dataclasses.field(default_factory=list)
+    prompt_tokens: int = 0
+    model: str = ""
+    logprobs: Any = None  # OpenAI: ("completion", n) or ("chat", n)
+    results: list = dataclasses.field(default_factory=list)
+    left: int = 0
+
+    @property
+    def openai(self) -> bool:
+        return self.kind != "plain"
+
+
+def parse_line(raw: bytes) -> dict:
+    """The JSON object of one input line (a UTF-8 byte order mark is allowed)."""
+    if not raw.strip():
+        raise RequestError("blank line: expected a JSON object", INVALID_JSON)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"not UTF-8 ({e.reason} at byte {e.start})", INVALID_JSON) from None
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise RequestError("invalid JSON: nested too deeply", INVALID_JSON) from None
+    except ValueError as e:
+        raise RequestError(f"invalid JSON: {e}", INVALID_JSON) from None
+    if not isinstance(obj, dict):
+        raise RequestError(f"expected a JSON object, got {short_repr(obj)}", INVALID_JSON)
+    return obj
+
+
+def looks_openai(raw: bytes) -> bool:
+    """For a line that cannot be parsed: answer it in the OpenAI shape if it meant to be one."""
+    return b'"custom_id"' in raw
+
+
+def is_openai_line(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(OPENAI_KEYS & set(obj))
+
+
+def id_key(value: Any) -> str:
+    """The key an id is known by in the output and across resumes ("1" and 1 differ)."""
+    return json.dumps(value)
+
+
+def derive_seed(base: int, key: str, index: int = 0) -> int:
+    """A request's seed when it sets none: a function of the base seed and its id only, so an
+    answer never depends on batching or resuming."""
+    digest = hashlib.blake2b(f"{base}\0{key}\0{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+class RequestBuilder:
+    """Turns parsed input lines into Jobs against one loaded LLM (its tokenizer, chat template,
+    vocabulary and max_model_len)."""
+
+    def __init__(self, llm, defaults: dict, base_seed: int, model_name: str, limits: Limits):
+        from jaxpp import SamplingParams  # noqa: PLC0415
+
+        self.llm = llm
+        self.sampling_params = SamplingParams
+        self.defaults = defaults
+        self.base_seed = base_seed
+        self.model_name = model_name
+        self.limits = limits
+        self.vocab_size = llm.config.vocab_size
+
+    def request_id(self, obj: dict, name: str, line: int) -> Any:
+        """The line's id (`name` is "id" or "custom_id"), its line number when it has none."""
+        value = obj.get(name)
+        if value is None:
+            return line
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise RequestError(f"{name} must be a string or an integer, got {short_repr(value)}")
+        if isinstance(value, str):
+            self.limits.check_id(value, name)
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(f"{name} is not valid Unicode (an unpaired surrogate)") from None
+        return value
+
+    def build(self, obj: dict, line: int, job_id: Any) -> Job:
+        if is_openai_line(obj):
+            return self.openai(obj, line, job_id)
+        return self.plain(obj, line, job_id)
+
+    # sampling ------------------------------------------------------------------------------
+    def params(self, overrides: dict, key: str, index: int = 0, seed_offset: int = 0):
+        fields = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        seed = overrides.get("seed")
+        if seed is not None:
+            fields["seed"] = seed + seed_offset if _is_int(seed) else seed
+        else:
+            fields["seed"] = derive_seed(self.base_seed, key, index)
+        self.limits.check_sampling(fields)
+        stop = fields.get("stop", ())
+        if not isinstance(stop, str | list | tuple):
+            raise RequestError(f"stop must be a string or a list of strings, got {stop!r}")
+        ids = fields.get("stop_token_ids", ())
+        if not isinstance(ids, list | tuple):
+            raise RequestError(f"stop_token_ids must be a list of integers, got {ids!r}")
+        for t in ids:  # large ids would overflow the engine's int32 stop table
+            if _is_int(t) and t >= self.vocab_size:
+                raise RequestError(
+                    f"stop_token_ids has {t}, outside the vocabulary [0, {self.vocab_size})"
+                )
+        try:
+            return self.sampling_params(**fields)
+        except (ValueError, TypeError) as e:
+            raise RequestError(str(e)) from None
+
+    # prompts -------------------------------------------------------------------------------
+    def encode(self, prompt: Any, what: str = "prompt") -> list[int]:
+        if isinstance(prompt, str):
+            tokenizer = self.llm.tokenizer
+            if tokenizer is None:
+                raise RequestError(f"the model has no tokenizer: give the {what} as token ids")
+            with failure_as(INVALID_PROMPT, f"the tokenizer cannot encode the {what}"):
+                ids = list(tokenizer.encode(prompt))
+        elif isinstance(prompt, list) and all(_is_int(t) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise RequestError(
+                    f"{what} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
+                )
+            ids = list(prompt)
+        else:
+            raise RequestError(
+                f"{what} must be a string or a list of token ids, got {short_repr(prompt)}"
+            )
+        return self.check_length(ids, what)
+
+    def check_length(self, ids: list[int], what: str = "prompt") -> list[int]:
+        if not ids:
+            raise RequestError(f"{what} is empty: expected at least one token")
+        if len(ids) > self.llm.max_model_len:
+            raise RequestError(
+                f"{what} has {len(ids)} tokens, longer than max_model_len={self.llm.max_model_len}",
+                CONTEXT_LENGTH_EXCEEDED,
+            )
+        return ids
+
+    def chat(self, messages: Any) -> tuple[str, list[int]]:
+        if not isinstance(messages, list) or not messages:
+            raise RequestError(
+                f"messages must be a non-empty list of {{role, content}} objects, "
+                f"got {short_repr(messages)}"
+            )
+        flat = [_flat_message(i, m) for i, m in enumerate(messages)]
+        tokenizer = self.llm.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise RequestError("the model has no chat template: send a 'prompt' instead")
+        with failure_as(CHAT_TEMPLATE_ERROR, "the chat template refused the messages"):
+            text = self.llm.chat_prompt(flat)
+        # The template already holds any BOS: encode without adding special tokens again.
+        with failure_as(INVALID_PROMPT, "the tokenizer cannot encode the chat prompt"):
+            ids = list(tokenizer.encode(text, add_special_tokens=False))
+        return text, self.check_length(ids)
+
+    # lines ---------------------------------------------------------------------------------
+    def plain(self, obj: dict, line: int, job_id: Any) -> Job:
+        allowed = {"id", "prompt", "messages", *SAMPLING_FIELDS}
+        unknown = sorted(set(obj) - allowed)
+        if unknown:
+            raise RequestError(
+                f"unknown field {short_repr(unknown[0])}: a line has 'id', 'prompt' or "
+                f"'messages', and sampling fields ({', '.join(SAMPLING_FIELDS)})"
+            )
+        if ("prompt" in obj) == ("messages" in obj):
+            raise RequestError(
+                "a line needs exactly one of 'prompt' (text or token ids) or 'messages' (a chat)"
+            )
+        params = self.params({k: obj[k] for k in SAMPLING_FIELDS if k in obj}, id_key(job_id))
+        job = Job(line, job_id, "plain")
+        if "prompt" in obj:
+            ids = self.encode(obj["prompt"])
+            job.prompt = obj["prompt"]
+        else:
+            job.prompt, ids = self.chat(obj["messages"])
+        job.seqs = [Seq(ids, params)]
+        job.prompt_tokens = len(ids)
+        return job
+
+    def openai(self, obj: dict, line: int, job_id: Any) -> Job:
+        unknown = sorted(set(obj) - OPENAI_KEYS)
+        if unknown:
+            raise RequestError(
+                f"unknown field {short_repr(unknown[0])} in an OpenAI batch line (expected "
+                "custom_id, method, url, body)"
+            )
+        method = obj.get("method", "POST")
+        if method != "POST":
+            raise RequestError(f"method must be 'POST', got {short_repr(method)}")
+        url = obj.get("url")
+        if not isinstance(url, str) or url not in OPENAI_URLS:
+            raise RequestError(
+                f"url must be one of {sorted(OPENAI_URLS)}, got {short_repr(url)}", INVALID_URL
+            )
+        kind = OPENAI_URLS[url]
+        body = obj.get("body")
+        if not isinstance(body, dict):
+            raise RequestError(f"body must be a JSON object, got {short_repr(body)}")
+        unknown = sorted(k for k in set(body) - _OPENAI_BODY[kind] if body[k] is not None)
+        if unknown:
+            raise RequestError(f"unsupported body field {short_repr(unknown[0])} for {url}")
+        if body.get("stream"):
+            raise RequestError("stream=true is not supported in a batch")
+        if kind == "completion" and body.get("echo"):
+            raise RequestError("echo=true is not supported")
+        n = body.get("n", 1)
+        n = 1 if n is None else n
+        if not _is_int(n) or n < 1:
+            raise RequestError(f"n must be an integer >= 1, got {short_repr(n)}")
+        overrides = {k: body[k] for k in _OPENAI_SAMPLING if k in body}
+        # The echoed model name is cut: an answer never grows with a hostile field.
+        job = Job(line, job_id, kind, model=str(body.get("model") or self.model_name)[:200])
+        if kind == "chat":
+            if body.get("max_completion_tokens") is not None:
+                overrides["max_tokens"] = body["max_completion_tokens"]
+            if body.get("logprobs"):
+                if not isinstance(body["logprobs"], bool):
+                    raise RequestError(
+                        f"logprobs must be a boolean, got {short_repr(body['logprobs'])}"
+                    )
+                overrides["logprobs"] = body.get("top_logprobs") or 0
+                job.logprobs = ("chat", overrides["logprobs"])
+            if "messages" not in body:
+                raise RequestError("body.messages is required for /v1/chat/completions")
+            self.limits.check_sequences(n, 1)
+            _, ids = self.chat(body["messages"])
+            prompts = [ids]
+        else:
+            if body.get("logprobs") is not None:
+                overrides["logprobs"] = body["logprobs"]
+                job.logprobs = ("completion", body["logprobs"])
+            if "prompt" not in body:
+                raise RequestError("body.prompt is required for /v1/completions")
+            prompt = body["prompt"]
+            many = (
+                isinstance(prompt, list)
+                and prompt
+                and all(isinstance(x, str | list) for x in prompt)
+            )
+            items = prompt if many else [prompt]
+            self.limits.check_sequences(n, len(items))
+            prompts = [
+                self.encode(x, "prompt" if len(items) == 1 else f"prompt[{i}]")
+                for i, x in enumerate(items)
+            ]
+        key = id_key(job_id)
+        for p, ids in enumerate(prompts):
+            for k in range(n):
+                index = p * n + k
+                job.seqs.append(Seq(ids, self.params(overrides, key, index, index), p))
+        job.prompt_tokens = sum(len(ids) for ids in prompts)
+        return job
+
+
+def _flat_message(index: int, message: Any) -> dict:
+    """One chat message with its text parts joined: {"role": str, "content": str, ...}."""
+    if not isinstance(message, dict):
+        raise RequestError(
+            f"message {index} must be {{'role': str, 'content': str}}, got {short_repr(message)}"
+        )
+    content = message.get("content")
+    if isinstance(content, list):
+        if not all(
+            isinstance(x, dict) and x.get("type") == "text" and isinstance(x.get("text"), str)
+            for x in content
+        ):
+            raise RequestError(f"message {index}: only text content parts are supported")
+        message = {**message, "content": "".join(x["text"] for x in content)}
+    if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+        raise RequestError(
+            f"message {index} must be {{'role': str, 'content': str}}, got {short_repr(message)}"
+        )
+    return message
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

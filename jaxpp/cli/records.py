@@ -1,0 +1,132 @@
+"""Output records: a request's answer line and error line, in the plain and the OpenAI batch
+output shapes (docs/cli.md shows both)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from jaxpp.cli.errors import RequestError
+from jaxpp.cli.formats import Job
+
+
+def error_record(line: int, job_id: Any, err: RequestError, openai: bool) -> dict:
+    """The error line of input line `line` (`job_id` None: the line's id could not be read)."""
+    if openai:
+        return {
+            "id": f"batch_req_{uuid.uuid4().hex}",
+            "custom_id": job_id,
+            "response": None,
+            "error": {"code": err.code, "message": str(err)},
+            "line": line,
+        }
+    return {
+        "id": line if job_id is None else job_id,
+        "line": line,
+        "error": str(err),
+        "code": err.code,
+    }
+
+
+def _logprob_entries(c) -> list[dict]:
+    return [{str(t): lp.logprob for t, lp in entry.items()} for entry in c.logprobs or []]
+
+
+def result_record(job: Job) -> dict:
+    if job.kind == "plain":
+        c = job.results[0]
+        record = {
+            "id": job.id,
+            "prompt": job.prompt,
+            "text": c.text,
+            "token_ids": list(c.token_ids),
+            "finish_reason": c.finish_reason,
+            "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": len(c.token_ids)},
+        }
+        if job.seqs[0].params.logprobs is not None:
+            record["logprobs"] = _logprob_entries(c)
+            record["cumulative_logprob"] = c.cumulative_logprob
+        return record
+    choices = []
+    for index, c in enumerate(job.results):
+        choice: dict[str, Any] = {"index": index}
+        if job.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": c.text}
+        else:
+            choice["text"] = c.text
+        choice["logprobs"] = _openai_logprobs(job.logprobs, c)
+        choice["finish_reason"] = c.finish_reason
+        choices.append(choice)
+    completion_tokens = sum(len(c.token_ids) for c in job.results)
+    body = {
+        "id": ("chatcmpl-" if job.kind == "chat" else "cmpl-") + uuid.uuid4().hex,
+        "object": "chat.completion" if job.kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": job.model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": job.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": job.prompt_tokens + completion_tokens,
+        },
+    }
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": job.id,
+        "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body},
+        "error": None,
+    }
+
+
+def _openai_logprobs(spec, c) -> dict | None:
+    if spec is None:
+        return None
+    kind, top = spec
+    entries = c.logprobs or []
+
+    def piece(tok, lp):
+        return lp.decoded_token if lp.decoded_token is not None else str(tok)
+
+    if kind == "chat":
+        content = []
+        for tok, entry in zip(c.token_ids, entries, strict=False):
+            chosen = entry[tok]
+            alts = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
+            content.append(
+                {
+                    "token": piece(tok, chosen),
+                    "logprob": chosen.logprob,
+                    "bytes": list(piece(tok, chosen).encode()),
+                    "top_logprobs": [
+                        {
+                            "token": piece(t, lp),
+                            "logprob": lp.logprob,
+                            "bytes": list(piece(t, lp).encode()),
+                        }
+                        for t, lp in alts
+                        if lp.rank is not None
+                    ][:top],
+                }
+            )
+        return {"content": content}
+    tokens, token_logprobs, tops, offsets, offset = [], [], [], [], 0
+    for tok, entry in zip(c.token_ids, entries, strict=False):
+        chosen = entry[tok]
+        tokens.append(piece(tok, chosen))
+        token_logprobs.append(chosen.logprob)
+        tops.append(
+            {
+                piece(t, lp): lp.logprob
+                for t, lp in entry.items()
+                if lp.rank is not None and lp.rank <= top
+            }
+        )
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
