@@ -1,27 +1,37 @@
-"""Offline throughput benchmark, in the manner of vLLM's and SGLang's offline benchmarks.
+"""Serving benchmark: requests arrive (all at once, at a Poisson rate, or from a trace) and flow
+through the continuous-batching ring; optionally transformers `generate` on the same model and
+prompts in the same process, for a ratio.
 
-Random prompts (token ids drawn uniformly from the vocabulary, seeded) are generated greedily with
-`ignore_eos`, so every request produces exactly its requested number of tokens. A warm-up pass
-runs one batch of every shape bucket the timed pass will use (so compilation is excluded), then
-the timed pass runs every batch. Reported: duration, requests/s, input/output/total tokens/s,
-time to first token and time per output token (mean, p50, p99), the pipeline's measured bubble
-fraction, per-device memory, and how many XLA compilations happened during the timed pass (it
-must be 0 after the warm-up, and in any case no more than the number of shape buckets).
+Requests are greedy with `ignore_eos`, so each produces exactly its requested number of tokens:
+random prompts (token ids drawn uniformly from the vocabulary, seeded; vLLM's random dataset)
+or the lines of a trace in LLMServingSim's format (`--trace FILE.jsonl`: one request per line,
+`{"input_toks": 512, "output_toks": 128, "arrival_time_ns": 0}`, optional `input_tok_ids`).
+A warm-up compiles every step program the run can use (one per decode width, a fixed set), then
+the timed pass admits each request at its arrival time and prints an interval log in
+LLMServingSim's manner, then:
 
-    python -m jaxpp.bench --preset llama-32m --input-len 64 --output-len 128 \\
-        --num-prompts 32 --dtype float32 --compare-hf
-    jaxpp bench --model path/to/hf-dir --pp 2 --json
+- duration, requests/s, input/output/total tokens/s;
+- TTFT, TPOT and end-to-end latency (mean, p50, p99), measured from each request's arrival;
+- slot occupancy (decode rows that produced a token / decode rows that left the last stage),
+  also while requests were queued, and the measured bubble fraction of the ring;
+- the device's idle time between ring calls (an upper bound polled by the host), the step
+  programs compiled and the XLA compilations during the timed pass (0 after the warm-up);
+- per-device memory, decode bandwidth and prefill FLOP/s.
+
+    jaxpp bench --preset llama-32m --input-len 264 --output-len 132 --range-ratio 0.94 \\
+        --num-prompts 256 --batch-size 32 --dtype float32 --compare-hf
+    jaxpp bench --model path/to/hf-dir --pp 4 --trace requests.jsonl --json
 
 `--preset NAME` reads configs/NAME.json (or any path to a config.json-like file) and writes a
 randomly initialised checkpoint for it once, with transformers' `from_config(...)
 .save_pretrained`, into `~/.cache/jaxpp/presets/NAME-<hash>` (`--cache-dir` or
 `$JAXPP_CACHE_DIR` to move it). No tokenizer is needed: prompts are token ids.
 
-`--compare-hf` runs transformers `generate` on the same model, same prompts, same batches (left
-padded, with an attention mask), greedy, in the same process, and prints the ratio of output
-tokens/s jaxpp / transformers. `--measure-bandwidth` times a large device copy and reports the
-decode step's achieved memory bandwidth against it; prefill MFU is reported when the peak
-FLOP/s is known (`--peak-tflops`, or an H100/H200 in bf16).
+`--batch-size N` is what each engine may hold at once: jaxpp's sequence slots (max_num_seqs)
+and transformers' batch (requests in arrival order, left padded, with an attention mask; its
+default attention, sdpa). `--measure-bandwidth` times a large device copy and reports decode
+bandwidth against it; prefill FLOP/s is reported with MFU when the peak is known
+(`--peak-tflops`, or an H100/H200 in bf16).
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +57,7 @@ DEFAULT_CACHE = Path.home() / ".cache" / "jaxpp" / "presets"
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # Peak dense bf16 FLOP/s (no sparsity) by device kind substring.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
+TRACE_FIELDS = ("input_toks", "output_toks", "arrival_time_ns")
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,7 +68,7 @@ def add_parser(subparsers) -> None:
     """Register the `bench` subcommand on an argparse subparsers object."""
     p = subparsers.add_parser(
         "bench",
-        help="offline throughput benchmark (random prompts, greedy, ignore_eos)",
+        help="serving benchmark (random or traced requests, greedy, ignore_eos)",
         description=__doc__.split("\n\n")[0],
     )
     _add_arguments(p)
@@ -73,18 +84,27 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="where preset checkpoints are written (default ~/.cache/jaxpp/presets)",
     )
+    p.add_argument("--trace", help="JSONL trace of requests (LLMServingSim format)")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument(
         "--range-ratio", type=float, default=0.0, help="lengths uniform in [len*(1-r), len*(1+r)]"
     )
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="random requests arrive as a Poisson process of this rate (req/s; default: all at"
+        " once)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--batch-size",
         type=int,
         default=None,
-        help="prompts per generate call (default: all of them)",
+        help="sequences each engine holds at once: jaxpp's slots, transformers' batch "
+        "(default: jaxpp's default slots, transformers 32)",
     )
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--tp", type=int, default=1)
@@ -92,7 +112,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-microbatches", type=int, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--decode-chunk", type=int, default=32)
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per chunk")
+    p.add_argument("--decode-chunk", type=int, default=16, help="ring rounds per call at most")
+    p.add_argument(
+        "--log-interval", type=float, default=5.0, help="seconds between interval log lines"
+    )
     p.add_argument(
         "--compare-hf",
         action="store_true",
@@ -100,9 +124,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--hf-attn",
-        default="eager",
+        default="sdpa",
         choices=["eager", "sdpa"],
-        help="transformers attention implementation (default eager)",
+        help="transformers attention implementation (default sdpa, what a user gets)",
     )
     p.add_argument("--hf-device", default="auto", help="torch device: auto, cpu, cuda")
     p.add_argument(
@@ -155,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 class Request:
     prompt: list[int]
     output_len: int
+    arrival: float = 0.0  # seconds after the start of the run
 
 
 def random_requests(
@@ -164,10 +189,14 @@ def random_requests(
     range_ratio: float,
     vocab_size: int,
     seed: int = 0,
+    request_rate: float = math.inf,
 ) -> list[Request]:
-    """vLLM's random dataset: lengths uniform in [len*(1-r), len*(1+r)], ids uniform."""
+    """vLLM's random dataset: lengths uniform in [len*(1-r), len*(1+r)], ids uniform; arrivals
+    all at 0, or a Poisson process of `request_rate` per second."""
     if not 0 <= range_ratio < 1:
         raise ValueError(f"--range-ratio={range_ratio} is invalid: expected 0 <= r < 1")
+    if not request_rate > 0:
+        raise ValueError(f"--request-rate={request_rate} is invalid: expected > 0")
     rng = np.random.default_rng(seed)
 
     def lengths(n: int) -> np.ndarray:
@@ -175,10 +204,57 @@ def random_requests(
         return rng.integers(lo, hi + 1, size=num_prompts)
 
     ins, outs = lengths(input_len), lengths(output_len)
+    arrivals = np.zeros(num_prompts)
+    if math.isfinite(request_rate):
+        arrivals = np.cumsum(rng.exponential(1 / request_rate, size=num_prompts))
     return [
-        Request(rng.integers(0, vocab_size, size=int(i)).tolist(), int(o))
-        for i, o in zip(ins, outs, strict=True)
+        Request(rng.integers(0, vocab_size, size=int(i)).tolist(), int(o), float(a))
+        for i, o, a in zip(ins, outs, arrivals, strict=True)
     ]
+
+
+def read_trace(path: str | os.PathLike, vocab_size: int, seed: int = 0) -> list[Request]:
+    """Requests from an LLMServingSim trace, in arrival order. Prompts without `input_tok_ids`
+    get random ids (seeded). Any bad line is refused with its line number and field."""
+    rng = np.random.default_rng(seed)
+    requests = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--trace {path}: cannot read it ({e})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"--trace {path} line {number}"
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{where}: invalid JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        for name in TRACE_FIELDS:
+            value = obj.get(name)
+            if value is None:
+                raise ValueError(f"{where}: missing {name!r}")
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{where}: {name}={value!r} is not an integer")
+            if value < (0 if name == "arrival_time_ns" else 1):
+                raise ValueError(f"{where}: {name}={value} is out of range")
+        ids = obj.get("input_tok_ids")
+        if ids is None:
+            ids = rng.integers(0, vocab_size, size=obj["input_toks"]).tolist()
+        elif (
+            not isinstance(ids, list)
+            or len(ids) != obj["input_toks"]
+            or not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids)
+        ):
+            raise ValueError(
+                f"{where}: input_tok_ids must be {obj['input_toks']} token ids in [0, {vocab_size})"
+            )
+        requests.append(Request(ids, obj["output_toks"], obj["arrival_time_ns"] / 1e9))
+    if not requests:
+        raise ValueError(f"--trace {path}: no requests")
+    return sorted(requests, key=lambda r: r.arrival)
 
 
 def preset_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -263,79 +339,105 @@ class CompileCounter:
 # the jaxpp run
 
 
-def bucket_key(llm, batch: list[Request]) -> tuple:
-    """The shapes `LLM._generate_wave` compiles for this batch."""
-    lens = [len(r.prompt) for r in batch]
-    budgets = [
-        min(r.output_len, llm.max_model_len - n + 1) for r, n in zip(batch, lens, strict=True)
-    ]
-    return llm.wave_shape(lens, budgets)
-
-
-def _batches(requests: list[Request], batch_size: int) -> list[list[Request]]:
-    return [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
-
-
-def _params(batch: list[Request]):
+def _params(r: Request):
     from jaxpp.config import SamplingParams  # noqa: PLC0415
 
-    return [
-        SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in batch
-    ]
+    return SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
 
 
 @dataclasses.dataclass
 class PassResult:
     duration: float
     outputs: list  # RequestOutput per request, in request order
-    stats: dict  # summed pipeline ticks over the waves
+    latencies: list[dict]  # per request: ttft, tpot, e2e seconds, measured from its arrival
+    stats: dict  # the ring's counters over the pass (scheduler.RunStats.as_dict)
+    intervals: list[dict]
     compilations: int
     compiled: list[str]
-    waves: list[dict]  # per wave: ttft, decode_time, decode_ticks, rows, cache_len
+    device_idle_s: float
 
 
-def run_jaxpp_pass(llm, batches: list[list[Request]]) -> PassResult:
-    keys = ("prefill_ticks", "prefill_busy_stage_ticks", "decode_ticks", "decode_busy_stage_ticks")
-    totals = dict.fromkeys(keys, 0)
-    outputs, waves = [], []
+def run_pass(
+    llm, requests: list[Request], log_interval: float = 5.0, log: Callable = print
+) -> PassResult:
+    """Admit each request at its arrival time and step the engine until every one is done,
+    logging an interval line every `log_interval` seconds."""
+    order = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
+    outputs: list = [None] * len(requests)
+    latencies: list = [None] * len(requests)
+    owner: dict[str, int] = {}
+    llm.scheduler.reset_stats()
+    idle_before = llm.device_idle_s
+    intervals: list[dict] = []
     with CompileCounter() as counter:
         start = time.perf_counter()
-        for batch in batches:
-            outs = llm.generate([r.prompt for r in batch], _params(batch))
-            for k in keys:
-                totals[k] += int(llm.last_run_stats.get(k, 0))
-            m = outs[0].metrics
-            waves.append(
-                {
-                    "requests": len(batch),
-                    "ttft": m.time_to_first_token,
-                    "decode_time": m.decode_time,
-                    "decode_ticks": int(llm.last_run_stats.get("decode_ticks", 0)),
-                    "prefill_ticks": int(llm.last_run_stats.get("prefill_ticks", 0)),
-                    "bucket": list(bucket_key(llm, batch)),
-                }
-            )
-            outputs += outs
+        mark = {"t": start, "calls": 0, "tokens": 0, "prompt_tokens": 0}
+        added = 0
+        while added < len(order) or llm.has_unfinished_requests():
+            now = time.perf_counter()
+            while added < len(order) and start + requests[order[added]].arrival <= now:
+                i = order[added]
+                owner[llm.add_request(requests[i].prompt, _params(requests[i]))] = i
+                added += 1
+            if not llm.has_unfinished_requests():
+                time.sleep(max(0.0, start + requests[order[added]].arrival - now))
+                continue
+            for out in llm.step():
+                i = owner.pop(out.request_id)
+                outputs[i] = out
+                latencies[i] = _latency(out, start + requests[i].arrival)
+            if time.perf_counter() - mark["t"] >= log_interval:
+                intervals.append(_interval(llm, start, mark, log))
         duration = time.perf_counter() - start
-    for name in ("prefill", "decode"):
-        ticks, busy = totals[f"{name}_ticks"], totals[f"{name}_busy_stage_ticks"]
-        totals[f"{name}_bubble_fraction"] = 1 - busy / (ticks * llm.pp) if ticks else 0.0
-    return PassResult(duration, outputs, totals, counter.count, counter.names, waves)
+    intervals.append(_interval(llm, start, mark, log))
+    return PassResult(
+        duration,
+        outputs,
+        latencies,
+        llm.scheduler.stats.as_dict(),
+        intervals,
+        counter.count,
+        counter.names,
+        llm.device_idle_s - idle_before,
+    )
 
 
-def warm_up(llm, batches: list[list[Request]]) -> tuple[int, float, int]:
-    """Run the first batch of each shape bucket. Returns (buckets, seconds, compilations)."""
-    seen: dict[tuple, list[Request]] = {}
-    for batch in batches:
-        seen.setdefault(bucket_key(llm, batch), batch)
-    start = time.perf_counter()
-    with CompileCounter() as counter:
-        for batch in seen.values():
-            llm.generate([r.prompt for r in batch], _params(batch))
-    return len(seen), time.perf_counter() - start, counter.count
+def _latency(out, arrival: float) -> dict:
+    m, n = out.metrics, len(out.outputs[0].token_ids)
+    return {
+        "ttft": m.first_token_time - arrival,
+        "tpot": m.decode_time / (n - 1) if n > 1 else None,
+        "e2e": m.finished_time - arrival,
+    }
+
+
+def _interval(llm, start: float, mark: dict, log: Callable) -> dict:
+    """One line of LLMServingSim's log: calls so far, requests decoding, prompt and decode
+    token rates over the interval, the fullest device's memory."""
+    now = time.perf_counter()
+    stats = llm.scheduler.stats
+    span = max(now - mark["t"], 1e-9)
+    memory = max(d["params"] + d["kv_cache"] for d in llm.device_memory())
+    line = {
+        "t": now - start,
+        "step": stats.calls,
+        "batch": llm.scheduler.decoding,
+        "queue": len(llm.scheduler.waiting),
+        "prompt_t": (stats.prompt_tokens - mark["prompt_tokens"]) / span,
+        "decode_t": (stats.tokens - mark["tokens"]) / span,
+        "npu_mem": memory / 1e9,
+    }
+    mark.update(t=now, calls=stats.calls, tokens=stats.tokens, prompt_tokens=stats.prompt_tokens)
+    log(
+        f"[{line['t']:7.1f}s] step={line['step']} batch={line['batch']} "
+        f"prompt_t={line['prompt_t']:.1f} tok/s decode_t={line['decode_t']:.1f} tok/s "
+        f"npu_mem={line['npu_mem']:.2f} GB queue={line['queue']}"
+    )
+    return line
 
 
 def _percentiles(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
     if not values:
         return {"mean": None, "p50": None, "p99": None}
     a = np.asarray(values, np.float64)
@@ -349,14 +451,8 @@ def _percentiles(values: list[float]) -> dict:
 def summarize(requests: list[Request], result: PassResult) -> dict:
     input_tokens = sum(len(r.prompt) for r in requests)
     output_tokens = sum(len(o.outputs[0].token_ids) for o in result.outputs)
-    ttft, tpot = [], []
-    for o in result.outputs:
-        n = len(o.outputs[0].token_ids)
-        ttft.append(o.metrics.time_to_first_token)
-        if n > 1:
-            tpot.append(o.metrics.decode_time / (n - 1))
     d = result.duration
-    decode_s = sum(w["decode_time"] for w in result.waves)
+    stats = result.stats
     return {
         "duration_s": d,
         "requests_per_s": len(requests) / d,
@@ -365,10 +461,14 @@ def summarize(requests: list[Request], result: PassResult) -> dict:
         "input_tokens_per_s": input_tokens / d,
         "output_tokens_per_s": output_tokens / d,
         "total_tokens_per_s": (input_tokens + output_tokens) / d,
-        # Tokens after each request's first, over the time the decode ring ran.
-        "decode_tokens_per_s": (output_tokens - len(requests)) / decode_s if decode_s else None,
-        "ttft_s": _percentiles(ttft),
-        "tpot_s": _percentiles(tpot),
+        "ttft_s": _percentiles([x["ttft"] for x in result.latencies]),
+        "tpot_s": _percentiles([x["tpot"] for x in result.latencies]),
+        "e2e_s": _percentiles([x["e2e"] for x in result.latencies]),
+        "tick_s": d / stats["ticks"] if stats["ticks"] else None,
+        "occupancy": stats["occupancy"],
+        "queued_occupancy": stats["queued_occupancy"],
+        "bubble_fraction": stats["bubble_fraction"],
+        "device_idle_fraction": result.device_idle_s / d,
     }
 
 
@@ -513,25 +613,25 @@ def peak_flops(dtype_name: str, override_tflops: float | None) -> float | None:
     return None
 
 
-def decode_bandwidth(llm, result: PassResult, dtype_bytes: int) -> dict:
-    """Bytes one device reads per decode tick (its weight shard, its vocab shard of the LM head,
-    the KV cache of the micro-batch it serves, over the whole cache length as the engine reads
-    it), divided by the measured tick time."""
-    nums = model_numbers(llm.config)
-    n_dev = llm.pp * llm.tp
-    ticks = sum(w["decode_ticks"] for w in result.waves)
-    seconds = sum(w["decode_time"] for w in result.waves)
-    if not ticks or not seconds:
+def decode_bandwidth(llm, requests: list[Request], result: PassResult) -> dict:
+    """Bytes one device reads per tick on average (its weight shard, its vocab shard of the LM
+    head, the live KV of the rows it serves: each token attends to its position's worth of
+    cache), divided by the measured tick time. Prefill chunks count as ticks too: this is a
+    decode figure for runs whose prompts are short next to their outputs."""
+    ticks = result.stats["ticks"]
+    if not ticks:
         return {}
-    moved = 0.0
-    for w in result.waves:
-        rows, _, cache_len, _ = w["bucket"]
-        rows_per_tick = rows // llm.dp // llm.microbatches
-        weights = (nums["layer_params"] + nums["head_params"]) / n_dev
-        kv = nums["kv_elems_per_token"] / n_dev * rows_per_tick * cache_len
-        moved += (weights + kv) * dtype_bytes * w["decode_ticks"]
-    per_tick = moved / ticks
-    tick_s = seconds / ticks
+    nums = model_numbers(llm.config)
+    devices = llm.pp * llm.tp
+    dtype_bytes = np.dtype(llm.dtype).itemsize
+    weights = (nums["layer_params"] + nums["head_params"]) / devices * dtype_bytes
+    kv_read = sum(
+        sum(len(r.prompt) + i for i in range(len(o.outputs[0].token_ids)))
+        for r, o in zip(requests, result.outputs, strict=True)
+    )
+    kv = kv_read * nums["kv_elems_per_token"] * dtype_bytes / devices / llm.dp
+    per_tick = weights + kv / ticks
+    tick_s = result.duration / ticks
     return {
         "bytes_per_tick_per_device": per_tick,
         "tick_s": tick_s,
@@ -571,7 +671,7 @@ def _ensure_cpu_devices(needed: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("input_len", "output_len", "num_prompts", "repeats"):
+    for name in ("input_len", "output_len", "num_prompts", "repeats", "prefill_chunk"):
         if getattr(args, name) < 1:
             print(
                 f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: expected >= 1",
@@ -593,72 +693,78 @@ def run(args: argparse.Namespace) -> int:
     try:
         model_dir = Path(args.model) if args.model else preset_dir(args.preset, args.cache_dir)
         cfg = ModelConfig.from_dir(model_dir)
-        requests = random_requests(
-            args.num_prompts,
-            args.input_len,
-            args.output_len,
-            args.range_ratio,
-            cfg.vocab_size,
-            args.seed,
+        if args.trace:
+            requests = read_trace(args.trace, cfg.vocab_size, args.seed)
+        else:
+            requests = random_requests(
+                args.num_prompts,
+                args.input_len,
+                args.output_len,
+                args.range_ratio,
+                cfg.vocab_size,
+                args.seed,
+                args.request_rate,
+            )
+        t = time.perf_counter()
+        llm = LLM(
+            model_dir,
+            dtype=args.dtype,
+            pp=args.pp,
+            tp=args.tp,
+            dp=args.dp,
+            num_microbatches=args.num_microbatches,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.batch_size,
+            prefill_chunk=args.prefill_chunk,
+            decode_chunk=args.decode_chunk,
+            seed=args.seed,
         )
+        load_s = time.perf_counter() - t
+        longest = max(len(r.prompt) for r in requests)
+        if longest > llm.max_model_len:
+            raise ValueError(
+                f"a prompt has {longest} tokens, more than max_model_len={llm.max_model_len}: "
+                "lower --input-len/--range-ratio or raise --max-model-len"
+            )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    batch_size = args.batch_size or len(requests)
-    batches = _batches(requests, batch_size)
-    log(
-        f"model {model_dir} ({model_numbers(cfg)['params'] / 1e6:.1f}M params), "
-        f"{len(requests)} prompts, batch {batch_size}, devices {jax.devices()[0].platform} "
-        f"x{len(jax.devices())}"
-    )
-
-    t = time.perf_counter()
-    llm = LLM(
-        model_dir,
-        dtype=args.dtype,
-        pp=args.pp,
-        tp=args.tp,
-        dp=args.dp,
-        num_microbatches=args.num_microbatches,
-        max_model_len=args.max_model_len,
-        decode_chunk=args.decode_chunk,
-        max_num_seqs=max(batch_size, 1),
-        seed=args.seed,
-    )
-    load_s = time.perf_counter() - t
     dtype_name = jax.numpy.dtype(llm.dtype).name
     log(
+        f"model {model_dir} ({model_numbers(cfg)['params'] / 1e6:.1f}M params), "
+        f"{len(requests)} requests, devices {jax.devices()[0].platform} x{len(jax.devices())}"
+    )
+    log(
         f"loaded in {load_s:.1f}s: pp={llm.pp} tp={llm.tp} dp={llm.dp} "
-        f"microbatches={llm.microbatches} dtype={dtype_name}"
+        f"microbatches={llm.microbatches} slots={llm.max_num_seqs} "
+        f"chunk={llm.prefill_chunk} dtype={dtype_name}"
+    )
+    t = time.perf_counter()
+    with CompileCounter() as counter:
+        llm.warm_up(_params(requests[0]))
+    warm_s = time.perf_counter() - t
+    log(
+        f"warm-up: {llm.compiled_programs} step programs, {counter.count} compilations, "
+        f"{warm_s:.1f}s"
     )
 
-    longest = max(len(r.prompt) for r in requests)
-    if longest > llm.max_model_len:
-        print(
-            f"error: a prompt has {longest} tokens, more than max_model_len="
-            f"{llm.max_model_len}: lower --input-len/--range-ratio or raise --max-model-len",
-            file=sys.stderr,
-        )
-        return 2
-    buckets, warm_s, warm_compiles = warm_up(llm, batches)
-    log(f"warm-up: {buckets} shape bucket(s), {warm_compiles} compilations, {warm_s:.1f}s")
-
     hf = None
+    hf_batch = args.batch_size or 32
+    batches = [requests[i : i + hf_batch] for i in range(0, len(requests), hf_batch)]
     if args.compare_hf:
         hf = HFRunner(model_dir, dtype_name, args.hf_attn, args.hf_device, args.torch_threads)
-        hf.generate_batch([dataclasses.replace(batches[0][0], output_len=2)])  # warm-up
-        log(f"transformers loaded: attn={args.hf_attn} device={hf.device}")
+        hf.generate_batch([dataclasses.replace(requests[0], output_len=2)])  # warm-up
+        log(f"transformers loaded: attn={args.hf_attn} device={hf.device} batch={hf_batch}")
     # Timed passes; with --compare-hf they alternate with the transformers passes, so that
     # both engines see the same machine load (the fastest pass of each is reported).
     results, hf_runs = [], []
     for i in range(args.repeats):
-        results.append(run_jaxpp_pass(llm, batches))
+        results.append(run_pass(llm, requests, args.log_interval, log))
         log(f"jaxpp pass {i + 1}/{args.repeats}: {results[-1].duration:.2f}s")
         if hf is not None:
             hf_runs.append(hf.run_pass(batches))
             log(f"transformers pass {i + 1}/{args.repeats}: {hf_runs[-1][0]:.2f}s")
     best = min(results, key=lambda r: r.duration)
-    compilations = sum(r.compilations for r in results)
     report = {
         "engine": "jaxpp",
         "date": time.strftime("%Y-%m-%d"),
@@ -680,33 +786,33 @@ def run(args: argparse.Namespace) -> int:
             "microbatches": llm.microbatches,
             "partition": list(llm.partition),
             "dtype": dtype_name,
+            "slots": llm.max_num_seqs,
+            "prefill_chunk": llm.prefill_chunk,
             "decode_chunk": llm.decode_chunk,
+            "max_model_len": llm.max_model_len,
         },
         "num_prompts": len(requests),
-        "batch_size": batch_size,
         "load_s": load_s,
         "warmup_s": warm_s,
-        "warmup_compilations": warm_compiles,
-        "shape_buckets": buckets,
-        "compilations_timed": compilations,
+        "warmup_compilations": counter.count,
+        "step_programs": llm.compiled_programs,
+        "compilations_timed": sum(r.compilations for r in results),
         "compiled_timed": sorted(set(n for r in results for n in r.compiled)),
         "repeats": [r.duration for r in results],
         **summarize(requests, best),
-        "pipeline": best.stats,
-        "waves": best.waves,
+        "pipeline": {k: v for k, v in best.stats.items() if k != "schedule"},
+        "intervals": best.intervals,
         "device_memory": llm.device_memory(),
+        "decode_bandwidth": decode_bandwidth(llm, requests, best),
     }
-    dtype_bytes = jax.numpy.dtype(llm.dtype).itemsize
-    report["decode_bandwidth"] = decode_bandwidth(llm, best, dtype_bytes)
     peak = peak_flops(dtype_name, args.peak_tflops)
-    prefill_s = sum(w["ttft"] for w in best.waves)
     flops = prefill_flops(cfg, [len(r.prompt) for r in requests])
     report["prefill"] = {
         "flops": flops,
-        "seconds": prefill_s,
-        "flops_per_s": flops / prefill_s if prefill_s else None,
+        # Over the whole pass: a prefill figure for runs of one-token outputs.
+        "flops_per_s": flops / best.duration,
         "peak_flops_per_s": peak,
-        "mfu": flops / prefill_s / peak if peak and prefill_s else None,
+        "mfu": flops / best.duration / peak if peak else None,
     }
     if args.measure_bandwidth:
         bw = measure_bandwidth(args.bandwidth_mb)
@@ -729,6 +835,7 @@ def run(args: argparse.Namespace) -> int:
             "attn_implementation": args.hf_attn,
             "device": hf.device,
             "torch_threads": hf.threads,
+            "batch_size": hf_batch,
             "repeats": [r[0] for r in hf_runs],
             "duration_s": hf_s,
             "requests_per_s": len(requests) / hf_s,
@@ -765,9 +872,9 @@ def _ms(x):
 def _print_report(r: dict) -> None:
     lay = r["layout"]
     print(
-        f"\n==== jaxpp offline throughput ({r['num_prompts']} prompts, batch {r['batch_size']},"
+        f"\n==== jaxpp serving ({r['num_prompts']} requests, {lay['slots']} slots,"
         f" pp={lay['pp']} tp={lay['tp']} dp={lay['dp']} M={lay['microbatches']}"
-        f" {lay['dtype']}) ===="
+        f" chunk={lay['prefill_chunk']} {lay['dtype']}) ===="
     )
     print(
         f"duration               {r['duration_s']:.3f} s"
@@ -781,23 +888,20 @@ def _print_report(r: dict) -> None:
     print(f"input tokens/s         {r['input_tokens_per_s']:.1f}  ({r['input_tokens']} tokens)")
     print(f"output tokens/s        {r['output_tokens_per_s']:.1f}  ({r['output_tokens']} tokens)")
     print(f"total tokens/s         {r['total_tokens_per_s']:.1f}")
-    if r["decode_tokens_per_s"]:
-        print(f"decode tokens/s        {r['decode_tokens_per_s']:.1f}  (decode ring time only)")
-    for key, name in (("ttft_s", "TTFT"), ("tpot_s", "TPOT")):
+    for key, name in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E ")):
         s = r[key]
         print(f"{name} ms mean/p50/p99  {_ms(s['mean'])} / {_ms(s['p50'])} / {_ms(s['p99'])}")
     p = r["pipeline"]
+    queued = p["queued_occupancy"]
     print(
-        f"prefill ticks {p['prefill_ticks']} busy stage-ticks {p['prefill_busy_stage_ticks']}"
-        f" bubble {p['prefill_bubble_fraction']:.3f}"
+        f"ring: {p['calls']} calls, {p['ticks']} ticks ({_ms(r['tick_s'])} ms each), bubble "
+        f"{p['bubble_fraction']:.3f}, occupancy {p['occupancy']:.3f}"
+        + ("" if queued is None else f" ({queued:.3f} while requests queued)")
     )
+    print(f"device idle between calls <= {100 * r['device_idle_fraction']:.2f}% of the run")
     print(
-        f"decode  ticks {p['decode_ticks']} busy stage-ticks {p['decode_busy_stage_ticks']}"
-        f" bubble {p['decode_bubble_fraction']:.3f}"
-    )
-    print(
-        f"XLA compilations: warm-up {r['warmup_compilations']}, timed "
-        f"{r['compilations_timed']} (shape buckets: {r['shape_buckets']})"
+        f"step programs {r['step_programs']}; XLA compilations: warm-up "
+        f"{r['warmup_compilations']}, timed {r['compilations_timed']}"
     )
     for m in r["device_memory"]:
         print(
@@ -807,8 +911,7 @@ def _print_report(r: dict) -> None:
     bw = r.get("decode_bandwidth") or {}
     if bw:
         line = (
-            f"decode: {bw['tick_s'] * 1e3:.2f} ms/tick, "
-            f"{bw['bytes_per_tick_per_device'] / 2**20:.1f} MiB/tick/device -> "
+            f"per tick: {bw['bytes_per_tick_per_device'] / 2**20:.1f} MiB/device read -> "
             f"{bw['bytes_per_s_per_device'] / 1e9:.1f} GB/s per device"
         )
         if "fraction_of_copy" in bw:
@@ -818,16 +921,15 @@ def _print_report(r: dict) -> None:
             )
         print(line)
     pf = r["prefill"]
-    if pf["flops_per_s"]:
-        line = f"prefill: {pf['flops_per_s'] / 1e12:.3f} TFLOP/s"
-        if pf["mfu"] is not None:
-            line += f", MFU {100 * pf['mfu']:.1f}% of {pf['peak_flops_per_s'] / 1e12:.0f} TFLOP/s"
-        print(line)
+    line = f"prefill FLOPs over the pass: {pf['flops_per_s'] / 1e12:.3f} TFLOP/s"
+    if pf["mfu"] is not None:
+        line += f", MFU {100 * pf['mfu']:.1f}% of {pf['peak_flops_per_s'] / 1e12:.0f} TFLOP/s"
+    print(line)
     if "hf" in r:
         h = r["hf"]
         print(
             f"---- {h['engine']} ({h['dtype']}, attn={h['attn_implementation']}, "
-            f"{h['device']}, {h['torch_threads']} threads) ----"
+            f"{h['device']}, {h['torch_threads']} threads, batch {h['batch_size']}) ----"
         )
         print(f"duration               {h['duration_s']:.3f} s")
         print(f"output tokens/s        {h['output_tokens_per_s']:.1f}")

@@ -1,16 +1,23 @@
-"""`LLM`: load a model onto the mesh, batch requests into shape buckets, run the pipeline.
+"""`LLM`: load a model onto the mesh and serve requests through the continuous-batching ring.
 
-A generate call sorts requests by prompt length and serves them in waves of at most
-`max_num_seqs` sequences. A wave is padded to a shape bucket — batch to a multiple of
-dp x micro-batches times a power of two, prompt length and cache length to the next size in
-16, 24, 32, 48, 64, 96, ... (powers of two and 1.5x powers of two) — so the programs compile once
-per bucket, never per prompt. Each wave: one GPipe prefill (which also
-samples every sequence's first token), then decode-ring calls of `decode_chunk` tokens each until
-every sequence is done. The host only looks at the device between calls (to apply stop strings).
+The facade over the two other halves: the scheduler (scheduler.py: queue, slots, chunks,
+finishing; host only) and the device program (pipeline.py: one ring call of up to K ticks).
+`step()` is the whole serving loop:
+
+    plan call n+1 (scheduler) -> dispatch it (async) -> read call n's log -> hand back finished
+
+so the host's bookkeeping for one call overlaps the device's work on the next, and the device
+always has a call queued. `generate`, `chat` and `logits` add their requests and step until
+they are done; `add_request` + `step` serve a stream (the CLI, the trace benchmark).
+
+The KV cache holds `max_num_seqs` slots of `max_model_len` positions, allocated once; the
+programs are compiled for a handful of shapes (decode width in powers of two up to the slots of
+a micro-batch, the sampler's mode), never per request or per length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -24,7 +31,7 @@ from flax import nnx
 
 from jaxpp.checkpoint import Checkpoint, load_state
 from jaxpp.config import ModelConfig, SamplingParams, generation_defaults
-from jaxpp.model import Transformer, rope_inv_freq
+from jaxpp.model import KV_BLOCK, Transformer, rope_inv_freq
 from jaxpp.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 # `layer_partition` is also an argument name of LLM, hence the alias.
@@ -32,33 +39,21 @@ from jaxpp.partition import layer_grid
 from jaxpp.partition import layer_partition as split_layers
 from jaxpp.pipeline import (
     ROW,
-    SCHEDULE,
-    TRACE_TICKS,
-    DecodeState,
-    KVCache,
+    ChunkPlan,
     Pipeline,
     PipelineShape,
-    RunStats,
-    empty_cache,
+    RingState,
+    SlotControl,
+    empty_ring,
     host_array,
 )
-from jaxpp.sampling import SamplerMode, SamplerRows, sampler_rows
+from jaxpp.sampling import SamplerMode, SamplerRows
+from jaxpp.scheduler import Request, Scheduler, SlotLayout, Step, StepKind
 from jaxpp.sharding import make_mesh, padded_vocab
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _pow2_at_least(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-
-
-def _size_bucket(n: int, minimum: int = 16) -> int:
-    """The smallest of 2^k and 1.5 * 2^k that is >= n: at most 33% padding (a power of two
-    wastes up to 50%), two compiled shapes per octave. Decode reads the whole cache every tick,
-    so its length is bandwidth: 192 instead of 256 for a 64 + 128 token request."""
-    p = _pow2_at_least(n, minimum)
-    three_quarters = p * 3 // 4
-    return three_quarters if three_quarters >= max(n, minimum) else p
+DEFAULT_MAX_NUM_SEQS = 256
+CPU_KV_CACHE_BYTES = 1 << 30  # KV budget of a CPU process when max_num_seqs is left to us
 
 
 class LLM:
@@ -66,6 +61,12 @@ class LLM:
 
     `model` is a local Hugging Face directory (config.json, *.safetensors, tokenizer files).
     `dtype` None keeps the checkpoint's dtype. The first dp*pp*tp devices are used.
+
+    Serving: `max_num_seqs` sequence slots (default: up to 256, as many as fit the KV budget
+    `kv_cache_memory` bytes per device: 90% of an accelerator's free memory after the weights,
+    1 GiB per CPU process), each holding `max_model_len` positions (default: the model's).
+    Prompts enter in chunks of `prefill_chunk` tokens riding the decode ring; a call runs up to
+    `decode_chunk` rounds of the ring (one token per decoding sequence each) while nothing waits.
     """
 
     def __init__(
@@ -80,9 +81,26 @@ class LLM:
         num_microbatches: int | None = None,
         max_model_len: int | None = None,
         seed: int = 0,
-        max_num_seqs: int = 256,
-        decode_chunk: int = 32,
+        max_num_seqs: int | None = None,
+        prefill_chunk: int = 256,
+        decode_chunk: int = 16,
+        kv_cache_memory: int | None = None,
     ):
+        for name, value in (
+            ("pp", pp),
+            ("tp", tp),
+            ("dp", dp),
+            ("num_microbatches", num_microbatches),
+            ("max_model_len", max_model_len),
+            ("max_num_seqs", max_num_seqs),
+            ("prefill_chunk", prefill_chunk),
+            ("decode_chunk", decode_chunk),
+            ("kv_cache_memory", kv_cache_memory),
+        ):
+            if value is not None:
+                _check_positive_int(name, value)
+        if not _is_int(seed) or seed < 0:
+            raise ValueError(f"seed={seed!r} is invalid: expected an integer >= 0")
         self.model_dir = Path(model)
         self.config = cfg = ModelConfig.from_dir(self.model_dir)
         checkpoint = Checkpoint(self.model_dir)
@@ -98,18 +116,21 @@ class LLM:
         self.partition = split_layers(cfg.num_layers, pp, layer_partition)
         grid, _ = layer_grid(self.partition)
         self.microbatches = num_microbatches or pp
-        if not isinstance(self.microbatches, int) or self.microbatches < pp:
+        if self.microbatches < pp:
             raise ValueError(
-                f"num_microbatches={num_microbatches!r} is invalid: the decode ring needs at "
-                f"least one micro-batch per stage (>= pp={pp})"
+                f"num_microbatches={num_microbatches!r} is invalid: the ring needs at least "
+                f"one micro-batch per stage (>= pp={pp})"
             )
         self.max_model_len = max_model_len or cfg.max_position_embeddings
-        if not isinstance(self.max_model_len, int) or self.max_model_len < 2:
-            raise ValueError(f"max_model_len={max_model_len!r} is invalid: expected an int >= 2")
-        self.max_num_seqs = max_num_seqs
+        if self.max_model_len < 2 or self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} is invalid: expected 2 .. the model's "
+                f"max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        self.prefill_chunk = min(prefill_chunk, self.max_model_len)
         self.decode_chunk = decode_chunk
         self._seed_rng = np.random.default_rng(seed)
-        self._request_counter = 0
+        self._serial = 0
 
         vocab = padded_vocab(cfg.vocab_size, self.mesh)
         windows = np.where(grid >= 0, np.array(cfg.sliding_windows + (0,))[grid], 0)
@@ -124,6 +145,23 @@ class LLM:
         )
         self.kv_heads = kv_heads
         self.layers_per_stage = grid.shape[1]
+        self.vocab_padded = vocab
+
+        # Positions per slot: whole KV blocks, and room for a chunk starting below max_model_len.
+        chunk = self.prefill_chunk
+        cache_len = _round_up(_round_up(self.max_model_len, chunk), KV_BLOCK)
+        self.max_num_seqs = self._slots(max_num_seqs, cache_len, kv_cache_memory)
+        rows = self.max_num_seqs // (dp * self.microbatches)
+        self.layout = SlotLayout(dp, self.microbatches, rows)
+        self.shape = PipelineShape(
+            stages=pp,
+            microbatches=self.microbatches,
+            rows=rows,
+            chunk=chunk,
+            cache_len=cache_len,
+            ticks=decode_chunk * self.microbatches,
+            vocab_size=cfg.vocab_size,
+        )
         self.pipeline = Pipeline(
             self.mesh,
             graphdef,
@@ -131,12 +169,28 @@ class LLM:
             self.state,
             rope_inv_freq(cfg),
             self.dtype,
-            PipelineShape(pp, self.microbatches, cfg.vocab_size),
+            self.shape,
         )
+        self.ring = self._empty_ring(penalties=False)
+        self.scheduler = Scheduler(
+            self.layout,
+            chunk,
+            pp,
+            decode_chunk,
+            cfg.eos_token_ids,
+            stop_check=self._stop_string_hit,
+        )
+        self._control: SlotControl | None = None
+        self._in_flight: tuple[Step, object] | None = None
+        self._requests: dict[int, tuple[str | None, list[int]]] = {}  # tag -> (text, ids)
+        self._unclaimed: list[RequestOutput] = []
+        # Device idle time between calls, an upper bound: the host polls whether the call in
+        # flight is done and adds the time since it last saw it running.
+        self.device_idle_s = 0.0
+        self._running_seen = 0.0
         self._tokenizer = None
         self.generation_defaults = generation_defaults(self.model_dir)
         self.last_run_stats: dict = {}
-        self._cache: KVCache | None = None
 
     @property
     def tokenizer(self):
@@ -168,24 +222,92 @@ class LLM:
             "or be divisible by it"
         )
 
-    # --- logits --------------------------------------------------------------------------------
+    def _slots(self, requested: int | None, cache_len: int, budget: int | None) -> int:
+        """Sequence slots: a multiple of dp x micro-batches, within the KV budget per device."""
+        unit = self.dp * self.microbatches
+        per_slot = self.kv_bytes_per_slot(cache_len)
+        if requested is not None:
+            return unit * math.ceil(requested / unit)
+        budget = budget or _default_kv_budget(self.mesh, self.state)
+        fits = budget // per_slot * self.dp  # slots are split over replicas
+        if fits < unit:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} does not fit: one slot needs "
+                f"{per_slot / 2**20:.1f} MiB of KV cache per device and the budget "
+                f"(kv_cache_memory) is {budget / 2**20:.0f} MiB for at least {unit} slots; "
+                "lower max_model_len or raise kv_cache_memory"
+            )
+        return unit * (min(DEFAULT_MAX_NUM_SEQS, fits) // unit)
 
-    def logits(self, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """Float32 logits [len(seq), vocab_size] at every position of each sequence."""
-        seqs = [self._check_ids(s, i) for i, s in enumerate(token_ids)]
-        if not seqs:
-            return []
-        results: list[np.ndarray] = []
-        for start in range(0, len(seqs), self.max_num_seqs):
-            wave = seqs[start : start + self.max_num_seqs]
-            tokens, lengths = self._pad_prompts(wave)
-            logits, stats = self.pipeline.prefill(self.state, tokens, lengths, None, None, None)
-            self._record_stats(prefill=stats)
-            logits = host_array(logits)
-            results += [logits[i, : len(s), : self.config.vocab_size] for i, s in enumerate(wave)]
-        return results
+    def kv_bytes_per_slot(self, cache_len: int | None = None) -> int:
+        """KV-cache bytes one sequence slot takes on each device of its replica."""
+        cache_len = cache_len or self.shape.cache_len
+        heads = self.kv_heads // self.tp
+        per_layer = 2 * heads * self.config.head_dim * cache_len
+        return self.layers_per_stage * per_layer * jnp.dtype(self.dtype).itemsize
+
+    def _empty_ring(self, penalties: bool) -> RingState:
+        return empty_ring(
+            self.mesh,
+            self.shape,
+            self.pipeline.slots,
+            self.dp,
+            self.kv_heads,
+            self.config.head_dim,
+            self.config.hidden_size,
+            self.vocab_padded,
+            penalties,
+            self.dtype,
+        )
+
+    # --- requests in -----------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        sampling_params: SamplingParams | None = None,
+    ) -> str:
+        """Queue one request; its output comes back from `step()` when it finishes. Returns
+        its request id."""
+        params = self._params_list(sampling_params, 1)[0]
+        text, ids = self._encode(prompt, 0)
+        return str(self._add(ids, params, text).tag)
+
+    def _add(
+        self, ids: list[int], params: SamplingParams, text: str | None, score: bool = False
+    ) -> Request:
+        drawn = int(self._seed_rng.integers(0, 2**32))
+        # Never run past max_model_len: the last token needs no cache slot, hence the +1.
+        budget = min(params.max_tokens, self.max_model_len - len(ids) + 1)
+        if budget != params.max_tokens:
+            params = dataclasses.replace(
+                params, max_tokens=budget, min_tokens=min(params.min_tokens, budget)
+            )
+        request = Request(
+            tag=self._serial,
+            prompt=ids,
+            params=params,
+            seed=params.seed if params.seed is not None else drawn,
+            arrival=time.perf_counter(),
+            score=score,
+        )
+        self._serial += 1
+        self._requests[request.tag] = (text, ids)
+        self.scheduler.add(request)
+        return request
+
+    def _encode(self, prompt, index: int) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_dir}: no tokenizer files; pass token ids")
+            return prompt, self._check_ids(self.tokenizer.encode(prompt), index)
+        return None, self._check_ids(prompt, index)
 
     def _check_ids(self, seq: Sequence[int], index: int) -> list[int]:
+        if isinstance(seq, str | bytes) or not isinstance(seq, Sequence | np.ndarray):
+            raise ValueError(
+                f"prompt {index} must be a string or a list of token ids, got {type(seq).__name__}"
+            )
         wrong = [t for t in seq if isinstance(t, bool) or not isinstance(t, int | np.integer)]
         if wrong:
             raise ValueError(f"prompt {index} has a non-integer token id {wrong[0]!r}")
@@ -205,29 +327,134 @@ class LLM:
             )
         return ids
 
-    def _batch_bucket(self, n: int) -> int:
-        unit = self.dp * self.microbatches
-        return unit * _pow2_at_least(math.ceil(n / unit))
+    def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [self.default_sampling_params()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        if isinstance(sampling_params, dict | str | bytes) or not isinstance(
+            sampling_params, Sequence
+        ):
+            raise ValueError(
+                "sampling_params must be a SamplingParams or a list of them, got "
+                f"{type(sampling_params).__name__}"
+            )
+        params = list(sampling_params)
+        if len(params) != n:
+            raise ValueError(
+                f"sampling_params has {len(params)} entries for {n} prompts: expected one each"
+            )
+        for i, p in enumerate(params):
+            if not isinstance(p, SamplingParams):
+                raise ValueError(
+                    f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}"
+                )
+        return params
 
-    def wave_shape(self, prompt_lens: list[int], budgets: list[int]) -> tuple[int, ...]:
-        """(rows, prompt width, cache length, output slots): the shape bucket of one wave."""
-        width = _size_bucket(max(prompt_lens))
-        longest = max(n + b for n, b in zip(prompt_lens, budgets, strict=True))
-        cache_len = max(width, min(_size_bucket(longest), self.max_model_len))
-        return self._batch_bucket(len(prompt_lens)), width, cache_len, _pow2_at_least(max(budgets))
+    def default_sampling_params(self) -> SamplingParams:
+        """vLLM's defaults, overridden by what the model's generation_config.json recommends."""
+        return SamplingParams(**self.generation_defaults)
 
-    def _pad_prompts(self, seqs: list[list[int]]) -> tuple[jax.Array, jax.Array]:
-        rows = self._batch_bucket(len(seqs))
-        width = _size_bucket(max(len(s) for s in seqs))
-        tokens = np.zeros((rows, width), np.int32)
-        lengths = np.ones(rows, np.int32)
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)] = s
-            lengths[i] = len(s)
+    # --- the serving loop --------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.unfinished or self._in_flight is not None
+
+    @property
+    def num_waiting_requests(self) -> int:
+        """Requests queued for a slot (not yet admitted)."""
+        return len(self.scheduler.waiting)
+
+    def abort_request(self, request_id: str) -> None:
+        """Forget a request: dropped if queued, withdrawn from its slot if running; no output
+        comes back for it. Unknown or finished ids are ignored."""
+        tag = int(request_id)
+        self.scheduler.abort({tag})
+        self._requests.pop(tag, None)
+
+    def step(self) -> list[RequestOutput]:
+        """Plan and dispatch the next ring call, then read the previous call's log: returns the
+        requests that finished there (possibly none)."""
+        if self._unclaimed:
+            done, self._unclaimed = self._unclaimed, []
+            return done
+        step = self.scheduler.schedule()
+        if self._in_flight is not None:
+            self._poll(self._in_flight[1])
+        log = self._dispatch(step) if step is not None else None
+        self._running_seen = time.perf_counter()
+        finished = []
+        if self._in_flight is not None:
+            previous, previous_log = self._in_flight
+            finished = self.scheduler.update(previous, jax.device_get(previous_log))
+        self._in_flight = (step, log) if step is not None else None
+        outputs = [self._output(r) for r in finished]
+        if log is not None:
+            self._poll(log)
+        return outputs
+
+    def _poll(self, log) -> None:
+        now = time.perf_counter()
+        if log.ticks.is_ready():
+            self.device_idle_s += now - self._running_seen
+        self._running_seen = now
+
+    def _dispatch(self, step: Step):
         sharding = jax.sharding.NamedSharding(self.mesh, ROW)
-        return jax.device_put(tokens, sharding), jax.device_put(lengths, sharding)
+        if step.tags is not None or self._control is None:
+            sampler = {k: v.copy() for k, v in self.scheduler.sampler.items()}
+            self._control = SlotControl(
+                jax.device_put(self.scheduler.tags.copy(), sharding),
+                SamplerRows(**{k: jax.device_put(v, sharding) for k, v in sampler.items()}),
+            )
+        if step.kind.mode.penalties and self.ring.counts.shape[1] == 0:
+            fresh = self._empty_ring(penalties=True)
+            self.ring = self.ring._replace(counts=fresh.counts, seen=fresh.seen)
+        plan = ChunkPlan(
+            jax.device_put(step.plan_tokens, sharding), jax.device_put(step.plan_meta, sharding)
+        )
+        self.ring, log = self.pipeline.step(
+            self.state, self.ring, self._control, plan, np.int32(step.ticks), step.kind
+        )
+        return log
 
-    # --- generate ------------------------------------------------------------------------------
+    def _run(self, tags: list[int], on_finish: Callable | None) -> dict[int, RequestOutput]:
+        """Step until the requests `tags` are done; others finishing meanwhile are kept for
+        the next `step()`."""
+        self.scheduler.reset_stats()
+        index = {tag: i for i, tag in enumerate(tags)}
+        done: dict[int, RequestOutput] = {}
+        try:
+            while len(done) < len(index):
+                for out in self.step():
+                    tag = int(out.request_id)
+                    if tag not in index:
+                        self._unclaimed.append(out)
+                        continue
+                    done[tag] = out
+                    if on_finish is not None:
+                        on_finish(index[tag], out)
+        except BaseException:
+            for tag in set(index) - set(done):
+                self.abort_request(str(tag))
+            raise
+        self.last_run_stats = self.scheduler.stats.as_dict()
+        return done
+
+    def warm_up(self, sampling_params: SamplingParams | None = None) -> int:
+        """Compile the step program of every decode width for requests sampled like
+        `sampling_params` (default: the model's defaults), so that serving them compiles
+        nothing. Returns how many programs were compiled."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("warm_up() needs an engine with no requests in flight")
+        mode = SamplerMode.of([sampling_params or self.default_sampling_params()])
+        before = self.compiled_programs
+        for width in self.scheduler.widths():
+            step = self.scheduler.idle_step(StepKind(width, mode, collect=False))
+            jax.block_until_ready(self._dispatch(step))
+        return self.compiled_programs - before
+
+    # --- batch APIs --------------------------------------------------------------------------
 
     def generate(
         self,
@@ -235,42 +462,16 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         on_finish: Callable[[int, RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate completions. `on_finish(i, output)` is called as each wave finishes."""
+        """Generate completions, in input order. `on_finish(i, output)` is called for each
+        request as soon as it finishes."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params_list(sampling_params, len(prompts))
-        texts, ids = [], []
-        for i, prompt in enumerate(prompts):
-            if isinstance(prompt, str):
-                if self.tokenizer is None:
-                    raise ValueError(f"{self.model_dir}: no tokenizer files; pass token ids")
-                texts.append(prompt)
-                ids.append(self._check_ids(self.tokenizer.encode(prompt), i))
-            else:
-                texts.append(None)
-                ids.append(self._check_ids(prompt, i))
-        seeds = []
-        for p in params:
-            drawn = int(self._seed_rng.integers(0, 2**32))
-            seeds.append(p.seed if p.seed is not None else drawn)
-        first_id = self._request_counter
-        self._request_counter += len(prompts)
-
-        order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-        results: list[RequestOutput | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.max_num_seqs):
-            wave = order[start : start + self.max_num_seqs]
-            outputs = self._generate_wave(
-                [ids[i] for i in wave], [params[i] for i in wave], [seeds[i] for i in wave]
-            )
-            for i, out in zip(wave, outputs, strict=True):
-                out.request_id = str(first_id + i)
-                out.prompt = texts[i]
-                results[i] = out
-                if on_finish is not None:
-                    on_finish(i, out)
-        return results
+        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        tags = [self._add(ids, p, text).tag for (text, ids), p in zip(encoded, params, strict=True)]
+        done = self._run(tags, on_finish)
+        return [done[tag] for tag in tags]
 
     def chat(
         self,
@@ -307,191 +508,46 @@ class LLM:
             list(messages), tokenize=False, add_generation_prompt=True
         )
 
-    def default_sampling_params(self) -> SamplingParams:
-        """vLLM's defaults, overridden by what the model's generation_config.json recommends."""
-        return SamplingParams(**self.generation_defaults)
+    def logits(self, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Float32 logits [len(seq), vocab_size] at every position of each sequence, computed
+        by the same chunked prefill that serves generate."""
+        seqs = [self._check_ids(s, i) for i, s in enumerate(token_ids)]
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        requests = [self._add(ids, params, None, score=True) for ids in seqs]
+        self._run([r.tag for r in requests], None)
+        vocab = self.config.vocab_size
+        return [np.concatenate(r.logits)[:, :vocab] for r in requests]
 
-    def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:
-        if sampling_params is None:
-            return [self.default_sampling_params()] * n
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * n
-        params = list(sampling_params)
-        if len(params) != n:
-            raise ValueError(
-                f"sampling_params has {len(params)} entries for {n} prompts: expected one each"
-            )
-        return params
+    # --- outputs -----------------------------------------------------------------------------
 
-    def _generate_wave(
-        self, prompts: list[list[int]], params: list[SamplingParams], seeds: list[int]
-    ) -> list[RequestOutput]:
-        start = time.perf_counter()
-        # Never run past max_model_len: the last token needs no cache slot, hence the +1.
-        budgets = [
-            min(p.max_tokens, self.max_model_len - len(s) + 1)
-            for s, p in zip(prompts, params, strict=True)
-        ]
-        tokens, lengths = self._pad_prompts(prompts)
-        rows, _, cache_len, max_new = self.wave_shape([len(s) for s in prompts], budgets)
-        mode = SamplerMode.of(params)
-        capped = [
-            p if p.max_tokens == b else _replace_max(p, b)
-            for p, b in zip(params, budgets, strict=True)
-        ]
-        rows_host = sampler_rows(capped, seeds, self.config.eos_token_ids, rows)
-        sampler = SamplerRows(
-            *(jax.device_put(a, jax.sharding.NamedSharding(self.mesh, ROW)) for a in rows_host)
-        )
-
-        cache = self._take_cache(rows, cache_len)
-        cache, first, seen, prefill_stats = self.pipeline.prefill(
-            self.state, tokens, lengths, cache, sampler, mode
-        )
-        first_tokens = host_array(first.tokens)
-        ttft = time.perf_counter() - start
-
-        d = self._decode_state(
-            cache, first, first_tokens, seen, lengths, rows_host, max_new, mode, len(prompts)
-        )
-        decode_start = time.perf_counter()
-        has_stop_strings = any(p.stop for p in params)
-        while not host_array(d.done).all():
-            ring_ticks = self.decode_chunk * self.microbatches + self.pp - 1
-            tick_end = jnp.int32(int(host_array(d.tick)) + ring_ticks)
-            d = self.pipeline.decode(self.state, d, sampler, tick_end, mode)
-            if has_stop_strings:
-                d = self._apply_stop_strings(d, params)
-        decode_time = time.perf_counter() - decode_start
-        self._cache = d.cache
-        self._record_stats(prefill=prefill_stats, decode=d.stats)
-
-        generated = host_array(d.generated)
-        out_tokens = host_array(d.out_tokens)
-        logprob = host_array(d.out_logprob)
-        top_ids, top_lp = host_array(d.top_ids), host_array(d.top_logprobs)
-        total_new = int(generated[: len(prompts)].sum())
+    def _output(self, request: Request) -> RequestOutput:
+        text, ids = self._requests.pop(request.tag)
+        decode_time = request.finish_time - request.first_token_time
+        n = len(request.tokens)
         metrics = RequestMetrics(
-            time_to_first_token=ttft,
+            arrival_time=request.arrival,
+            first_token_time=request.first_token_time,
+            finished_time=request.finish_time,
+            time_to_first_token=request.first_token_time - request.arrival,
             decode_time=decode_time,
-            decode_tokens_per_s=(total_new - len(prompts)) / decode_time if decode_time else 0.0,
-            pipeline=dict(self.last_run_stats),
+            decode_tokens_per_s=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
+            pipeline=self.scheduler.stats.as_dict(),
         )
-        outputs = []
-        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-            n = int(generated[i])
-            completion = self._completion(
-                list(out_tokens[i, :n]),
-                p,
-                logprob[i, :n],
-                top_ids[i, :n],
-                top_lp[i, :n],
-            )
-            outputs.append(RequestOutput("", None, prompt, [completion], True, metrics))
-        return outputs
+        completion = [] if request.score else [self._completion(request)]
+        return RequestOutput(str(request.tag), text, ids, completion, True, metrics)
 
-    def _take_cache(self, rows: int, cache_len: int) -> KVCache:
-        """The previous wave's cache when the bucket matches (no new allocation), else zeros."""
-        hd = self.config.head_dim
-        cache, self._cache = self._cache, None
-        if cache is not None and cache.v[0].shape == (self.pp, rows, self.kv_heads, cache_len, hd):
-            return cache
-        return empty_cache(
-            self.mesh,
-            self.pp,
-            self.layers_per_stage,
-            rows,
-            cache_len,
-            self.kv_heads,
-            hd,
-            self.dtype,
-        )
-
-    def _decode_state(
-        self, cache, first, first_tokens, seen, lengths, rows_host, max_new, mode, real_rows: int
-    ):
-        rows = first_tokens.shape[0]
-        row_sharding = jax.sharding.NamedSharding(self.mesh, ROW)
-
-        def put(a):
-            return jax.device_put(a, row_sharding)
-
-        stop_hit = (first_tokens[:, None] == rows_host.stop_ids).any(-1) & (
-            rows_host.min_tokens < 1
-        )
-        done = stop_hit | (rows_host.max_tokens <= 1) | (np.arange(rows) >= real_rows)
-        n_top = mode.logprobs
-        out_tokens = np.zeros((rows, max_new), np.int32)
-        out_tokens[:, 0] = first_tokens
-        out_lp = np.zeros((rows, max_new), np.float32)
-        top_ids = np.zeros((rows, max_new, n_top), np.int32)
-        top_lp = np.zeros((rows, max_new, n_top), np.float32)
-        if mode.full_vocab:
-            out_lp[:, 0] = host_array(first.logprob)
-            top_ids[:, 0] = host_array(first.top_ids)
-            top_lp[:, 0] = host_array(first.top_logprobs)
-        seen_host = host_array(seen)
-        counts = np.zeros(seen_host.shape, np.int32)
-        if mode.penalties:
-            counts[np.arange(rows), first_tokens] += 1
-            seen_host = seen_host.copy()
-            seen_host[np.arange(rows), first_tokens] = True
-        mb = rows // self.dp // self.microbatches
-        in_flight = jax.device_put(
-            np.zeros((self.pp, mb * self.dp, 1, self.config.hidden_size), self.dtype),
-            jax.sharding.NamedSharding(self.mesh, jax.P("stage", "data")),
-        )
-
-        def zero():  # separate buffers: every field of the state is donated
-            return jax.device_put(np.int32(0), jax.sharding.NamedSharding(self.mesh, jax.P()))
-
-        return DecodeState(
-            cache=cache,
-            in_flight=in_flight,
-            tick=zero(),
-            next_token=put(first_tokens),
-            position=lengths,
-            generated=put(np.ones(rows, np.int32)),
-            done=put(done),
-            out_tokens=put(out_tokens),
-            out_logprob=put(out_lp),
-            top_ids=put(top_ids),
-            top_logprobs=put(top_lp),
-            counts=put(counts),
-            seen=put(seen_host),
-            stats=RunStats(
-                zero(),
-                zero(),
-                jax.device_put(
-                    np.full((TRACE_TICKS, self.pp), -1, np.int32),
-                    jax.sharding.NamedSharding(self.mesh, SCHEDULE),
-                ),
-            ),
-        )
-
-    def _apply_stop_strings(self, d: DecodeState, params) -> DecodeState:
-        done = host_array(d.done).copy()
-        generated = host_array(d.generated)
-        out_tokens = host_array(d.out_tokens)
-        changed = False
-        for i, p in enumerate(params):
-            if p.stop and not done[i]:
-                text = self._decode_text(list(out_tokens[i, : generated[i]]), p)
-                if any(s in text for s in p.stop):
-                    done[i] = changed = True
-        if not changed:
-            return d
-        return d._replace(done=jax.device_put(done, jax.sharding.NamedSharding(self.mesh, ROW)))
+    def _stop_string_hit(self, request: Request) -> bool:
+        text = self._decode_text(request.tokens, request.params)
+        return any(s in text for s in request.params.stop)
 
     def _decode_text(self, token_ids: list[int], p: SamplingParams) -> str:
         if self.tokenizer is None:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=p.skip_special_tokens)
 
-    def _completion(
-        self, token_ids, p: SamplingParams, logprob, top_ids, top_lp
-    ) -> CompletionOutput:
-        token_ids = [int(t) for t in token_ids]
+    def _completion(self, request: Request) -> CompletionOutput:
+        p = request.params
+        token_ids = list(request.tokens)
         stop_ids = set(p.stop_token_ids) | (
             set() if p.ignore_eos else set(self.config.eos_token_ids)
         )
@@ -512,58 +568,65 @@ class LLM:
             token_ids = token_ids[:n]
             text = self._decode_text(token_ids, p)
             text, finish, reason = text[: text.find(stop)], "stop", stop
-        logprobs = None
+        logprobs = cumulative = None
         if p.logprobs is not None:
             logprobs = []
             for j, tok in enumerate(token_ids):
-                entry = {tok: Logprob(float(logprob[j]), None, self._piece(tok))}
+                top_ids, top_lp = request.top[j]
+                entry = {tok: Logprob(request.logprobs[j], None, self._piece(tok))}
                 for rank, (tid, lp) in enumerate(
-                    zip(top_ids[j][: p.logprobs], top_lp[j][: p.logprobs], strict=True), 1
+                    zip(top_ids[: p.logprobs], top_lp[: p.logprobs], strict=True), 1
                 ):
                     if int(tid) == tok:
                         entry[tok].rank = rank
                     entry.setdefault(int(tid), Logprob(float(lp), rank, self._piece(int(tid))))
                 logprobs.append(entry)
-        cumulative = float(np.sum(logprob)) if p.logprobs is not None else None
+            cumulative = float(np.sum(request.logprobs[: len(token_ids)]))
         return CompletionOutput(0, text, token_ids, finish, reason, cumulative, logprobs)
 
     def _piece(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
-    # --- introspection -------------------------------------------------------------------------
+    # --- introspection -----------------------------------------------------------------------
 
-    def _record_stats(self, prefill: RunStats | None = None, decode: RunStats | None = None):
-        stats = {"stages": self.pp, "microbatches": self.microbatches}
-        for name, s in (("prefill", prefill), ("decode", decode)):
-            if s is not None:
-                ticks, busy = int(host_array(s.ticks)), int(host_array(s.busy))
-                stats[f"{name}_ticks"] = ticks
-                stats[f"{name}_busy_stage_ticks"] = busy
-                stats[f"{name}_bubble_fraction"] = 1 - busy / (ticks * self.pp) if ticks else 0.0
-                # schedule[t][s]: the micro-batch stage s ran at tick t (-1: idle); the decode
-                # ring records its first TRACE_TICKS ticks.
-                stats[f"{name}_schedule"] = host_array(s.schedule)[:ticks].tolist()
-        self.last_run_stats = stats
+    @property
+    def compiled_programs(self) -> int:
+        """Step programs compiled so far (a few shapes, never one per request or length)."""
+        return self.pipeline.compiled_programs
 
     def device_memory(self) -> list[dict]:
         """Bytes of parameters and KV cache held by each device, read from the shards."""
         usage: dict[int, dict] = {
             d.id: {"device": d.id, "params": 0, "kv_cache": 0} for d in self.mesh.devices.flat
         }
-        for leaf in jax.tree.leaves(self.state):
-            for shard in leaf.addressable_shards:
-                usage[shard.device.id]["params"] += shard.data.nbytes
-        if self._cache is not None:
-            for leaf in jax.tree.leaves(self._cache):
+        for key, tree in (("params", self.state), ("kv_cache", self.ring.cache)):
+            for leaf in jax.tree.leaves(tree):
                 for shard in leaf.addressable_shards:
-                    usage[shard.device.id]["kv_cache"] += shard.data.nbytes
+                    usage[shard.device.id][key] += shard.data.nbytes
         return list(usage.values())
 
 
-def _replace_max(p: SamplingParams, max_tokens: int) -> SamplingParams:
-    import dataclasses  # noqa: PLC0415
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
-    return dataclasses.replace(p, max_tokens=max_tokens, min_tokens=min(p.min_tokens, max_tokens))
+
+def _is_int(x) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid: expected a positive integer")
+
+
+def _default_kv_budget(mesh, state) -> int:
+    """KV bytes per device: 90% of an accelerator's memory left after the weights (as vLLM's
+    gpu_memory_utilization), or CPU_KV_CACHE_BYTES shared by the process's devices."""
+    device = mesh.devices.flat[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(0.9 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+    return CPU_KV_CACHE_BYTES // mesh.devices.size
 
 
 def _load_tokenizer(model_dir: Path):
@@ -574,3 +637,6 @@ def _load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer  # noqa: PLC0415 - slow import, only when needed
 
     return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+
+
+__all__ = ["LLM", "host_array"]

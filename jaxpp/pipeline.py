@@ -1,35 +1,42 @@
-"""The two pipeline schedules, each ONE jitted `jax.shard_map` program over the whole mesh.
+"""The device program: ONE jitted `jax.shard_map` ring that decodes and prefills at once.
 
 Every device runs the same program; `axis_index("stage")` tells it which stage it is. Layer slot
 i of stage s lives at `layers[i][s]` (the partition is the sharding spec); the KV cache has one K
-and one V array per slot, `[stages, sequences, kv_heads, ...]`, sharded the same way, so a stage
-only ever touches its own layers' cache. Activations move s -> s+1 with `ppermute`.
+and one V array per slot, `[stages, slots, kv_heads, ...]`, sharded the same way, so a stage only
+ever touches its own layers' cache. Activations move s -> s+1 with `ppermute`.
 
-Prefill (GPipe), S = 3 stages, M = 4 micro-batches: stage s runs micro-batch t - s at tick t,
-M + S - 1 ticks, bubble (S - 1) / (M + S - 1) = 2/6.
+The sequence slots (`LLM(max_num_seqs=...)`) are split into M micro-batches of `mb` rows per
+pipeline replica. At tick t stage s serves micro-batch (t - s) mod M: its live rows' decode
+tokens PLUS at most one prompt chunk of `C` tokens (of any request being prefilled), in one
+batch of w + C token rows, so the weights are read once for both. The chunk rides the ring with
+that micro-batch; when a prompt's last chunk leaves the last stage, its first token is sampled
+and its slot joins decode at its micro-batch's next turn. S = 3 stages, M = 3, request r
+prefilling in chunks r.0, r.1 while m0..m2 decode (' = next token of that micro-batch):
 
-    tick     0   1   2   3   4   5
-    stage 0  m0  m1  m2  m3  .   .
-    stage 1  .   m0  m1  m2  m3  .
-    stage 2  .   .   m0  m1  m2  m3   -> final hidden states -> vocab-parallel LM head
+    tick     0       1       2       3        4        5        6
+    stage 0  m0+r.0  m1+r.1  m2      m0'      m1'+q.0  m2'      m0"
+    stage 1  .       m0+r.0  m1+r.1  m2       m0'      m1'+q.0  m2'
+    stage 2  .       .       m0+r.0  m1+r.1   m2       m0'      m1'+q.0
+                                     ^ r's first token sampled: r joins its micro-batch's decode
 
-Decode (circular ring), S = 3, M = 3: stage s runs micro-batch (t - s) mod M. When the last stage
-finishes a micro-batch, every device samples its next token from the vocab-parallel head, and
-the token is embedded (vocab-parallel table) and enters stage 0 at the very next tick — when that
-micro-batch's turn comes round again. After the S - 1 fill ticks no stage ever idles; K ticks run
-inside one `while_loop` (leaving early once every sequence is done), and the ring's in-flight
-activations are carried between calls, so there is no refill per call.
+A micro-batch's tokens are sampled when it leaves the last stage (every device samples the same
+token from the vocab-parallel head) and its next tokens enter stage 0 at its next turn: with
+M >= S that is never before they exist. After the S - 1 fill ticks of a fresh ring no stage
+idles while any micro-batch has live rows or a chunk is queued. Stages skip (`lax.switch`) a
+tick with nothing to do, and run a decode-only variant when no chunk rides along.
 
-    tick     0   1   2   3   4   5   6   7 ...
-    stage 0  m0  m1  m2  m0' m1' m2' m0" m1"      ' = next token of that micro-batch
-    stage 1  .   m0  m1  m2  m0' m1' m2' m0"
-    stage 2  .   .   m0  m1  m2  m0' m1' m2'
-                     ^ m0's token sampled here, m0' enters stage 0 at tick 3
+The host (scheduler.py) decides everything ahead of a call: which request occupies which slot
+(`SlotControl`, uploaded only when it changes) and which chunk enters stage 0 at each tick of
+the call (`ChunkPlan`). The device decides only what it must: a row finishes on a stop token or
+its token budget the moment it is sampled, and its slot stays idle until the host refills it.
+Each call runs up to K ticks in one `while_loop` (leaving early once nothing is live, queued or
+riding) and returns a `StepLog` of every sampled token with its request tag; the ring state
+(cache, activations in flight, per-slot positions) is donated from call to call, so the ring
+never drains between calls.
 
-With M > S micro-batches the sampled token waits in `next_token` until its micro-batch's turn.
-Ticks that fall in a bubble skip the stage's work with `lax.cond` (nothing is computed into the
-result), as do empty slots of an uneven partition. Both programs count their own ticks and the
-stage-ticks that did real work, so the bubble fraction is measured, not assumed.
+What rides along with a micro-batch (so that a stage never reads state that changed while the
+micro-batch was in flight): the activations, the request tags of its live rows (latched when it
+enters stage 0), and the chunk's (tag, row, start, length, last) and token ids.
 """
 
 from __future__ import annotations
@@ -48,13 +55,18 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpp.model import (
     VOCAB_AXES,
-    attend_cached,
-    attend_prompt,
+    attend_cache,
+    attend_new,
     embed_lookup,
+    finish,
+    group_queries,
     local_logits,
+    merge,
     rope_tables,
+    ungroup_queries,
 )
-from jaxpp.sampling import SamplerMode, SamplerRows, sample
+from jaxpp.sampling import SamplerRows, sample
+from jaxpp.scheduler import StepKind
 from jaxpp.sharding import LOGICAL_TO_MESH, logical_to_spec
 
 # K is stored [.., head_dim, seq] and V [.., seq, head_dim]: both decode dots (q.K and p.V) are
@@ -63,53 +75,78 @@ from jaxpp.sharding import LOGICAL_TO_MESH, logical_to_spec
 # layer slot, like the weights: slicing a layer out of a stacked cache would copy it every tick.
 K_CACHE_AXES = ("stage", "batch", "kv_heads", "head_dim", "seq")
 V_CACHE_AXES = ("stage", "batch", "kv_heads", "seq", "head_dim")
-ROW = P(LOGICAL_TO_MESH["batch"])  # per-sequence arrays: split over pipeline replicas
+BATCH = LOGICAL_TO_MESH["batch"]
+ROW = P(BATCH)  # per-slot arrays: split over pipeline replicas
+RIDING = P("stage", BATCH)  # [stages, replicas, ...]: what each stage holds in flight
+PER_TICK = P(None, BATCH)  # [ticks, replicas, ...]: the step log
+BUSY = P(None, "stage")  # [ticks, stages]: each stage reports its own column
 REPLICATED = P()
-SCHEDULE = P(None, "stage")  # [ticks, stages]: each stage reports its own column
+META = 5  # chunk metadata riding the ring: tag, row, start, length, last
+TAG, CHUNK_ROW, START, LENGTH, LAST = range(META)
 
 
 class KVCache(NamedTuple):
-    k: tuple[jax.Array, ...]  # per layer slot: [stages, sequences, kv_heads, head_dim, max_len]
-    v: tuple[jax.Array, ...]  # per layer slot: [stages, sequences, kv_heads, max_len, head_dim]
+    k: tuple[jax.Array, ...]  # per layer slot: [stages, slots, kv_heads, head_dim, cache_len]
+    v: tuple[jax.Array, ...]  # per layer slot: [stages, slots, kv_heads, cache_len, head_dim]
 
 
-TRACE_TICKS = 64  # decode ticks whose schedule is recorded (the prefill records all of its)
-
-
-class RunStats(NamedTuple):
-    ticks: jax.Array  # ticks the program executed
-    busy: jax.Array  # stage-ticks that did real work (summed over stages, one pipeline replica)
-    schedule: jax.Array  # i32 [ticks, stages]: the micro-batch each stage ran per tick, -1 idle
-
-
-class DecodeState(NamedTuple):
-    """Everything the decode ring carries from one call to the next (donated each call)."""
+class RingState(NamedTuple):
+    """Everything the ring carries from one call to the next (donated each call)."""
 
     cache: KVCache
-    in_flight: jax.Array  # [stages, sequences_per_microbatch * dp, 1, D] activation per stage
-    tick: jax.Array  # i32 scalar: global tick counter of the ring
-    next_token: jax.Array  # i32 [B]: the token each sequence feeds at its next turn
-    position: jax.Array  # i32 [B]: tokens in the cache (= position of next_token)
-    generated: jax.Array  # i32 [B]: tokens generated so far (the prefill's first one included)
-    done: jax.Array  # bool [B]
-    out_tokens: jax.Array  # i32 [B, max_new]
-    out_logprob: jax.Array  # f32 [B, max_new]
-    top_ids: jax.Array  # i32 [B, max_new, N]
-    top_logprobs: jax.Array  # f32 [B, max_new, N]
-    counts: jax.Array  # i32 [B, Vpad] output-token counts (penalties), or [B, 0]
-    seen: jax.Array  # bool [B, Vpad] prompt+output tokens (repetition penalty), or [B, 0]
-    stats: RunStats
+    hidden: jax.Array  # [stages, replicas, mb + C, D]: activations each stage received
+    riding: jax.Array  # i32 [stages, replicas, mb + META + C]: row tags, chunk meta and tokens
+    tick: jax.Array  # i32 scalar: the ring's global tick
+    next_token: jax.Array  # i32 [slots]: the token each live slot feeds at its next turn
+    position: jax.Array  # i32 [slots]: tokens in the slot's cache (= position of next_token)
+    generated: jax.Array  # i32 [slots]: tokens generated so far by the slot's request
+    live: jax.Array  # bool [slots]: the slot is decoding
+    counts: jax.Array  # i32 [slots, Vpad] output-token counts (penalties), or [slots, 0]
+    seen: jax.Array  # bool [slots, Vpad] prompt+output tokens (repetition penalty), or [slots, 0]
+
+
+class SlotControl(NamedTuple):
+    """The host's word on every slot, uploaded when it changes."""
+
+    tag: jax.Array  # i32 [slots]: the request in the slot (its serial number); -1 = stop/none
+    sampler: SamplerRows  # [slots] sampling settings of that request
+
+
+class ChunkPlan(NamedTuple):
+    """The prompt chunk entering stage 0 at each tick of a call, per replica."""
+
+    tokens: jax.Array  # i32 [replicas, K, C]
+    meta: jax.Array  # i32 [replicas, K, 4]: row, start, length (0 = no chunk), last (0/1)
+
+
+class StepLog(NamedTuple):
+    """What a call did, tick by tick. Column w of the token arrays is the chunk's first token."""
+
+    ticks: jax.Array  # i32 scalar: ticks run
+    tags: jax.Array  # i32 [K, replicas, w + 1]: request of each sampled token, -1 = none
+    tokens: jax.Array  # i32 [K, replicas, w + 1]
+    logprob: jax.Array  # f32 [K, replicas, w + 1]
+    top_ids: jax.Array  # i32 [K, replicas, w + 1, N]
+    top_logprobs: jax.Array  # f32 [K, replicas, w + 1, N]
+    busy: jax.Array  # i32 [K, stages]: replicas in which the stage did work
+    chunks: jax.Array  # i32 [K, stages]: replicas in which the stage carried a prompt chunk
+    logits: jax.Array  # f32 [K, replicas, C, V] chunk logits (collecting calls), else [K, 1, 0, 0]
+    logit_meta: jax.Array  # i32 [K, replicas, META]: the chunk those logits belong to
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineShape:
     stages: int
     microbatches: int
+    rows: int  # slots per micro-batch and replica (mb)
+    chunk: int  # prompt tokens per chunk (C)
+    cache_len: int  # positions per slot (T): a multiple of KV_BLOCK, >= max_model_len
+    ticks: int  # ticks per call at most (K): the size of the step log
     vocab_size: int  # the real vocabulary (padded ids are masked)
 
 
 class Pipeline:
-    """Builds the jitted prefill and decode programs for one model on one mesh."""
+    """Builds and runs the jitted step program for one model on one mesh."""
 
     def __init__(
         self,
@@ -132,22 +169,45 @@ class Pipeline:
             state,
             is_leaf=lambda x: isinstance(x, nnx.Variable),
         )
-        slots = len(nnx.merge(graphdef, state).layers)
+        self.slots = len(nnx.merge(graphdef, state).layers)
         self.cache_spec = KVCache(
-            (logical_to_spec(K_CACHE_AXES),) * slots, (logical_to_spec(V_CACHE_AXES),) * slots
+            (logical_to_spec(K_CACHE_AXES),) * self.slots,
+            (logical_to_spec(V_CACHE_AXES),) * self.slots,
         )
-        # Tests set this to NaN: what a stage reads during a bubble tick must never matter.
+        # Per-row cache reads suit the CPU; accelerators read all rows block by block.
+        self.per_row_attention = jax.default_backend() == "cpu"
+        # Tests set this to NaN: what a stage reads for a dead row, a chunk's padding or an
+        # idle tick must never matter.
         self.bubble_fill: float | None = None
         self._compiled: dict[tuple, Callable] = {}
 
+    def step(
+        self,
+        state,
+        ring: RingState,
+        control: SlotControl,
+        plan: ChunkPlan,
+        ticks: jax.Array,
+        kind: StepKind,
+    ) -> tuple[RingState, StepLog]:
+        """Run the ring for up to `ticks` ticks (<= shape.ticks) or until nothing is left."""
+        key = (kind, ring.counts.shape, self.bubble_fill, self.per_row_attention)
+        if key not in self._compiled:
+            self._compiled[key] = self._build(kind, self.bubble_fill, self.per_row_attention)
+        return self._compiled[key](state, ring, control, plan, ticks)
+
+    @property
+    def compiled_programs(self) -> int:
+        return len(self._compiled)
+
     # --- one stage: its layers, one after another -------------------------------------------
 
-    def _run_stage(self, layers, x, cache: KVCache | None, attention, cos, sin):
-        """Run this device's layer slots, one after another, over x [R, T, D].
+    def _run_stage(self, layers, x, cache: KVCache, attention, cos, sin):
+        """Run this device's layer slots, one after another, over x [1, N, D].
 
         Returns (x, the new keys and values of every slot). The cache is only READ here:
         `attention(slot_cache, q, k, v, window)` attends over the slot's cache as it was plus
-        this call's own k, v, and the caller writes the new keys and values after the stage
+        this step's own k, v, and the caller writes the new keys and values after the stage
         ran. Threading the cache through the `lax.cond`s instead makes XLA copy every layer's
         K and V on every tick (measured: copies were a fifth of the batch-1 decode tick).
         The slot loop is unrolled over per-slot weights: a `scan` over a stack would slice each
@@ -155,7 +215,7 @@ class Pipeline:
         """
         new_kv = []
         for i, layer in enumerate(layers):
-            slot_cache = None if cache is None else (cache.k[i], cache.v[i])
+            slot_cache = (cache.k[i], cache.v[i])
 
             def compute(x, layer=layer, slot_cache=slot_cache):
                 h = layer.input_norm(x)
@@ -176,293 +236,373 @@ class Pipeline:
         ]
         return model, layers
 
-    # --- prefill: GPipe --------------------------------------------------------------------
+    # --- the program -------------------------------------------------------------------------
 
-    def prefill(
-        self,
-        state,
-        tokens,
-        lengths,
-        cache: KVCache | None,
-        rows: SamplerRows | None,
-        mode: SamplerMode | None,
-    ):
-        """Run prompts [B, T] through the pipeline.
-
-        With `rows` (generate): writes the KV cache and returns (cache, first tokens, Sampled
-        extras, stats). Without (logits): returns (logits [B, T, Vpad] float32, stats).
-        """
-        key = (
-            "prefill",
-            tokens.shape,
-            cache is not None and cache.k[0].shape,
-            mode,
-            self.bubble_fill,
-        )
-        if key not in self._compiled:
-            self._compiled[key] = self._build_prefill(
-                cache is not None, rows is not None, mode, self.bubble_fill
-            )
-        return self._compiled[key](state, tokens, lengths, cache, rows)
-
-    def _build_prefill(self, with_cache: bool, with_sampling: bool, mode, bubble_fill):
+    def _build(self, kind: StepKind, bubble_fill, per_row: bool):
         S, M = self.shape.stages, self.shape.microbatches
+        mb, C, T, K = self.shape.rows, self.shape.chunk, self.shape.cache_len, self.shape.ticks
+        w, mode = kind.width, kind.mode
+        # Collecting calls run one round: their log holds every chunk's full logits.
+        log_ticks = M if kind.collect else K
         last = S - 1
+        # s -> s + 1; stage 0 takes what enters from the host side, never what the last passed.
+        shift = [(i, i + 1) for i in range(S - 1)]
+        # Rows handed to the head: the w decode rows, then the chunk's rows (all C when
+        # collecting logits, else only its last real token, whose logits give the first token).
+        head_chunk_rows = C if kind.collect else 1
 
-        def program(state, tokens, lengths, cache, rows):
+        def program(state, ring: RingState, ctl: SlotControl, plan: ChunkPlan, n_ticks):
             model, layers = self._split(state)
             s = jax.lax.axis_index("stage")
-            rows_local, T = tokens.shape
-            mb = rows_local // M
-            x_all = embed_lookup(model.embed[...], tokens).reshape(M, mb, T, -1)
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (mb, T))
-            cos, sin = rope_tables(positions, self.inv_freq, self.dtype)
-            cache = jax.tree.map(lambda a: a[0], cache)  # this stage's shard
-
-            def tick(t, carry):
-                act, cache, finals, busy, schedule = carry
-                m = t - s
-                valid = (m >= 0) & (m < M)
-                m = jnp.clip(m, 0, M - 1)
-                x = jnp.where(s == 0, x_all[jnp.clip(t, 0, M - 1)], act)
-                if bubble_fill is not None:
-                    x = jnp.where(valid, x, bubble_fill)
-
-                def attention(slot_cache, q, k, v, window):  # a prompt attends to itself
-                    return attend_prompt(q, k, v, positions, window)
-
-                def work(x):
-                    return self._run_stage(layers, x, None, attention, cos, sin)
-
-                out, new_kv = jax.lax.cond(valid, work, _skip_like(work), x)
-                if cache is not None:  # k, v [mb, T, Hkv, Dh] -> the cache's layouts
-                    at = (m * mb, 0, 0, 0)
-                    cache = KVCache(
-                        tuple(
-                            _write_if(valid, c, k.transpose(0, 2, 3, 1), at)
-                            for c, (k, _) in zip(cache.k, new_kv, strict=True)
-                        ),
-                        tuple(
-                            _write_if(valid, c, v.transpose(0, 2, 1, 3), at)
-                            for c, (_, v) in zip(cache.v, new_kv, strict=True)
-                        ),
-                    )
-                keep = jnp.where(valid & (s == last), out, finals[m])
-                finals = jax.lax.dynamic_update_index_in_dim(finals, keep, m, 0)
-                act = jax.lax.ppermute(out, "stage", [(i, i + 1) for i in range(S - 1)])
-                schedule = schedule.at[t, 0].set(jnp.where(valid, m, -1))
-                return act, cache, finals, busy + valid.astype(jnp.int32), schedule
-
-            ticks = M + S - 1
-            init = (
-                jnp.zeros_like(x_all[0]),
-                cache,
-                jnp.zeros_like(x_all),
-                jnp.int32(0),
-                jnp.full((ticks, 1), -1, jnp.int32),
-            )
-            _, cache, finals, busy, schedule = jax.lax.fori_loop(0, ticks, tick, init)
-            busy = jax.lax.pmax(jax.lax.psum(busy, "stage"), ("data", "tensor"))
-            stats = RunStats(jnp.int32(ticks), busy, schedule)
-            # The last stage holds the final hidden states; share them for the vocab-parallel head.
-            finals = jax.lax.psum(jnp.where(s == last, finals, 0), "stage").reshape(
-                rows_local, T, -1
-            )
-            if not with_sampling:
-                return local_logits(model, finals, self.shape.vocab_size), stats
-            cache = jax.tree.map(lambda a: a[None], cache)
-            last_hidden = finals[jnp.arange(rows_local), lengths - 1]
-            logits = local_logits(model, last_hidden, self.shape.vocab_size)
-            seen = None
-            if mode.penalties:
-                vocab = logits.shape[-1] * jax.lax.psum(1, VOCAB_AXES)
-                valid_tok = jnp.arange(T)[None, :] < lengths[:, None]
-                seen = (
-                    jnp.zeros((rows_local, vocab), bool)
-                    .at[jnp.arange(rows_local)[:, None], jnp.where(valid_tok, tokens, vocab)]
-                    .set(True, mode="drop")
-                )
-            counts = None if seen is None else jnp.zeros(seen.shape, jnp.int32)
-            generated = jnp.zeros((rows_local,), jnp.int32)
-            sampled = sample(logits, rows, generated, counts, seen, self.shape.vocab_size, mode)
-            if seen is None:
-                seen = jnp.zeros((rows_local, 0), bool)
-            return cache, sampled, seen, stats
-
-        rows_spec = SamplerRows(*([ROW] * len(SamplerRows._fields)))
-        in_specs = (
-            self.state_specs,
-            ROW,
-            ROW,
-            self.cache_spec if with_cache else None,
-            rows_spec if with_sampling else None,
-        )
-        if with_sampling:
-            out_specs = (
-                self.cache_spec,
-                ROW,
-                ROW,
-                RunStats(REPLICATED, REPLICATED, SCHEDULE),
-            )
-        else:
-            out_specs = (
-                P(LOGICAL_TO_MESH["batch"], None, VOCAB_AXES),
-                RunStats(REPLICATED, REPLICATED, SCHEDULE),
-            )
-        fn = jax.shard_map(
-            program, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
-        )
-        return jax.jit(fn, donate_argnums=(3,) if with_cache else ())
-
-    # --- decode: the circular ring -----------------------------------------------------------
-
-    def decode(
-        self, state, dstate: DecodeState, rows: SamplerRows, tick_end, mode: SamplerMode
-    ) -> DecodeState:
-        """Advance the ring until tick `tick_end` or until every sequence is done."""
-        key = (
-            "decode",
-            dstate.cache.k[0].shape,
-            dstate.out_tokens.shape,
-            dstate.top_ids.shape,
-            mode,
-            self.bubble_fill,
-        )
-        if key not in self._compiled:
-            self._compiled[key] = self._build_decode(mode, self.bubble_fill)
-        return self._compiled[key](state, dstate, rows, tick_end)
-
-    def _build_decode(self, mode: SamplerMode, bubble_fill):
-        S, M = self.shape.stages, self.shape.microbatches
-        last = S - 1
-        ring = [(i, (i + 1) % S) for i in range(S)]
-
-        def program(state, d: DecodeState, rows: SamplerRows, tick_end):
-            model, layers = self._split(state)
-            s = jax.lax.axis_index("stage")
-            mb = d.next_token.shape[0] // M
             embed = model.embed[...]
+            plan_tokens, plan_meta = plan.tokens[0], plan.meta[0]  # this replica's [K, ...]
+            last_planned = jnp.max(jnp.where(plan_meta[:, 2] > 0, jnp.arange(K), -1))
+            n_top = mode.logprobs
 
-            def rows_of(array, m):
-                return jax.lax.dynamic_slice_in_dim(array, m * mb, mb, 0)
-
-            def tick_body(d: DecodeState) -> DecodeState:
-                t = d.tick
-                # Stage s works on micro-batch (t - s) mod M; nothing to do during the fill or
-                # once every sequence of that micro-batch has finished.
+            def tick(carry):
+                ring, log, k = carry
+                t = ring.tick
                 m = jnp.mod(t - s, M)
-                valid = (t - s >= 0) & jnp.any(~rows_of(d.done, m))
-                x0 = embed_lookup(embed, rows_of(d.next_token, jnp.mod(t, M)))[:, None, :]
-                x = jnp.where(s == 0, x0, d.in_flight[0])
+                rows = m * mb + jnp.arange(w)
+                riding = ring.riding[0, 0]
+
+                # Stage 0 takes the live rows of micro-batch t mod M and this tick's planned
+                # chunk; the other stages take what the previous stage passed on. Every device
+                # computes the entering embeddings: the vocab-parallel lookup is a collective.
+                entering = jnp.mod(t, M) * mb + jnp.arange(w)
+                entering_tags = jnp.where(
+                    ring.live[entering] & (ctl.tag[entering] >= 0), ctl.tag[entering], -1
+                )
+                row, start, length, is_last = (plan_meta[k, i] for i in range(4))
+                entering_meta = jnp.stack(
+                    [jnp.where(length > 0, ctl.tag[row], -1), row, start, length, is_last]
+                )
+                entering_tokens = plan_tokens[k]
+                first = s == 0
+                tags = jnp.where(first, entering_tags, riding[:w])
+                meta = jnp.where(first, entering_meta, riding[mb : mb + META])
+                chunk_tokens = jnp.where(first, entering_tokens, riding[mb + META :])
+                x_entering = embed_lookup(
+                    embed, jnp.concatenate([ring.next_token[entering], entering_tokens])
+                )
+                hidden = ring.hidden[0, 0]
+                x = jnp.where(first, x_entering, jnp.concatenate([hidden[:w], hidden[mb:]], axis=0))
+                dec_live = tags >= 0
+                has_chunk = meta[LENGTH] > 0
+                chunk_row, chunk_start, chunk_len = meta[CHUNK_ROW], meta[START], meta[LENGTH]
                 if bubble_fill is not None:
-                    x = jnp.where(valid, x, bubble_fill)
-                q_pos = rows_of(d.position, m)[:, None]
-                cos, sin = rope_tables(q_pos, self.inv_freq, self.dtype)
+                    real = jnp.concatenate([dec_live, jnp.arange(C) < chunk_len])
+                    x = jnp.where(real[:, None], x, bubble_fill)
 
-                def attention(slot_cache, q, k, v, window):
-                    keys, values = slot_cache
-                    if M > 1:  # this micro-batch's rows (a copy; with M == 1 the cache itself)
-                        keys = jax.lax.dynamic_slice_in_dim(keys, m * mb, mb, 0)
-                        values = jax.lax.dynamic_slice_in_dim(values, m * mb, mb, 0)
-                    return attend_cached(q, keys, values, k[:, 0], v[:, 0], q_pos[:, 0], window)
+                q_pos = ring.position[rows]
+                chunk_pos = chunk_start + jnp.arange(C)
+                cos, sin = rope_tables(
+                    jnp.concatenate([q_pos, chunk_pos])[None], self.inv_freq, self.dtype
+                )
+                cache = jax.tree.map(lambda a: a[0], ring.cache)  # this stage's shard
 
-                cache = jax.tree.map(lambda a: a[0], d.cache)  # this stage's shard
+                def stage(x, with_chunk: bool):
+                    n = w + (C if with_chunk else 0)
 
-                def work(x):
-                    return self._run_stage(layers, x, cache, attention, cos, sin)
+                    def attention(slot_cache, q, k, v, window):
+                        return _attention(
+                            slot_cache, q, k, v, window, w, with_chunk, per_row,
+                            rows0=m * mb, dec_pos=q_pos, dec_keys=jnp.where(dec_live, q_pos, 0),
+                            chunk_row=chunk_row, chunk_pos=chunk_pos, chunk_len=chunk_len,
+                        )  # fmt: skip
 
-                out, new_kv = jax.lax.cond(valid, work, _skip_like(work), x)
-                cache = _write_decode(cache, new_kv, valid, m, mb, q_pos[:, 0])
+                    out, kv = self._run_stage(
+                        layers, x[None, :n], cache, attention, cos[:, :n], sin[:, :n]
+                    )
+                    out = out[0]
+                    if not with_chunk:  # the same shapes from every branch
+                        out = jnp.concatenate([out, jnp.zeros((C, out.shape[-1]), out.dtype)])
+                        kv = [
+                            tuple(
+                                jnp.concatenate([a, jnp.zeros((1, C) + a.shape[2:], a.dtype)], 1)
+                                for a in pair
+                            )
+                            for pair in kv
+                        ]
+                    return out, kv
 
-                # The micro-batch leaving the last stage gets its next token, on every device.
+                branches = [
+                    _skip_like(functools.partial(stage, with_chunk=True)),
+                    functools.partial(stage, with_chunk=False),
+                    functools.partial(stage, with_chunk=True),
+                ]
+                work = jnp.where(has_chunk, 2, jnp.where(jnp.any(dec_live), 1, 0))
+                if w == 0:  # prompts only: there is no decode-only variant
+                    branches[1] = branches[2]
+                out, new_kv = jax.lax.switch(work, branches, x)
+                cache = _write_kv(
+                    cache, new_kv, w, rows, jnp.where(dec_live, q_pos, T), chunk_row,
+                    chunk_start, chunk_len,
+                )  # fmt: skip
+
+                # The micro-batch leaving the last stage gets its tokens, on every device.
                 m_out = jnp.mod(t - last, M)
-                hidden = jax.lax.psum(jnp.where(s == last, out, 0), "stage")[:, 0]
-                logits = local_logits(model, hidden, self.shape.vocab_size)
-                out_rows = SamplerRows(*(rows_of(a, m_out) for a in rows))
-                generated = rows_of(d.generated, m_out)
-                counts = rows_of(d.counts, m_out) if mode.penalties else None
-                seen = rows_of(d.seen, m_out) if mode.penalties else None
-                got = sample(logits, out_rows, generated, counts, seen, self.shape.vocab_size, mode)
-                live = (t >= last) & ~rows_of(d.done, m_out)
-                d = _record(d, m_out * mb + jnp.arange(mb), live, got, generated, out_rows, mode)
-                busy = jax.lax.psum(valid.astype(jnp.int32), "stage")
-                at = jnp.minimum(t, TRACE_TICKS - 1)
-                traced = jnp.where(
-                    t < TRACE_TICKS, jnp.where(valid, m, -1), d.stats.schedule[at, 0]
+                rows_out = m_out * mb + jnp.arange(w)
+                chunk_out = jax.lax.dynamic_slice_in_dim(
+                    out[w:], jnp.maximum(chunk_len - 1, 0) * (1 - kind.collect), head_chunk_rows
                 )
-                return d._replace(
+                final = jax.lax.psum(
+                    jnp.where(s == last, jnp.concatenate([out[:w], chunk_out]), 0), "stage"
+                )
+                ints = jnp.concatenate([tags, meta, chunk_tokens])
+                ints = jax.lax.psum(jnp.where(s == last, ints, 0), "stage")
+                out_tags, out_meta = ints[:w], ints[w : w + META]
+                out_chunk_tokens = ints[w + META :]
+                logits = local_logits(model, final, self.shape.vocab_size)
+                ring, record = _sample_and_record(
+                    ring, ctl, logits, out_tags, out_meta, out_chunk_tokens, rows_out, w,
+                    kind, self.shape.vocab_size,
+                )  # fmt: skip
+
+                busy = jax.lax.psum((work > 0).astype(jnp.int32), "data")
+                carried = jax.lax.psum(has_chunk.astype(jnp.int32), "data")
+                log = log._replace(
+                    tags=log.tags.at[k, 0].set(record.tags),
+                    tokens=log.tokens.at[k, 0].set(record.tokens),
+                    logprob=log.logprob.at[k, 0].set(record.logprob),
+                    top_ids=log.top_ids.at[k, 0].set(record.top_ids),
+                    top_logprobs=log.top_logprobs.at[k, 0].set(record.top_logprobs),
+                    busy=log.busy.at[k, 0].set(busy),
+                    chunks=log.chunks.at[k, 0].set(carried),
+                )
+                if kind.collect:
+                    log = log._replace(
+                        logits=log.logits.at[k, 0].set(logits[w:]),
+                        logit_meta=log.logit_meta.at[k, 0].set(out_meta),
+                    )
+                pass_on = jnp.concatenate(
+                    [tags, jnp.full((mb - w,), -1, jnp.int32), meta, chunk_tokens]
+                )
+                padded = jnp.concatenate(
+                    [out[:w], jnp.zeros((mb - w,) + out.shape[1:], out.dtype), out[w:]]
+                )
+                ring = ring._replace(
                     cache=jax.tree.map(lambda a: a[None], cache),
-                    in_flight=jax.lax.ppermute(out, "stage", ring)[None],
+                    hidden=jax.lax.ppermute(padded, "stage", shift)[None, None],
+                    riding=jax.lax.ppermute(pass_on, "stage", shift)[None, None],
                     tick=t + 1,
-                    stats=RunStats(
-                        d.stats.ticks + 1,
-                        d.stats.busy + busy,
-                        d.stats.schedule.at[at, 0].set(traced),
-                    ),
                 )
+                return ring, log, k + 1
 
-            def running(d: DecodeState):
-                pending = jax.lax.psum(jnp.sum(~d.done), "data")
-                return (d.tick < tick_end) & (pending > 0)
+            def pending(carry):
+                ring, _, k = carry
+                riding = ring.riding[0, 0]
+                in_flight = (s > 0) & (jnp.any(riding[:mb] >= 0) | (riding[mb + LENGTH] > 0))
+                in_flight = jax.lax.psum(in_flight.astype(jnp.int32), ("stage", "data"))
+                live = jax.lax.psum(jnp.sum(ring.live & (ctl.tag >= 0)), "data")
+                planned = jax.lax.pmax(last_planned, "data") >= k
+                return (k < n_ticks) & (planned | (in_flight > 0) | (live > 0))
 
-            return jax.lax.while_loop(running, tick_body, d)
+            log = _empty_log(log_ticks, w, n_top, C, kind, model)
+            # Slots the host withdrew stop now: it refills them only after this call is back.
+            ring = ring._replace(live=ring.live & (ctl.tag >= 0))
+            ring, log, k = jax.lax.while_loop(pending, tick, (ring, log, jnp.int32(0)))
+            return ring, log._replace(ticks=k)
 
         rows_spec = SamplerRows(*([ROW] * len(SamplerRows._fields)))
-        d_spec = DecodeState(
+        ring_spec = RingState(
             cache=self.cache_spec,
-            in_flight=P("stage", LOGICAL_TO_MESH["batch"]),
+            hidden=RIDING,
+            riding=RIDING,
             tick=REPLICATED,
             next_token=ROW,
             position=ROW,
             generated=ROW,
-            done=ROW,
-            out_tokens=ROW,
-            out_logprob=ROW,
-            top_ids=ROW,
-            top_logprobs=ROW,
+            live=ROW,
             counts=ROW,
             seen=ROW,
-            stats=RunStats(REPLICATED, REPLICATED, SCHEDULE),
+        )
+        log_spec = StepLog(
+            ticks=REPLICATED,
+            tags=PER_TICK,
+            tokens=PER_TICK,
+            logprob=PER_TICK,
+            top_ids=PER_TICK,
+            top_logprobs=PER_TICK,
+            busy=BUSY,
+            chunks=BUSY,
+            logits=P(None, BATCH, None, VOCAB_AXES) if kind.collect else PER_TICK,
+            logit_meta=PER_TICK,
         )
         fn = jax.shard_map(
             program,
             mesh=self.mesh,
-            in_specs=(self.state_specs, d_spec, rows_spec, REPLICATED),
-            out_specs=d_spec,
+            in_specs=(
+                self.state_specs,
+                ring_spec,
+                SlotControl(ROW, rows_spec),
+                ChunkPlan(ROW, ROW),
+                REPLICATED,
+            ),
+            out_specs=(ring_spec, log_spec),
             check_vma=False,
         )
         return jax.jit(fn, donate_argnums=(1,))
 
 
-def _record(d: DecodeState, row_ids, live, got, generated, rows: SamplerRows, mode) -> DecodeState:
-    """Store the tokens just sampled for rows `row_ids` and update their stop state."""
-    slot = jnp.minimum(generated, d.out_tokens.shape[1] - 1)
-    tokens = got.tokens
-    hit_stop = (tokens[:, None] == rows.stop_ids).any(-1) & (generated + 1 > rows.min_tokens)
-    finished = hit_stop | (generated + 1 >= rows.max_tokens)
+def _attention(
+    slot_cache, q, k, v, window, w, with_chunk, per_row, *, rows0, dec_pos, dec_keys,
+    chunk_row, chunk_pos, chunk_len,
+):  # fmt: skip
+    """Attention of one step's w decode rows and (with_chunk) C chunk rows.
 
-    def put(array, value):
-        old = array[row_ids, slot]
-        mask = live.reshape(live.shape + (1,) * (old.ndim - 1))
-        return array.at[row_ids, slot].set(jnp.where(mask, value, old))
+    q [1, w + C, Hq, Dh], k and v [1, w + C, Hkv, Dh]. A decode row attends to its cached keys
+    (positions < its own) and its own key; the chunk attends to its row's cached prefix
+    (positions < its start) and causally to itself.
+    """
+    keys, values = slot_cache
+    hkv = k.shape[2]
+    group = q.shape[2] // hkv
+    outs = []
+    if w:
+        q_dec = group_queries(q[0, :w, None], hkv)  # [w, Hkv, G, Dh]
+        pos = jnp.repeat(dec_pos[:, None], group, axis=1)
+        part = merge(
+            attend_cache(q_dec, pos, keys, values, rows0, dec_keys, window, per_row=per_row),
+            attend_new(q_dec, pos, k[0, :w, None], v[0, :w, None], dec_pos[:, None], window),
+        )
+        outs.append(ungroup_queries(finish(part, q.dtype), 1)[:, 0])
+    if with_chunk:
+        q_chunk = group_queries(q[:, w:], hkv)  # [1, Hkv, C*G, Dh]
+        pos = jnp.repeat(chunk_pos, group)[None]
+        # The padding after the prompt's last token is causally invisible to every real
+        # token, but 0 * its value is only 0 if the value is finite: zero it.
+        real = (jnp.arange(chunk_pos.shape[0]) < chunk_len)[None, :, None, None]
+        part = merge(
+            attend_cache(
+                q_chunk, pos, keys, values, chunk_row, chunk_pos[:1], window, per_row=per_row
+            ),
+            attend_new(
+                q_chunk, pos, k[:, w:], jnp.where(real, v[:, w:], 0), chunk_pos[None], window
+            ),
+        )
+        outs.append(ungroup_queries(finish(part, q.dtype), chunk_pos.shape[0])[0])
+    return jnp.concatenate(outs)[None]
 
-    d = d._replace(
-        out_tokens=put(d.out_tokens, tokens),
-        out_logprob=put(d.out_logprob, got.logprob),
-        top_ids=put(d.top_ids, got.top_ids),
-        top_logprobs=put(d.top_logprobs, got.top_logprobs),
-        next_token=d.next_token.at[row_ids].set(jnp.where(live, tokens, d.next_token[row_ids])),
-        position=d.position.at[row_ids].add(live.astype(jnp.int32)),
-        generated=d.generated.at[row_ids].add(live.astype(jnp.int32)),
-        done=d.done.at[row_ids].set(d.done[row_ids] | (live & finished)),
+
+def _write_kv(cache: KVCache, new_kv, w, rows, dec_pos, chunk_row, start, length) -> KVCache:
+    """Store the step's keys and values (k, v [1, w + C, Hkv, Dh] per slot) in the cache, in
+    place: each live decode row's at its position (dead rows point past the end: dropped) and
+    the chunk's real tokens at start .. start + length of its row (its padding is not stored,
+    nor is anything when there is no chunk)."""
+    ks, vs = [], []
+    for kc, vc, (k, v) in zip(cache.k, cache.v, new_kv, strict=True):
+        k, v = k[0], v[0]
+        if w:
+            kc = kc.at[rows, :, :, dec_pos].set(k[:w], mode="drop")
+            vc = vc.at[rows, :, dec_pos, :].set(v[:w], mode="drop")
+        chunk_k = k[w:].transpose(1, 2, 0)[None]  # [1, Hkv, Dh, C]
+        chunk_v = v[w:].transpose(1, 0, 2)[None]  # [1, Hkv, C, Dh]
+        real = jnp.arange(chunk_k.shape[-1]) < length
+        kc = _write_masked(kc, chunk_k, (chunk_row, 0, 0, start), real[None, None, None, :])
+        vc = _write_masked(vc, chunk_v, (chunk_row, 0, start, 0), real[None, None, :, None])
+        ks.append(kc)
+        vs.append(vc)
+    return KVCache(tuple(ks), tuple(vs))
+
+
+def _write_masked(cache: jax.Array, update: jax.Array, at: tuple, mask) -> jax.Array:
+    old = jax.lax.dynamic_slice(cache, at, update.shape)
+    return jax.lax.dynamic_update_slice(cache, jnp.where(mask, update, old), at)
+
+
+class _Record(NamedTuple):
+    tags: jax.Array
+    tokens: jax.Array
+    logprob: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def _sample_and_record(
+    ring: RingState, ctl: SlotControl, logits, tags, meta, chunk_tokens, rows, w, kind, vocab
+) -> tuple[RingState, _Record]:
+    """Sample the tokens of the w decode rows leaving the last stage and, when a prompt's last
+    chunk left with them, its first token; update the slots' state (a slot stops the moment
+    its stop token or token budget is reached) and return the log entries."""
+    mode = kind.mode
+    chunk_row, chunk_start, chunk_len = meta[CHUNK_ROW], meta[START], meta[LENGTH]
+    first_token = (chunk_len > 0) & (meta[LAST] > 0)
+    all_rows = jnp.concatenate([rows, chunk_row[None]])
+    sampler = SamplerRows(*(a[all_rows] for a in ctl.sampler))
+    head = jnp.concatenate([logits[:w], logits[w:][chunk_len - 1 if kind.collect else 0][None]])
+    generated = jnp.concatenate([ring.generated[rows], jnp.zeros((1,), jnp.int32)])
+    counts = seen = None
+    if mode.penalties:
+        # The chunk's prompt tokens are marked seen as its chunks leave (the first one clears
+        # whatever the slot's previous request left there).
+        fresh = jnp.where(chunk_start == 0, False, ring.seen[chunk_row])
+        prompt = jnp.arange(chunk_tokens.shape[0]) < chunk_len
+        chunk_seen = fresh.at[jnp.where(prompt, chunk_tokens, fresh.shape[0])].set(
+            True, mode="drop"
+        )
+        seen_rows = jnp.concatenate([ring.seen[rows], chunk_seen[None]])
+        counts = jnp.concatenate(
+            [ring.counts[rows], jnp.zeros((1, ring.counts.shape[1]), jnp.int32)]
+        )
+        seen = seen_rows
+    got = sample(head, sampler, generated, counts, seen, vocab, mode)
+
+    live = jnp.concatenate([tags >= 0, first_token[None]])
+    hit_stop = (got.tokens[:, None] == sampler.stop_ids).any(-1) & (
+        generated + 1 > sampler.min_tokens
+    )
+    finished = hit_stop | (generated + 1 >= sampler.max_tokens)
+    # A slot the host has withdrawn (tag -1) stops, even for a pass that entered before.
+    cont = live & ~finished & (ctl.tag[all_rows] >= 0)
+    dec = slice(0, w)
+
+    def put(array, index, value, where):
+        return array.at[index].set(jnp.where(where, value, array[index]))
+
+    next_token = put(ring.next_token, rows, got.tokens[dec], live[dec])
+    position = ring.position.at[rows].add(live[dec].astype(jnp.int32))
+    generated_new = ring.generated.at[rows].add(live[dec].astype(jnp.int32))
+    live_new = put(ring.live, rows, cont[dec], live[dec])
+    # The prefilled slot starts decoding (unless its first token already ended it, or the host
+    # withdrew the request meanwhile).
+    next_token = put(next_token, chunk_row, got.tokens[w], first_token)
+    position = put(position, chunk_row, chunk_start + chunk_len, first_token)
+    generated_new = put(generated_new, chunk_row, 1, first_token)
+    live_new = put(live_new, chunk_row, cont[w], first_token)
+    ring = ring._replace(
+        next_token=next_token, position=position, generated=generated_new, live=live_new
     )
     if mode.penalties:
-        hit = jax.nn.one_hot(tokens, d.counts.shape[1], dtype=jnp.int32) * live[:, None]
-        d = d._replace(
-            counts=d.counts.at[row_ids].add(hit),
-            seen=d.seen.at[row_ids].set(d.seen[row_ids] | (hit > 0)),
-        )
-    return d
+        hit = jax.nn.one_hot(got.tokens, ring.counts.shape[1], dtype=jnp.int32) * live[:, None]
+        seen_new = ring.seen.at[rows].set(seen[:w] | (hit[:w] > 0))
+        seen_new = put(seen_new, chunk_row, seen[w] | (hit[w] > 0), chunk_len > 0)
+        counts_new = ring.counts.at[rows].add(hit[:w])
+        counts_new = put(counts_new, chunk_row, hit[w], first_token)
+        ring = ring._replace(counts=counts_new, seen=seen_new)
+    log_tags = jnp.where(live, jnp.concatenate([tags, meta[TAG][None]]), -1)
+    return ring, _Record(log_tags, got.tokens, got.logprob, got.top_ids, got.top_logprobs)
+
+
+def _empty_log(K, w, n_top, C, kind: StepKind, model) -> StepLog:
+    n = w + 1
+    if kind.collect:
+        vocab_local = model.embed.shape[0]
+        logits = jnp.zeros((K, 1, C, vocab_local), jnp.float32)
+    else:
+        logits = jnp.zeros((K, 1, 0, 0), jnp.float32)
+    return StepLog(
+        ticks=jnp.int32(0),
+        tags=jnp.full((K, 1, n), -1, jnp.int32),
+        tokens=jnp.zeros((K, 1, n), jnp.int32),
+        logprob=jnp.zeros((K, 1, n), jnp.float32),
+        top_ids=jnp.zeros((K, 1, n, n_top), jnp.int32),
+        top_logprobs=jnp.zeros((K, 1, n, n_top), jnp.float32),
+        busy=jnp.zeros((K, 1), jnp.int32),
+        chunks=jnp.zeros((K, 1), jnp.int32),
+        logits=logits,
+        logit_meta=jnp.full((K, 1, META), -1, jnp.int32),
+    )
 
 
 def _skip_like(fn: Callable) -> Callable:
@@ -475,58 +615,54 @@ def _skip_like(fn: Callable) -> Callable:
     return skip
 
 
-def _write_if(valid, cache: jax.Array, update: jax.Array, at: tuple) -> jax.Array:
-    """dynamic_update_slice of `update` at `at`, or the old contents when not `valid`."""
-    old = jax.lax.dynamic_slice(cache, at, update.shape)
-    return jax.lax.dynamic_update_slice(cache, jnp.where(valid, update, old), at)
-
-
-def _write_decode(cache: KVCache, new_kv, valid, m, mb: int, pos) -> KVCache:
-    """Store each slot's new key and value (k, v [mb, 1, Hkv, Dh]) of micro-batch m's rows at
-    their positions `pos` [mb]: one row is a dynamic_update_slice, several a scatter; both
-    update the cache in place. Nothing changes on a skipped tick (`valid` false)."""
-    if mb == 1:
-        ks = tuple(
-            _write_if(valid, c, k.transpose(0, 2, 3, 1), (m, 0, 0, pos[0]))
-            for c, (k, _) in zip(cache.k, new_kv, strict=True)
-        )
-        vs = tuple(
-            _write_if(valid, c, v.transpose(0, 2, 1, 3), (m, 0, pos[0], 0))
-            for c, (_, v) in zip(cache.v, new_kv, strict=True)
-        )
-        return KVCache(ks, vs)
-    rows = m * mb + jnp.arange(mb)
-    ks = tuple(
-        c.at[rows, :, :, pos].set(jnp.where(valid, k[:, 0], c[rows, :, :, pos]))
-        for c, (k, _) in zip(cache.k, new_kv, strict=True)
-    )
-    vs = tuple(
-        c.at[rows, :, pos, :].set(jnp.where(valid, v[:, 0], c[rows, :, pos, :]))
-        for c, (_, v) in zip(cache.v, new_kv, strict=True)
-    )
-    return KVCache(ks, vs)
-
-
-def empty_cache(
-    mesh: Mesh, stages, slots, sequences, max_len, kv_heads, head_dim, dtype
-) -> KVCache:
-    """Zeros: one K and one V array per layer slot, each [stages, sequences, kv_heads, ...]."""
-    lead = (stages, sequences, kv_heads)
-    per_slot = []
-    for shape, axes in (
-        (lead + (head_dim, max_len), K_CACHE_AXES),
-        (lead + (max_len, head_dim), V_CACHE_AXES),
+def empty_ring(
+    mesh: Mesh,
+    shape: PipelineShape,
+    slots: int,
+    replicas: int,
+    kv_heads: int,
+    head_dim: int,
+    hidden: int,
+    vocab_padded: int,
+    penalties: bool,
+    dtype,
+) -> RingState:
+    """A fresh ring: zero cache, nothing in flight, no slot live."""
+    S, mb, C = shape.stages, shape.rows, shape.chunk
+    rows = replicas * shape.microbatches * mb
+    lead = (S, rows, kv_heads)
+    cache = []
+    for tail, axes in (
+        ((head_dim, shape.cache_len), K_CACHE_AXES),
+        ((shape.cache_len, head_dim), V_CACHE_AXES),
     ):
         sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(axes))
-        zeros = _zeros_program(shape, jnp.dtype(dtype), sharding)
-        per_slot.append(tuple(zeros() for _ in range(slots)))
-    return KVCache(*per_slot)
+        zeros = _zeros_program(lead + tail, jnp.dtype(dtype), sharding)
+        cache.append(tuple(zeros() for _ in range(slots)))
+
+    def put(a, spec):
+        return jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
+
+    riding = np.full((S, replicas, mb + META + C), -1, np.int32)
+    riding[:, :, mb + LENGTH] = 0
+    width = vocab_padded if penalties else 0
+    return RingState(
+        cache=KVCache(*cache),
+        hidden=put(np.zeros((S, replicas, mb + C, hidden), dtype), RIDING),
+        riding=put(riding, RIDING),
+        tick=put(np.int32(0), REPLICATED),
+        next_token=put(np.zeros(rows, np.int32), ROW),
+        position=put(np.zeros(rows, np.int32), ROW),
+        generated=put(np.zeros(rows, np.int32), ROW),
+        live=put(np.zeros(rows, bool), ROW),
+        counts=put(np.zeros((rows, width), np.int32), ROW),
+        seen=put(np.zeros((rows, width), bool), ROW),
+    )
 
 
 @functools.lru_cache(maxsize=64)
 def _zeros_program(shape, dtype, sharding):
-    """One jitted allocator per cache shape: a fresh lambda per call would compile every time
-    consecutive waves change cache shape, i.e. a number of compilations growing with waves."""
+    """One jitted allocator per cache shape (a fresh lambda per call would compile each time)."""
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 

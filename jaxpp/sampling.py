@@ -62,51 +62,62 @@ class SamplerMode:
         )
 
 
+STOP_ID_COLUMNS = 4  # stop-token columns per row at least; more when a request needs them
+
+
+def host_sampler_rows(rows: int) -> dict[str, np.ndarray]:
+    """Host-side per-slot settings, every row greedy and unused: filled by set_sampler_row."""
+    return {
+        "temperature": np.zeros(rows, np.float32),
+        "top_k": np.zeros(rows, np.int32),
+        "top_p": np.ones(rows, np.float32),
+        "min_p": np.zeros(rows, np.float32),
+        "presence": np.zeros(rows, np.float32),
+        "frequency": np.zeros(rows, np.float32),
+        "repetition": np.ones(rows, np.float32),
+        "seed": np.zeros(rows, np.uint32),
+        "min_tokens": np.zeros(rows, np.int32),
+        "stop_ids": np.full((rows, STOP_ID_COLUMNS), -1, np.int32),
+        "max_tokens": np.ones(rows, np.int32),
+    }
+
+
+def set_sampler_row(
+    rows: dict[str, np.ndarray], i: int, p: SamplingParams, seed: int, eos_ids: tuple[int, ...]
+) -> None:
+    """Put request settings `p` (its seed drawn already) into row i."""
+    rows["temperature"][i] = p.temperature
+    rows["top_k"][i] = max(p.top_k, 0)
+    rows["top_p"][i] = p.top_p
+    rows["min_p"][i] = p.min_p
+    rows["presence"][i] = p.presence_penalty
+    rows["frequency"][i] = p.frequency_penalty
+    rows["repetition"][i] = p.repetition_penalty
+    rows["seed"][i] = seed & 0xFFFFFFFF
+    rows["min_tokens"][i] = p.min_tokens
+    rows["max_tokens"][i] = p.max_tokens
+    ids = stop_token_ids(p, eos_ids)
+    stop = rows["stop_ids"]
+    if len(ids) > stop.shape[1]:  # widen to the next power of two (a new program shape)
+        wider = np.full((stop.shape[0], 1 << (len(ids) - 1).bit_length()), -1, np.int32)
+        wider[:, : stop.shape[1]] = stop
+        rows["stop_ids"] = stop = wider
+    stop[i] = -1
+    stop[i, : len(ids)] = ids
+
+
 def sampler_rows(
     params: list[SamplingParams], seeds: list[int], eos_ids: tuple[int, ...], rows: int
 ) -> SamplerRows:
     """Host-side arrays for `rows` slots; rows past len(params) are greedy padding."""
-    n_stop = max([1] + [len(_stop_ids(p, eos_ids)) for p in params])
-    stop = np.full((rows, n_stop), -1, np.int32)
-    fields = {
-        name: np.zeros(rows, np.float32)
-        for name in ("temperature", "top_p", "min_p", "presence", "frequency")
-    }
-    fields["top_p"][:] = 1.0
-    top_k = np.zeros(rows, np.int32)
-    repetition = np.ones(rows, np.float32)
-    seed = np.zeros(rows, np.uint32)
-    min_tokens = np.zeros(rows, np.int32)
-    max_tokens = np.ones(rows, np.int32)
-    for i, p in enumerate(params):
-        fields["temperature"][i] = p.temperature
-        fields["top_p"][i] = p.top_p
-        fields["min_p"][i] = p.min_p
-        fields["presence"][i] = p.presence_penalty
-        fields["frequency"][i] = p.frequency_penalty
-        top_k[i] = max(p.top_k, 0)
-        repetition[i] = p.repetition_penalty
-        seed[i] = seeds[i] & 0xFFFFFFFF
-        min_tokens[i] = p.min_tokens
-        max_tokens[i] = p.max_tokens
-        ids = _stop_ids(p, eos_ids)
-        stop[i, : len(ids)] = ids
-    return SamplerRows(
-        temperature=fields["temperature"],
-        top_k=top_k,
-        top_p=fields["top_p"],
-        min_p=fields["min_p"],
-        presence=fields["presence"],
-        frequency=fields["frequency"],
-        repetition=repetition,
-        seed=seed,
-        min_tokens=min_tokens,
-        stop_ids=stop,
-        max_tokens=max_tokens,
-    )
+    host = host_sampler_rows(rows)
+    for i, (p, seed) in enumerate(zip(params, seeds, strict=True)):
+        set_sampler_row(host, i, p, seed, eos_ids)
+    return SamplerRows(**host)
 
 
-def _stop_ids(p: SamplingParams, eos_ids: tuple[int, ...]) -> list[int]:
+def stop_token_ids(p: SamplingParams, eos_ids: tuple[int, ...]) -> list[int]:
+    """The tokens that end request `p`: its stop_token_ids, and EOS unless ignore_eos."""
     ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
     return list(dict.fromkeys(ids))
 

@@ -129,15 +129,22 @@ def test_float32_logits_match_hf(family, llm32, seqs, ref_logits):
     )
 
 
-def test_blockwise_prompt_attention_matches_hf(family, model_dir, seqs, ref_logits, monkeypatch):
-    """Prompt attention in blocks of 20 query rows (uneven: the longest prompt is padded to 48)
-    spans several blocks and, where the family has one, the sliding window (8) across block
-    edges; the logits still match HF. The default block (128) is wider than these prompts."""
-    monkeypatch.setattr(jaxpp.model, "PROMPT_BLOCK", 20)
-    got = jaxpp.LLM(str(model_dir), dtype="float32").logits(seqs)
+def test_small_chunks_and_kv_blocks_match_hf(
+    family, model_dir, seqs, prompts, ref_logits, monkeypatch
+):
+    """Prompts in chunks of 7 tokens and the cache read in blocks of 8 positions: chunks attend
+    to a cached prefix spanning several blocks, decode reads several blocks, and (where the
+    family has one) the sliding window (8) cuts across chunk and block edges. Logits and greedy
+    tokens still match HF. (The defaults, 256 and 128, are wider than these sequences.)"""
+    monkeypatch.setattr(jaxpp.model, "KV_BLOCK", 8)
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", prefill_chunk=7, max_num_seqs=4)
+    got = llm.logits(seqs)
     rel, diff, scale = _rel(got, ref_logits)
-    print(f"{family}: blocks of 20: max|diff|={diff:.3e} rel={rel:.2e}")
-    assert rel <= F32_RTOL, f"{family}: blockwise prompt attention: {_per_seq(got, ref_logits)}"
+    print(f"{family}: chunks of 7, blocks of 8: max|diff|={diff:.3e} rel={rel:.2e}")
+    assert rel <= F32_RTOL, f"{family}: chunked prefill: {_per_seq(got, ref_logits)}"
+    want, _ = hf_greedy_with_margins(model_dir, prompts, NEW_TOKENS)
+    params = jaxpp.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
 
 
 def test_greedy_matches_hf(family, llm32, model_dir, prompts):

@@ -15,7 +15,7 @@ def test_quickstart_notebook_executes():
         o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
     )
     assert "layers per stage: [2, 2]" in outputs
-    assert "prefill_bubble_fraction" in outputs
+    assert "bubble_fraction" in outputs and "occupancy" in outputs
     images = [
         o
         for c in nb.cells

@@ -1,5 +1,6 @@
 """The pipeline never changes the answer: pp, partition and micro-batch count give the same
-logits and the same greedy tokens as pp=1; bubbles are inert; memory is split evenly."""
+logits and the same greedy tokens as pp=1; bubbles are inert; the ring's schedule and its
+measured bubble follow the arithmetic; memory is split evenly."""
 
 import jax
 import numpy as np
@@ -81,7 +82,7 @@ def _check_memory_split(llm, single):
     print(f"pp={llm.pp}: {usage}")
     assert len(usage) == llm.pp
     assert max(u["params"] for u in usage) <= 1.05 * single["params"] / llm.pp
-    cache_bytes = sum(a.nbytes for a in jax.tree.leaves(llm._cache))
+    cache_bytes = sum(a.nbytes for a in jax.tree.leaves(llm.ring.cache))
     assert cache_bytes > 0
     assert all(u["kv_cache"] * llm.pp == cache_bytes for u in usage), usage
 
@@ -98,33 +99,36 @@ def test_bubble_ticks_are_inert(pp3_llm, prompts, reference):
     llm.pipeline.bubble_fill = None
 
 
-def test_run_stats_measure_the_bubble(pp3_llm, prompts):
+def test_run_stats_measure_the_bubble(model_dir):
     S, M = 3, 6
-    llm = pp3_llm
-    llm.logits(prompts)
-    stats = llm.last_run_stats
-    assert stats["prefill_ticks"] == M + S - 1
-    assert stats["prefill_busy_stage_ticks"] == M * S
-    assert stats["prefill_bubble_fraction"] == pytest.approx((S - 1) / (M + S - 1))
-    # The recorded schedule is GPipe's: stage s runs micro-batch t - s at tick t.
-    for t, row in enumerate(stats["prefill_schedule"]):
-        assert row == [t - s if 0 <= t - s < M else -1 for s in range(S)]
-
-    # 6 prompts fill all 6 micro-batches, so after the S-1 fill ticks the ring never idles.
+    llm = jaxpp.LLM(model_dir, dtype="float32", pp=S, num_microbatches=M)
     prompts6 = random_seqs([4, 5, 6, 7, 8, 9], seed=1)
+    # Generating 9 tokens each: one request per micro-batch (the scheduler balances them); each
+    # micro-batch passes the ring 9 times (its prompt chunk, which samples the first token, then
+    # 8 decode tokens) and no stage idles between the fill and the drain.
     out = llm.generate(
         prompts6, jaxpp.SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
     )
     stats = llm.last_run_stats
-    # 8 decode tokens per micro-batch (the prefill made the first) -> 8 rounds of M ticks.
-    assert stats["decode_ticks"] == 8 * M + S - 1
-    assert stats["decode_busy_stage_ticks"] == 8 * M * S
-    assert stats["decode_bubble_fraction"] == pytest.approx((S - 1) / (8 * M + S - 1))
-    # ... and the ring's: stage s runs micro-batch (t - s) mod M between its fill and drain.
-    rounds = 8 * M
-    for t, row in enumerate(stats["decode_schedule"]):
-        assert row == [(t - s) % M if s <= t < s + rounds else -1 for s in range(S)]
-    assert out[0].metrics.pipeline["decode_ticks"] == stats["decode_ticks"]
+    passes = 9 * M
+    assert stats["ticks"] == passes + S - 1
+    assert stats["busy_stage_ticks"] == passes * S
+    assert stats["bubble_fraction"] == pytest.approx((S - 1) / (passes + S - 1))
+    assert stats["chunk_stage_ticks"] == M * S
+    for t, row in enumerate(stats["schedule"]):
+        assert row == [(t - s) % M if s <= t < s + passes else -1 for s in range(S)]
+    assert out[0].metrics.pipeline["stages"] == S
+
+    # Six one-chunk prompts scored: the chunks enter stage 0 on six consecutive ticks and flow
+    # through the stages like GPipe's micro-batches: M + S - 1 ticks, bubble (S-1)/(M+S-1).
+    llm.logits(prompts6)
+    stats = llm.last_run_stats
+    assert stats["ticks"] == M + S - 1
+    assert stats["busy_stage_ticks"] == M * S
+    assert stats["bubble_fraction"] == pytest.approx((S - 1) / (M + S - 1))
+    t0 = stats["start_tick"]  # the ring keeps turning: micro-batch ids continue from here
+    for t, row in enumerate(stats["schedule"]):
+        assert row == [(t0 + t - s) % M if 0 <= t - s < M else -1 for s in range(S)]
 
 
 def test_bad_layouts_are_rejected(model_dir):
