@@ -462,11 +462,13 @@ def test_engine_failing_for_everyone_is_exit_3_with_a_log(
     model = dirs["mistral"]
 
     class DyingLLM(TokenizerFakeLLM):
-        def generate(self, prompts, sampling_params, on_finish=None):
-            if len(self.calls) >= 1:
-                self.calls.append(len(prompts))
+        """Fails every step once a request has finished: "before" (3 tokens) is answered,
+        "a" and "b" (16 tokens) are still running when the device goes."""
+
+        def step(self):
+            if self.finished:
                 raise RuntimeError("device lost")
-            return super().generate(prompts, sampling_params, on_finish)
+            return super().step()
 
     monkeypatch.setattr(generate, "load_llm", lambda args: DyingLLM(tokenizers["mistral"], model))
     inp = write_lines(tmp_path / "in.jsonl", [GOOD_BEFORE, {"prompt": "a"}, {"prompt": "b"}])
