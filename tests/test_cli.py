@@ -190,6 +190,16 @@ def test_generate_help(capsys):
         assert needle in text, needle
 
 
+def test_engine_flags_reach_the_llm():
+    """--max-num-seqs and --prefill-chunk go to LLM(...); left out, the engine's defaults apply."""
+    argv = ["generate", "--prompt", "x", "--max-num-seqs", "8", "--prefill-chunk", "16"]
+    kwargs = generate.llm_kwargs(cli.build_parser(argv).parse_args(argv))
+    assert kwargs["max_num_seqs"] == 8 and kwargs["prefill_chunk"] == 16
+    argv = argv[:3]
+    kwargs = generate.llm_kwargs(cli.build_parser(argv).parse_args(argv))
+    assert kwargs["max_num_seqs"] is None and "prefill_chunk" not in kwargs
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
@@ -628,16 +638,7 @@ def cached_llm(monkeypatch):
     real = generate.load_llm
 
     def load(args):
-        key = (
-            args.model,
-            args.dtype,
-            args.pp,
-            args.tp,
-            args.dp,
-            args.layer_partition,
-            args.num_microbatches,
-            args.max_model_len,
-        )
+        key = (args.model, *sorted(generate.llm_kwargs(args).items()))
         if key not in _LLMS:
             _LLMS[key] = real(args)
         return _LLMS[key]
@@ -843,6 +844,10 @@ def test_sigkill_then_resume_answers_every_line_exactly_once(chat_model, tmp_pat
         "--output",
         str(out),
         "--batch-size",
+        "8",
+        "--max-num-seqs",  # few slots: few decode widths to compile, and a run to kill
+        "8",
+        "--prefill-chunk",
         "8",
         *REAL_FLAGS,
     ]

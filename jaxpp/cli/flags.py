@@ -249,6 +249,20 @@ def add_generate_parser(subparsers, run, model_dir: Path = DEMO_MODEL) -> None:
         "ahead so the slots never wait for it, and no further, so memory stays bounded "
         "(default: 256)",
     )
+    cb.add_argument(
+        "--max-num-seqs",
+        type=_positive_int,
+        metavar="N",
+        help="engine slots: sequences decoded at once, rounded up to a multiple of "
+        "dp x micro-batches (default: the engine's, up to 256 as the KV cache allows)",
+    )
+    cb.add_argument(
+        "--prefill-chunk",
+        type=_positive_int,
+        metavar="N",
+        help="prompt tokens per chunk: prompts enter the decode ring in chunks this long "
+        "(default: the engine's, 256)",
+    )
 
     s = p.add_argument_group(
         "sampling defaults (a line's own fields override them; where a flag is not given, "
