@@ -1,21 +1,24 @@
-"""A fake engine with a REAL tokenizer and the engine's own chat templating, for the bad-input
-corpus and the fuzz test: every request-side failure (tokenizer, template, limits, parsing) is
-the real one, and only generation is faked (instant, deterministic).
+"""Fake engines for the CLI tests: the engine's serving API (add_request / step / abort_request,
+and generate for the isolation fallback) over instant, deterministic generation.
 
-Generation: the completion of a prompt of n tokens is "<n>/<max_tokens>". A prompt holding the
-text BOOM makes the whole call raise ValueError (the engine refusing one request), CRASH an
-IndexError (the engine failing on one request), and EMPTYLP a completion whose logprobs are
-malformed (so building its answer fails).
+`FakeEngine` is that API, shared by the fakes here and in test_cli.py; `TokenizerFakeLLM` adds a
+REAL tokenizer and the engine's own chat templating, for the bad-input corpus and the fuzz test:
+every request-side failure (tokenizer, template, limits, parsing) is the real one, and only
+generation is faked.
+
+TokenizerFakeLLM's completion of a prompt of n tokens is "<n>/<max_tokens>"; a prompt holding
+EMPTYLP gets a completion whose logprobs are malformed (so building its answer fails).
 """
 
 from __future__ import annotations
 
+import abc
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import jaxpp
-from jaxpp import cli
+from jaxpp import SamplingParams, cli
 from jaxpp.outputs import CompletionOutput, Logprob, RequestOutput
 
 GOOD_BEFORE = {"id": "before", "prompt": "def add(a, b):", "max_tokens": 3}
@@ -37,44 +40,134 @@ FAKE_CONFIG = {
 }
 
 
-class TokenizerFakeLLM:
-    def __init__(self, tokenizer, model_dir: Path, max_model_len: int = 64):
+class FakeEngine(abc.ABC):
+    """The serving API of `jaxpp.LLM`, over fake generation. `step()` first admits waiting
+    requests into the free slots of `max_num_seqs` (first come, first served), then moves every
+    running request on by one token. A request runs for as many steps as the tokens the real
+    engine budgets for it (max_tokens, capped by max_model_len), so requests finish in order of
+    their max_tokens, not of arrival, and slots refill as they do.
+
+    Poison words in a prompt, as the real engine fails: BOOM makes `add_request` refuse it
+    (ValueError, nothing queued), the way the engine refuses a bad prompt; CRASH makes `step()`
+    raise IndexError while it runs, an engine failure that only isolation can pin on it.
+
+    Subclasses give the tokenizer the poison words are found with, and `complete`: what a
+    finished request's completion holds.
+    """
+
+    def __init__(self, tokenizer, max_model_len: int, max_num_seqs: int = 4):
         self.tokenizer = tokenizer
-        self.model_dir = model_dir
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.prompts: list[list[int]] = []  # every request's prompt; its index is its id
+        self.finished: list[str] = []  # request ids, in the order step() returned them
+        self.generate_calls: list[list[list[int]]] = []  # the prompts of each generate call
+        self.steps = 0
+        self._words: dict[str, list[int]] = {}  # word -> its tokens
+        self._params: dict[str, SamplingParams] = {}  # unfinished requests
+        self._waiting: list[str] = []
+        self._running: dict[str, int] = {}  # request id -> steps left
+
+    @abc.abstractmethod
+    def complete(self, prompt: list[int], params: SamplingParams) -> CompletionOutput:
+        """The completion of a finished request."""
+
+    def has(self, prompt: list[int], word: str) -> bool:
+        """Whether `prompt` holds the tokens of `word`."""
+        if word not in self._words:
+            self._words[word] = self.tokenizer.encode(word, add_special_tokens=False)
+        seq = self._words[word]
+        return any(prompt[i : i + len(seq)] == seq for i in range(len(prompt)))
+
+    def _check(self, prompt: list[int]) -> None:
+        if self.has(prompt, "BOOM"):
+            raise ValueError("engine says no")
+
+    def add_request(self, prompt: list[int], sampling_params: SamplingParams) -> str:
+        self._check(list(prompt))
+        request_id = str(len(self.prompts))
+        self.prompts.append(list(prompt))
+        self._params[request_id] = sampling_params
+        self._waiting.append(request_id)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        self._params.pop(request_id, None)
+        self._running.pop(request_id, None)
+        if request_id in self._waiting:
+            self._waiting.remove(request_id)
+
+    @property
+    def num_waiting_requests(self) -> int:
+        return len(self._waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._params)
+
+    def step(self) -> list[RequestOutput]:
+        self.steps += 1
+        while self._waiting and len(self._running) < self.max_num_seqs:
+            request_id = self._waiting.pop(0)
+            prompt = self.prompts[int(request_id)]
+            budget = self.max_model_len - len(prompt) + 1
+            self._running[request_id] = min(self._params[request_id].max_tokens, budget)
+        if any(self.has(self.prompts[int(r)], "CRASH") for r in self._running):
+            raise IndexError("engine tripped")
+        outputs = []
+        for request_id in list(self._running):
+            self._running[request_id] -= 1
+            if self._running[request_id] > 0:
+                continue
+            del self._running[request_id]
+            prompt = self.prompts[int(request_id)]
+            completion = self.complete(prompt, self._params.pop(request_id))
+            outputs.append(RequestOutput(request_id, None, prompt, [completion]))
+            self.finished.append(request_id)
+        return outputs
+
+    def generate(self, prompts, sampling_params, on_finish=None) -> list[RequestOutput]:
+        """As LLM.generate: refuse any bad prompt before queueing, step until these requests are
+        done, and on an exception withdraw the unfinished ones and re-raise."""
+        assert not self._params, "the CLI runs generate only with nothing else in the engine"
+        self.generate_calls.append([list(p) for p in prompts])
+        for p in prompts:
+            self._check(list(p))
+        ids: list[str] = []
+        done: dict[str, RequestOutput] = {}
+        try:
+            for p, sp in zip(prompts, sampling_params, strict=True):
+                ids.append(self.add_request(p, sp))
+            index = {request_id: i for i, request_id in enumerate(ids)}
+            while len(done) < len(ids):
+                for out in self.step():
+                    done[out.request_id] = out
+                    if on_finish is not None:
+                        on_finish(index[out.request_id], out)
+        except BaseException:
+            for request_id in ids:
+                self.abort_request(request_id)
+            raise
+        return [done[request_id] for request_id in ids]
+
+
+class TokenizerFakeLLM(FakeEngine):
+    def __init__(self, tokenizer, model_dir: Path, max_model_len: int = 64):
+        super().__init__(tokenizer, max_model_len)
+        self.model_dir = model_dir
         self.config = SimpleNamespace(vocab_size=4096, bos_token_id=0, eos_token_ids=(1,))
-        self.calls: list[int] = []
-        self.poison = {
-            word: tokenizer.encode(word, add_special_tokens=False)
-            for word in ("BOOM", "CRASH", "EMPTYLP")
-        }
 
     def chat_prompt(self, messages):
         return jaxpp.LLM.chat_prompt(self, messages)
 
-    def _has(self, prompt, word: str) -> bool:
-        seq = self.poison[word]
-        return any(prompt[i : i + len(seq)] == seq for i in range(len(prompt)))
-
-    def generate(self, prompts, sampling_params, on_finish=None):
-        self.calls.append(len(prompts))
-        if any(self._has(p, "BOOM") for p in prompts):
-            raise ValueError("engine says no")
-        if any(self._has(p, "CRASH") for p in prompts):
-            raise IndexError("engine tripped")
-        outs = []
-        for i, (p, sp) in enumerate(zip(prompts, sampling_params, strict=True)):
-            ids = [7] * min(sp.max_tokens, 2)
-            logprobs = None
-            if sp.logprobs is not None:
-                entry = {} if self._has(p, "EMPTYLP") else {7: Logprob(-0.5, 1, "x")}
-                logprobs = [dict(entry) for _ in ids]
-            c = CompletionOutput(0, f"{len(p)}/{sp.max_tokens}", ids, "length", logprobs=logprobs)
-            out = RequestOutput(str(i), None, list(p), [c])
-            outs.append(out)
-            if on_finish is not None:
-                on_finish(i, out)
-        return outs
+    def complete(self, prompt: list[int], params: SamplingParams) -> CompletionOutput:
+        ids = [7] * min(params.max_tokens, 2)
+        logprobs = None
+        if params.logprobs is not None:
+            entry = {} if self.has(prompt, "EMPTYLP") else {7: Logprob(-0.5, 1, "x")}
+            logprobs = [dict(entry) for _ in ids]
+        return CompletionOutput(
+            0, f"{len(prompt)}/{params.max_tokens}", ids, "length", logprobs=logprobs
+        )
 
 
 def make_model_dir(path: Path, chat_template: str | None) -> Path:

@@ -19,11 +19,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cli_fakes import FakeEngine
 
 import jaxpp
 from jaxpp import cli
 from jaxpp.cli import formats, generate, progress, resume
-from jaxpp.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxpp.outputs import CompletionOutput, Logprob
 
 # Refuses a conversation that opens with the assistant, as Mistral-style templates do.
 CHAT_TEMPLATE = (
@@ -63,7 +64,7 @@ def _answered_lines(records: list[dict], ids_to_line: dict) -> list[int]:
     return lines
 
 
-# --- a fake engine: instant, deterministic, records how it was called -------------------------
+# --- a fake engine: instant, deterministic, records how it was driven ---------------------------
 
 
 class FakeTokenizer:
@@ -73,21 +74,24 @@ class FakeTokenizer:
         return ([1] if add_special_tokens else []) + [3 + ord(c) % 90 for c in text]
 
 
-class FakeLLM:
-    """Answers "<prompt length>/<max_tokens>/<seed>"; raises on a prompt holding the text
-    BOOM (ValueError) or, from the `crash_on_call`-th call, RuntimeError."""
+class FakeLLM(FakeEngine):
+    """Answers "<prompt length>/<max_tokens>/<seed>". As every FakeEngine: BOOM is refused when
+    added, CRASH fails the step it runs in. After `steps_before_crash` steps, every step fails
+    (RuntimeError: the engine is broken). With `output`, notes the records on disk and the
+    requests finished so far as each step begins."""
 
-    BOOM = FakeTokenizer().encode("BOOM", add_special_tokens=False)
-
-    def __init__(self, output: Path | None = None, crash_on_call: int | None = None):
-        self.max_model_len = 64
+    def __init__(
+        self,
+        output: Path | None = None,
+        steps_before_crash: int | None = None,
+        max_num_seqs: int = 4,
+    ):
+        super().__init__(FakeTokenizer(), max_model_len=64, max_num_seqs=max_num_seqs)
         self.config = SimpleNamespace(vocab_size=100, bos_token_id=1, eos_token_ids=())
-        self.tokenizer = FakeTokenizer()
-        self.calls: list[int] = []  # batch size of each generate call
-        self.prompts: list[list[int]] = []
-        self.lines_before_call: list[int] = []  # output lines present when each call began
         self.output = output
-        self.crash_on_call = crash_on_call
+        self.steps_before_crash = steps_before_crash
+        self.written_before_step: list[list[dict]] = []
+        self.finished_before_step: list[int] = []
 
     def chat_prompt(self, messages):
         for i, m in enumerate(messages):
@@ -95,37 +99,27 @@ class FakeLLM:
                 raise ValueError(f"message {i} must be {{'role': str, 'content': str}}")
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
-    def generate(self, prompts, sampling_params, on_finish=None):
-        self.calls.append(len(prompts))
-        self.prompts += [list(p) for p in prompts]
+    def step(self):
         if self.output is not None:
-            self.lines_before_call.append(len(_records(self.output)))
-        if self.crash_on_call is not None and len(self.calls) >= self.crash_on_call:
+            self.written_before_step.append(_records(self.output))
+            self.finished_before_step.append(len(self.finished))
+        if self.steps_before_crash is not None and self.steps >= self.steps_before_crash:
             raise RuntimeError("device lost")
-        for p in prompts:
-            if any(p[i : i + 4] == self.BOOM for i in range(len(p))):
-                raise ValueError("engine says no")
-        outs = []
-        for i, (p, sp) in enumerate(zip(prompts, sampling_params, strict=True)):
-            ids = [(t + 1) % 100 for t in p[: sp.max_tokens]]
-            logprobs = None
-            if sp.logprobs is not None:
-                logprobs = [
-                    {t: Logprob(-0.5, 1, f"t{t}"), 99: Logprob(-2.0, 2, "t99")} for t in ids
-                ]
-            c = CompletionOutput(
-                0,
-                f"{len(p)}/{sp.max_tokens}/{sp.seed}",
-                ids,
-                "length",
-                logprobs=logprobs,
-                cumulative_logprob=-0.5 * len(ids),
-            )
-            out = RequestOutput(str(i), None, list(p), [c])
-            outs.append(out)
-            if on_finish is not None:
-                on_finish(i, out)
-        return outs
+        return super().step()
+
+    def complete(self, prompt, params):
+        ids = [(t + 1) % 100 for t in prompt[: params.max_tokens]]
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = [{t: Logprob(-0.5, 1, f"t{t}"), 99: Logprob(-2.0, 2, "t99")} for t in ids]
+        return CompletionOutput(
+            0,
+            f"{len(prompt)}/{params.max_tokens}/{params.seed}",
+            ids,
+            "length",
+            logprobs=logprobs,
+            cumulative_logprob=-0.5 * len(ids),
+        )
 
 
 # What the up-front flag checks read of the fake model dir: the FakeLLM's vocabulary and length.
@@ -194,6 +188,16 @@ def test_generate_help(capsys):
         "finish_reason",
     ):
         assert needle in text, needle
+
+
+def test_engine_flags_reach_the_llm():
+    """--max-num-seqs and --prefill-chunk go to LLM(...); left out, the engine's defaults apply."""
+    argv = ["generate", "--prompt", "x", "--max-num-seqs", "8", "--prefill-chunk", "16"]
+    kwargs = generate.llm_kwargs(cli.build_parser(argv).parse_args(argv))
+    assert kwargs["max_num_seqs"] == 8 and kwargs["prefill_chunk"] == 16
+    argv = argv[:3]
+    kwargs = generate.llm_kwargs(cli.build_parser(argv).parse_args(argv))
+    assert kwargs["max_num_seqs"] is None and "prefill_chunk" not in kwargs
 
 
 @pytest.mark.parametrize(
@@ -273,7 +277,7 @@ FAKE_LINES = [
     },  # 9
     {"custom_id": "r1", "url": "/v1/completions", "body": {"prompt": "dup"}},  # 10 duplicate
     {"id": "d", "prompt": "y" * 80},  # 11 longer than max_model_len=64
-    {"id": "e", "prompt": "BOOM here"},  # 12 engine raises ValueError in its batch
+    {"id": "e", "prompt": "BOOM here"},  # 12 the engine refuses it (ValueError) when added
     {"id": "f", "prompt": "fine", "seed": 11},  # 13
 ]
 FAKE_ERRORS = {3, 4, 5, 6, 8, 10, 11, 12}
@@ -318,11 +322,28 @@ def test_every_line_answered_once_and_streamed(fake, tmp_path):
         "error": "the engine refused the request: engine says no",
         "code": "generation_failed",
     }
-    # Streaming: each generate call began after the previous chunk's answers were on disk.
-    # [a, 2] [c, r1 x2] [e, f] -> ValueError -> [e] alone fails, a one-token canary request
-    # succeeds (so the engine is fine and the failure is e's), [f] alone succeeds
-    assert llm.calls == [2, 3, 2, 1, 1, 1]
-    assert llm.lines_before_call[:3] == [0, 7, 11]
+    assert llm.generate_calls == []  # a refusal is pinned when added: nothing ran again
+    # Streaming: each step began with the answer of every request finished before it on disk.
+    tok = FakeTokenizer()
+    job_of = {
+        tuple(tok.encode("hello")): "a",
+        tuple(tok.encode("no id")): 2,
+        tuple(tok.encode("user: hi\nassistant:", False)): "c",
+        tuple(tok.encode("hey")): "r1",
+        tuple(tok.encode("fine")): "f",
+    }
+    requests_of: dict = {}
+    for request_id, prompt in enumerate(llm.prompts):
+        requests_of.setdefault(job_of[tuple(prompt)], set()).add(str(request_id))
+    answer_sets = set()
+    for written, n in zip(llm.written_before_step, llm.finished_before_step, strict=True):
+        finished = set(llm.finished[:n])
+        on_disk = {r.get("custom_id", r.get("id")) for r in written if r.get("error") is None}
+        assert on_disk == {job for job, ids in requests_of.items() if ids <= finished}
+        answer_sets.add(frozenset(on_disk))
+    assert len(answer_sets) >= 4  # answers came out over the run, not at its end
+    order = [r.get("custom_id", r.get("id")) for r in records if r.get("error") is None]
+    assert order.index("c") < order.index("a")  # finish order: c asked for 2 tokens, a for 16
     by_id = {r.get("custom_id", r.get("id")): r for r in records if not r.get("error")}
     assert by_id[2]["prompt"] == "no id"
     assert by_id["c"]["prompt"] == "user: hi\nassistant:"
@@ -359,7 +380,7 @@ def test_resume_truncates_torn_line_and_answers_the_rest(fake, tmp_path, capsys)
     assert tok.encode("fine") in llm.prompts  # f: its answer was the torn line
     # Everything answered: a further resume generates nothing, still exits 1 (error lines).
     llm = install(FakeLLM())
-    assert _fake_run(model, inp, out, "--resume") == 1 and llm.calls == []
+    assert _fake_run(model, inp, out, "--resume") == 1 and llm.prompts == []
     assert _records(out) == records
     # A file whose last complete line is not JSON: that line goes too.
     scratch = tmp_path / "scratch.jsonl"
@@ -409,16 +430,105 @@ def test_retry_errors_reruns_only_error_lines(fake, tmp_path, capsys):
 
 
 def test_engine_crash_keeps_answers_and_exits_3(fake, tmp_path, capsys):
+    """The engine breaks mid-run (every step fails from the third on, the canary too): the
+    answers written before stay, exit 3, and --resume answers the rest."""
     model, install = fake
     inp = _write_lines(tmp_path / "in.jsonl", [{"id": i, "prompt": "p"} for i in range(1, 7)])
     out = tmp_path / "out.jsonl"
-    install(FakeLLM(crash_on_call=2))
-    assert _fake_run(model, inp, out, "--batch-size", "2") == 3
+    flags = ["--batch-size", "2", "--max-tokens", "2"]
+    # Two slots: lines 1 and 2 take two steps and finish; line 3 waits for the third step.
+    install(FakeLLM(steps_before_crash=2, max_num_seqs=2))
+    assert _fake_run(model, inp, out, *flags) == 3
     assert "device lost" in capsys.readouterr().err
     assert [r["id"] for r in _records(out)] == [1, 2]
     install(FakeLLM())
-    assert _fake_run(model, inp, out, "--batch-size", "2", "--resume") == 0
+    assert _fake_run(model, inp, out, *flags, "--resume") == 0
     assert sorted(r["id"] for r in _records(out)) == [1, 2, 3, 4, 5, 6]
+
+
+class WatchedInput:
+    """The binary stdin of `--input -`: serves `lines` one readline at a time, noting how many
+    records `output` holds as each line is read."""
+
+    def __init__(self, lines: list[dict], output: Path):
+        self.lines = [json.dumps(line).encode() + b"\n" for line in lines]
+        self.output = output
+        self.written_when_read: list[int] = []
+
+    def readline(self, limit: int = -1) -> bytes:
+        if not self.lines:
+            return b""
+        self.written_when_read.append(len(_records(self.output)))
+        return self.lines.pop(0)
+
+
+def test_answers_are_written_before_later_lines_are_read(fake, tmp_path, monkeypatch):
+    """A long input streams through the engine: a line is read only when the engine has room for
+    it (its slots + --batch-size queued), so answers reach the file, in the order requests
+    finish, while most lines are still unread."""
+    model, install = fake
+    n, slots, lookahead = 40, 2, 3
+    lines = [{"id": i, "prompt": f"p{i}", "max_tokens": 1 + 3 * (i % 2)} for i in range(1, n + 1)]
+    out = tmp_path / "out.jsonl"
+    stdin = WatchedInput(lines, out)
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=stdin))
+    install(FakeLLM(max_num_seqs=slots))
+    assert _fake_run(model, "-", out, "--batch-size", str(lookahead)) == 0
+    ids = [r["id"] for r in _records(out)]
+    assert sorted(ids) == list(range(1, n + 1)) and ids != sorted(ids)
+    # When line k is read, lines 1 .. k-1 are in: at most slots + lookahead of them unanswered.
+    assert len(stdin.written_when_read) == n
+    for k, written in enumerate(stdin.written_when_read, 1):
+        assert written >= k - 1 - slots - lookahead, (k, written)
+
+
+def test_a_failing_step_is_pinned_on_its_request(fake, tmp_path):
+    """step() raises while a CRASH request runs: every request still in the engine is withdrawn
+    and run again by halves until the failure is pinned on the CRASH line alone; the engine
+    answers a canary, so that line gets its error line and every other line its answer, once."""
+    model, install = fake
+    lines = [{"id": i, "prompt": f"p{i}", "max_tokens": 3} for i in range(1, 11)]
+    lines[5] = {"id": 6, "prompt": "CRASH now", "max_tokens": 3}
+    inp = _write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    llm = install(FakeLLM(max_num_seqs=2))
+    assert _fake_run(model, inp, out, "--batch-size", "2") == 1
+    records = _records(out)
+    ids = {str(i): i for i in range(1, 11)}
+    assert sorted(_answered_lines(records, ids)) == list(range(1, 11))
+    [error] = [r for r in records if r.get("error") is not None]
+    assert error["line"] == 6 and error["code"] == "generation_failed"
+    assert error["error"].startswith(
+        "the engine failed on this request: IndexError: engine tripped (traceback in "
+    )
+    assert "IndexError: engine tripped" in Path(f"{out}.log").read_text()
+    tok = FakeTokenizer()
+    assert [tok.encode("CRASH now")] in llm.generate_calls  # run alone, and failed alone
+    assert [[llm.config.bos_token_id]] in llm.generate_calls  # the canary: the engine is fine
+    assert llm.prompts.count(tok.encode("p1")) == 1  # finished before the failure: kept
+
+
+class AddRequestFailsLLM(FakeLLM):
+    """add_request raises KeyError, not a refusal's ValueError, for a prompt holding ODD."""
+
+    def add_request(self, prompt, sampling_params):
+        if self.has(list(prompt), "ODD"):
+            raise KeyError("slot table")
+        return super().add_request(prompt, sampling_params)
+
+
+def test_an_unexpected_add_request_failure_is_pinned_like_a_failed_step(fake, tmp_path):
+    model, install = fake
+    lines = [{"id": "a", "prompt": "one"}, {"id": "b", "prompt": "ODD"}, {"id": "c", "prompt": "2"}]
+    inp = _write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    install(AddRequestFailsLLM())
+    assert _fake_run(model, inp, out) == 1
+    records = {r["id"]: r for r in _records(out)}
+    assert records["b"]["error"].startswith(
+        "the engine failed on this request: KeyError: 'slot table'"
+    )
+    assert records["a"].get("error") is None and records["c"].get("error") is None
 
 
 def test_prompt_mode_stdin_and_logprobs(fake, tmp_path, capsys, monkeypatch):
@@ -478,9 +588,9 @@ def test_progress_bar_reports_prompts_and_tokens():
 
 
 class SlowFakeLLM(FakeLLM):
-    def generate(self, prompts, sampling_params, on_finish=None):
-        time.sleep(0.15)
-        return super().generate(prompts, sampling_params, on_finish)
+    def step(self):
+        time.sleep(0.02)  # 16 steps (the default max_tokens) keep the engine busy for 0.3 s
+        return super().step()
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(fake, tmp_path, capsys):
@@ -528,16 +638,7 @@ def cached_llm(monkeypatch):
     real = generate.load_llm
 
     def load(args):
-        key = (
-            args.model,
-            args.dtype,
-            args.pp,
-            args.tp,
-            args.dp,
-            args.layer_partition,
-            args.num_microbatches,
-            args.max_model_len,
-        )
+        key = (args.model, *sorted(generate.llm_kwargs(args).items()))
         if key not in _LLMS:
             _LLMS[key] = real(args)
         return _LLMS[key]
@@ -743,6 +844,10 @@ def test_sigkill_then_resume_answers_every_line_exactly_once(chat_model, tmp_pat
         "--output",
         str(out),
         "--batch-size",
+        "8",
+        "--max-num-seqs",  # few slots: few decode widths to compile, and a run to kill
+        "8",
+        "--prefill-chunk",
         "8",
         *REAL_FLAGS,
     ]

@@ -321,6 +321,10 @@ FLAG_CASES = {
     "stop-too-many": ([a for i in range(40) for a in ("--stop", f"s{i}")], "40 strings"),
     "seed-negative": (["--seed", "-1"], "expected an integer >= 0"),
     "batch-size-zero": (["--batch-size", "0"], "positive integer"),
+    "max-num-seqs-zero": (["--max-num-seqs", "0"], "argument --max-num-seqs: expected a positive"),
+    "max-num-seqs-garbage": (["--max-num-seqs", "lots"], "--max-num-seqs: expected a positive"),
+    "prefill-chunk-negative": (["--prefill-chunk", "-8"], "--prefill-chunk: expected a positive"),
+    "prefill-chunk-float": (["--prefill-chunk", "1.5"], "--prefill-chunk: expected a positive"),
     "pp-zero": (["--pp", "0"], "positive integer"),
     "pp-above-layers": (["--pp", "3"], "only 2 layers"),
     "layer-partition-garbage": (["--pp", "2", "--layer-partition", "1,x"], "--layer-partition"),
@@ -462,11 +466,13 @@ def test_engine_failing_for_everyone_is_exit_3_with_a_log(
     model = dirs["mistral"]
 
     class DyingLLM(TokenizerFakeLLM):
-        def generate(self, prompts, sampling_params, on_finish=None):
-            if len(self.calls) >= 1:
-                self.calls.append(len(prompts))
+        """Fails every step once a request has finished: "before" (3 tokens) is answered,
+        "a" and "b" (16 tokens) are still running when the device goes."""
+
+        def step(self):
+            if self.finished:
                 raise RuntimeError("device lost")
-            return super().generate(prompts, sampling_params, on_finish)
+            return super().step()
 
     monkeypatch.setattr(generate, "load_llm", lambda args: DyingLLM(tokenizers["mistral"], model))
     inp = write_lines(tmp_path / "in.jsonl", [GOOD_BEFORE, {"prompt": "a"}, {"prompt": "b"}])

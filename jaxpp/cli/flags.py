@@ -166,13 +166,6 @@ def add_generate_parser(subparsers, run, model_dir: Path = DEMO_MODEL) -> None:
         help="with --resume: answer again the lines whose stored answer is an error line "
         "(after fixing them), keeping every other answer",
     )
-    io.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=256,
-        metavar="N",
-        help="sequences per generate call: answers are written after each call (default: 256)",
-    )
     lim = p.add_argument_group(
         "limits (a request over one gets an error line with code limit_exceeded)"
     )
@@ -241,6 +234,34 @@ def add_generate_parser(subparsers, run, model_dir: Path = DEMO_MODEL) -> None:
         type=_positive_int,
         metavar="N",
         help="longest prompt + completion (default: the model's max positions)",
+    )
+
+    cb = p.add_argument_group(
+        "continuous batching (lines stream into the engine; a slot refills as soon as its "
+        "request finishes, and each answer is written then)"
+    )
+    cb.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="sequences kept queued in the engine beyond its slots: input is read this far "
+        "ahead so the slots never wait for it, and no further, so memory stays bounded "
+        "(default: 256)",
+    )
+    cb.add_argument(
+        "--max-num-seqs",
+        type=_positive_int,
+        metavar="N",
+        help="engine slots: sequences decoded at once, rounded up to a multiple of "
+        "dp x micro-batches (default: the engine's, up to 256 as the KV cache allows)",
+    )
+    cb.add_argument(
+        "--prefill-chunk",
+        type=_positive_int,
+        metavar="N",
+        help="prompt tokens per chunk: prompts enter the decode ring in chunks this long "
+        "(default: the engine's, 256)",
     )
 
     s = p.add_argument_group(

@@ -37,6 +37,9 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         "num_microbatches": args.num_microbatches,
         "max_model_len": args.max_model_len,
         "seed": args.seed,
+        "max_num_seqs": args.max_num_seqs,
+        # LLM takes no None for it: left out, the engine's own default applies.
+        **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}),
     }
 
 

@@ -35,14 +35,14 @@ class Runner:
         builder: RequestBuilder,
         sink,
         progress: Progress,
-        batch_size: int,
+        lookahead: int,
         log: TracebackLog,
     ):
         self.builder = builder
         self.sink = sink
         self.progress = progress
         self.log = log
-        self.engine = EngineAdapter(llm, batch_size, self.answer, self.fail, log)
+        self.engine = EngineAdapter(llm, lookahead, self.answer, self.fail, log)
         self.done = self.errors = self.skipped = 0
 
     def run(self, lines: Iterable[bytes | OversizedLine], answered: Answered) -> None:
