@@ -45,7 +45,6 @@ from jaxpp.pipeline import (
     RingState,
     SlotControl,
     empty_ring,
-    host_array,
 )
 from jaxpp.sampling import SamplerMode, SamplerRows
 from jaxpp.scheduler import Request, Scheduler, SlotLayout, Step, StepKind
@@ -90,11 +89,14 @@ class LLM:
             ("pp", pp),
             ("tp", tp),
             ("dp", dp),
+            ("prefill_chunk", prefill_chunk),
+            ("decode_chunk", decode_chunk),
+        ):
+            _check_positive_int(name, value)
+        for name, value in (  # None: the engine decides
             ("num_microbatches", num_microbatches),
             ("max_model_len", max_model_len),
             ("max_num_seqs", max_num_seqs),
-            ("prefill_chunk", prefill_chunk),
-            ("decode_chunk", decode_chunk),
             ("kv_cache_memory", kv_cache_memory),
         ):
             if value is not None:
@@ -388,7 +390,8 @@ class LLM:
             previous, previous_log = self._in_flight
             finished = self.scheduler.update(previous, jax.device_get(previous_log))
         self._in_flight = (step, log) if step is not None else None
-        outputs = [self._output(r) for r in finished]
+        stats = self.scheduler.stats.as_dict() if finished else {}
+        outputs = [self._output(r, stats) for r in finished]
         if log is not None:
             self._poll(log)
         return outputs
@@ -520,7 +523,7 @@ class LLM:
 
     # --- outputs -----------------------------------------------------------------------------
 
-    def _output(self, request: Request) -> RequestOutput:
+    def _output(self, request: Request, stats: dict) -> RequestOutput:
         text, ids = self._requests.pop(request.tag)
         decode_time = request.finish_time - request.first_token_time
         n = len(request.tokens)
@@ -531,7 +534,7 @@ class LLM:
             time_to_first_token=request.first_token_time - request.arrival,
             decode_time=decode_time,
             decode_tokens_per_s=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
-            pipeline=self.scheduler.stats.as_dict(),
+            pipeline=stats,
         )
         completion = [] if request.score else [self._completion(request)]
         return RequestOutput(str(request.tag), text, ids, completion, True, metrics)
@@ -639,4 +642,4 @@ def _load_tokenizer(model_dir: Path):
     return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
 
 
-__all__ = ["LLM", "host_array"]
+__all__ = ["LLM"]

@@ -34,9 +34,11 @@ riding) and returns a `StepLog` of every sampled token with its request tag; the
 (cache, activations in flight, per-slot positions) is donated from call to call, so the ring
 never drains between calls.
 
-What rides along with a micro-batch (so that a stage never reads state that changed while the
-micro-batch was in flight): the activations, the request tags of its live rows (latched when it
-enters stage 0), and the chunk's (tag, row, start, length, last) and token ids.
+What moves with a micro-batch from stage to stage is only its activations (`ppermute`). Who its
+rows are (their request tags, latched when it entered stage 0) and which chunk rides with it
+is known to every device without a collective: each keeps the last S entries into stage 0,
+which it works out from replicated state, so stage s serves what entered s ticks ago and no
+stage reads slot state that changed while its micro-batch was in flight.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ V_CACHE_AXES = ("stage", "batch", "kv_heads", "seq", "head_dim")
 BATCH = LOGICAL_TO_MESH["batch"]
 ROW = P(BATCH)  # per-slot arrays: split over pipeline replicas
 RIDING = P("stage", BATCH)  # [stages, replicas, ...]: what each stage holds in flight
+PER_REPLICA = P(None, BATCH)  # [.., replicas, ...]: the same on every stage of a replica
 PER_TICK = P(None, BATCH)  # [ticks, replicas, ...]: the step log
 BUSY = P(None, "stage")  # [ticks, stages]: each stage reports its own column
 REPLICATED = P()
@@ -95,7 +98,8 @@ class RingState(NamedTuple):
 
     cache: KVCache
     hidden: jax.Array  # [stages, replicas, mb + C, D]: activations each stage received
-    riding: jax.Array  # i32 [stages, replicas, mb + META + C]: row tags, chunk meta and tokens
+    entries: jax.Array  # i32 [stages, replicas, mb + META + C]: what entered stage 0 at each of
+    # the last S ticks (tick t at t mod S): row tags, chunk meta and chunk tokens
     tick: jax.Array  # i32 scalar: the ring's global tick
     next_token: jax.Array  # i32 [slots]: the token each live slot feeds at its next turn
     position: jax.Array  # i32 [slots]: tokens in the slot's cache (= position of next_token)
@@ -174,8 +178,11 @@ class Pipeline:
             (logical_to_spec(K_CACHE_AXES),) * self.slots,
             (logical_to_spec(V_CACHE_AXES),) * self.slots,
         )
-        # Per-row cache reads suit the CPU; accelerators read all rows block by block.
-        self.per_row_attention = jax.default_backend() == "cpu"
+        # Decode rows read the cache this many at a time (model.attend_cache). On the CPU a
+        # loop step costs more than reading a few keys a row does not need: 2 rows per step
+        # measured 63-74 ms per W decode tick (32 rows of 16-600 positions), 1 row 83-91 ms,
+        # 8 rows 82-93 ms. Accelerators read all of a micro-batch's rows at once.
+        self.rows_per_read = 2 if jax.default_backend() == "cpu" else self.shape.rows
         # Tests set this to NaN: what a stage reads for a dead row, a chunk's padding or an
         # idle tick must never matter.
         self.bubble_fill: float | None = None
@@ -191,9 +198,9 @@ class Pipeline:
         kind: StepKind,
     ) -> tuple[RingState, StepLog]:
         """Run the ring for up to `ticks` ticks (<= shape.ticks) or until nothing is left."""
-        key = (kind, ring.counts.shape, self.bubble_fill, self.per_row_attention)
+        key = (kind, ring.counts.shape, self.bubble_fill, self.rows_per_read)
         if key not in self._compiled:
-            self._compiled[key] = self._build(kind, self.bubble_fill, self.per_row_attention)
+            self._compiled[key] = self._build(kind, self.bubble_fill, self.rows_per_read)
         return self._compiled[key](state, ring, control, plan, ticks)
 
     @property
@@ -238,7 +245,7 @@ class Pipeline:
 
     # --- the program -------------------------------------------------------------------------
 
-    def _build(self, kind: StepKind, bubble_fill, per_row: bool):
+    def _build(self, kind: StepKind, bubble_fill, rows_per_read: int):
         S, M = self.shape.stages, self.shape.microbatches
         mb, C, T, K = self.shape.rows, self.shape.chunk, self.shape.cache_len, self.shape.ticks
         w, mode = kind.width, kind.mode
@@ -250,6 +257,11 @@ class Pipeline:
         # Rows handed to the head: the w decode rows, then the chunk's rows (all C when
         # collecting logits, else only its last real token, whose logits give the first token).
         head_chunk_rows = C if kind.collect else 1
+        replicas = self.mesh.shape[BATCH]
+
+        def over_replicas(collective, x):
+            """Combine x over the pipeline replicas; no collective at all with one."""
+            return collective(x, BATCH) if replicas > 1 else x
 
         def program(state, ring: RingState, ctl: SlotControl, plan: ChunkPlan, n_ticks):
             model, layers = self._split(state)
@@ -264,11 +276,11 @@ class Pipeline:
                 t = ring.tick
                 m = jnp.mod(t - s, M)
                 rows = m * mb + jnp.arange(w)
-                riding = ring.riding[0, 0]
-
-                # Stage 0 takes the live rows of micro-batch t mod M and this tick's planned
-                # chunk; the other stages take what the previous stage passed on. Every device
-                # computes the entering embeddings: the vocab-parallel lookup is a collective.
+                # What enters stage 0: the live rows of micro-batch t mod M and this tick's
+                # planned chunk. Every device works it out (from replicated state) and keeps the
+                # last S entries: stage s serves what entered s ticks ago, and the micro-batch
+                # leaving the last stage is known everywhere without a collective. Every device
+                # also computes the entering embeddings: the vocab-parallel lookup is one.
                 entering = jnp.mod(t, M) * mb + jnp.arange(w)
                 entering_tags = jnp.where(
                     ring.live[entering] & (ctl.tag[entering] >= 0), ctl.tag[entering], -1
@@ -278,10 +290,16 @@ class Pipeline:
                     [jnp.where(length > 0, ctl.tag[row], -1), row, start, length, is_last]
                 )
                 entering_tokens = plan_tokens[k]
+                entry = jnp.concatenate(
+                    [entering_tags, jnp.full((mb - w,), -1, jnp.int32), entering_meta,
+                     entering_tokens]
+                )  # fmt: skip
+                entries = jax.lax.dynamic_update_index_in_dim(
+                    ring.entries[:, 0], entry, jnp.mod(t, S), 0
+                )
+                mine = entries[jnp.mod(t - s, S)]  # what this stage serves
+                tags, meta = mine[:w], mine[mb : mb + META]
                 first = s == 0
-                tags = jnp.where(first, entering_tags, riding[:w])
-                meta = jnp.where(first, entering_meta, riding[mb : mb + META])
-                chunk_tokens = jnp.where(first, entering_tokens, riding[mb + META :])
                 x_entering = embed_lookup(
                     embed, jnp.concatenate([ring.next_token[entering], entering_tokens])
                 )
@@ -306,7 +324,7 @@ class Pipeline:
 
                     def attention(slot_cache, q, k, v, window):
                         return _attention(
-                            slot_cache, q, k, v, window, w, with_chunk, per_row,
+                            slot_cache, q, k, v, window, w, with_chunk, rows_per_read,
                             rows0=m * mb, dec_pos=q_pos, dec_keys=jnp.where(dec_live, q_pos, 0),
                             chunk_row=chunk_row, chunk_pos=chunk_pos, chunk_len=chunk_len,
                         )  # fmt: skip
@@ -349,18 +367,17 @@ class Pipeline:
                 final = jax.lax.psum(
                     jnp.where(s == last, jnp.concatenate([out[:w], chunk_out]), 0), "stage"
                 )
-                ints = jnp.concatenate([tags, meta, chunk_tokens])
-                ints = jax.lax.psum(jnp.where(s == last, ints, 0), "stage")
-                out_tags, out_meta = ints[:w], ints[w : w + META]
-                out_chunk_tokens = ints[w + META :]
+                leaving = entries[jnp.mod(t - last, S)]
+                out_tags, out_meta = leaving[:w], leaving[mb : mb + META]
+                out_chunk_tokens = leaving[mb + META :]
                 logits = local_logits(model, final, self.shape.vocab_size)
                 ring, record = _sample_and_record(
                     ring, ctl, logits, out_tags, out_meta, out_chunk_tokens, rows_out, w,
                     kind, self.shape.vocab_size,
                 )  # fmt: skip
 
-                busy = jax.lax.psum((work > 0).astype(jnp.int32), "data")
-                carried = jax.lax.psum(has_chunk.astype(jnp.int32), "data")
+                busy = over_replicas(jax.lax.psum, (work > 0).astype(jnp.int32))
+                carried = over_replicas(jax.lax.psum, has_chunk.astype(jnp.int32))
                 log = log._replace(
                     tags=log.tags.at[k, 0].set(record.tags),
                     tokens=log.tokens.at[k, 0].set(record.tokens),
@@ -375,28 +392,30 @@ class Pipeline:
                         logits=log.logits.at[k, 0].set(logits[w:]),
                         logit_meta=log.logit_meta.at[k, 0].set(out_meta),
                     )
-                pass_on = jnp.concatenate(
-                    [tags, jnp.full((mb - w,), -1, jnp.int32), meta, chunk_tokens]
-                )
                 padded = jnp.concatenate(
                     [out[:w], jnp.zeros((mb - w,) + out.shape[1:], out.dtype), out[w:]]
                 )
                 ring = ring._replace(
                     cache=jax.tree.map(lambda a: a[None], cache),
                     hidden=jax.lax.ppermute(padded, "stage", shift)[None, None],
-                    riding=jax.lax.ppermute(pass_on, "stage", shift)[None, None],
+                    entries=entries[:, None],
                     tick=t + 1,
                 )
                 return ring, log, k + 1
 
             def pending(carry):
                 ring, _, k = carry
-                riding = ring.riding[0, 0]
-                in_flight = (s > 0) & (jnp.any(riding[:mb] >= 0) | (riding[mb + LENGTH] > 0))
-                in_flight = jax.lax.psum(in_flight.astype(jnp.int32), ("stage", "data"))
-                live = jax.lax.psum(jnp.sum(ring.live & (ctl.tag >= 0)), "data")
-                planned = jax.lax.pmax(last_planned, "data") >= k
-                return (k < n_ticks) & (planned | (in_flight > 0) | (live > 0))
+                # In flight: what entered in the last S - 1 ticks (the tick's own slot in the
+                # history is the oldest entry, which has left the last stage).
+                recent = jnp.arange(S) != jnp.mod(ring.tick, S)
+                entries = ring.entries[:, 0]
+                in_flight = jnp.any(
+                    recent & (jnp.any(entries[:, :mb] >= 0, axis=1) | (entries[:, mb + LENGTH] > 0))
+                )
+                live = jnp.any(ring.live & (ctl.tag >= 0))
+                work = over_replicas(jax.lax.pmax, (in_flight | live).astype(jnp.int32))
+                planned = over_replicas(jax.lax.pmax, last_planned) >= k
+                return (k < n_ticks) & (planned | (work > 0))
 
             log = _empty_log(log_ticks, w, n_top, C, kind, model)
             # Slots the host withdrew stop now: it refills them only after this call is back.
@@ -408,7 +427,7 @@ class Pipeline:
         ring_spec = RingState(
             cache=self.cache_spec,
             hidden=RIDING,
-            riding=RIDING,
+            entries=PER_REPLICA,
             tick=REPLICATED,
             next_token=ROW,
             position=ROW,
@@ -429,8 +448,17 @@ class Pipeline:
             logits=P(None, BATCH, None, VOCAB_AXES) if kind.collect else PER_TICK,
             logit_meta=PER_TICK,
         )
+        # Float32 means float32: accelerators run float32 matmuls in TF32 unless asked not to
+        # (4.6e-4 of the logit scale from transformers on an H200; 6.4e-7 at "highest").
+        # bfloat16 keeps the fast default (float32 accumulation; softmax and norms in float32).
+        precision = "highest" if jnp.dtype(self.dtype) == jnp.float32 else None
+
+        def precise(*args):
+            with jax.default_matmul_precision(precision):
+                return program(*args)
+
         fn = jax.shard_map(
-            program,
+            precise,
             mesh=self.mesh,
             in_specs=(
                 self.state_specs,
@@ -446,7 +474,7 @@ class Pipeline:
 
 
 def _attention(
-    slot_cache, q, k, v, window, w, with_chunk, per_row, *, rows0, dec_pos, dec_keys,
+    slot_cache, q, k, v, window, w, with_chunk, rows_per_read, *, rows0, dec_pos, dec_keys,
     chunk_row, chunk_pos, chunk_len,
 ):  # fmt: skip
     """Attention of one step's w decode rows and (with_chunk) C chunk rows.
@@ -463,7 +491,9 @@ def _attention(
         q_dec = group_queries(q[0, :w, None], hkv)  # [w, Hkv, G, Dh]
         pos = jnp.repeat(dec_pos[:, None], group, axis=1)
         part = merge(
-            attend_cache(q_dec, pos, keys, values, rows0, dec_keys, window, per_row=per_row),
+            attend_cache(
+                q_dec, pos, keys, values, rows0, dec_keys, window, rows_per_read=rows_per_read
+            ),
             attend_new(q_dec, pos, k[0, :w, None], v[0, :w, None], dec_pos[:, None], window),
         )
         outs.append(ungroup_queries(finish(part, q.dtype), 1)[:, 0])
@@ -475,7 +505,14 @@ def _attention(
         real = (jnp.arange(chunk_pos.shape[0]) < chunk_len)[None, :, None, None]
         part = merge(
             attend_cache(
-                q_chunk, pos, keys, values, chunk_row, chunk_pos[:1], window, per_row=per_row
+                q_chunk,
+                pos,
+                keys,
+                values,
+                chunk_row,
+                chunk_pos[:1],
+                window,
+                rows_per_read=rows_per_read,
             ),
             attend_new(
                 q_chunk, pos, k[:, w:], jnp.where(real, v[:, w:], 0), chunk_pos[None], window
@@ -643,13 +680,13 @@ def empty_ring(
     def put(a, spec):
         return jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
 
-    riding = np.full((S, replicas, mb + META + C), -1, np.int32)
-    riding[:, :, mb + LENGTH] = 0
+    entries = np.full((S, replicas, mb + META + C), -1, np.int32)
+    entries[:, :, mb + LENGTH] = 0
     width = vocab_padded if penalties else 0
     return RingState(
         cache=KVCache(*cache),
         hidden=put(np.zeros((S, replicas, mb + C, hidden), dtype), RIDING),
-        riding=put(riding, RIDING),
+        entries=put(entries, PER_REPLICA),
         tick=put(np.int32(0), REPLICATED),
         next_token=put(np.zeros(rows, np.int32), ROW),
         position=put(np.zeros(rows, np.int32), ROW),
@@ -664,7 +701,3 @@ def empty_ring(
 def _zeros_program(shape, dtype, sharding):
     """One jitted allocator per cache shape (a fresh lambda per call would compile each time)."""
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-
-
-def host_array(x) -> np.ndarray:
-    return np.asarray(jax.device_get(x))

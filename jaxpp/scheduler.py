@@ -295,21 +295,21 @@ class Scheduler:
     def _free_slot(self) -> int | None:
         """The lowest free row of the emptiest micro-batch of the emptiest replica."""
         lay = self.layout
+        per_replica = lay.microbatches * lay.rows
         best, best_key = None, None
         for replica in range(lay.replicas):
-            for microbatch in range(lay.microbatches):
-                first = lay.slot(replica, microbatch, 0)
-                rows = self.occupant[first : first + lay.rows]
-                free = [r for r, o in enumerate(rows) if o is None]
+            base = replica * per_replica
+            block = self.occupant[base : base + per_replica]
+            replica_free = block.count(None)
+            for microbatch in range(lay.microbatches if replica_free else 0):
+                rows = block[microbatch * lay.rows : (microbatch + 1) * lay.rows]
+                free = rows.count(None)
                 if not free:
                     continue
-                replica_free = sum(
-                    o is None
-                    for o in self.occupant[lay.slot(replica, 0, 0) : lay.slot(replica + 1, 0, 0)]
-                )
-                key = (-replica_free, -len(free), free[0])
+                row = rows.index(None)
+                key = (-replica_free, -free, row)
                 if best_key is None or key < best_key:
-                    best, best_key = first + free[0], key
+                    best, best_key = base + microbatch * lay.rows + row, key
         return best
 
     def _kind(self) -> StepKind:

@@ -34,6 +34,8 @@ NEW_TOKENS = 32
 LOGIT_LENGTHS = [5, 12, 23, 40]
 # Greedy prompts: mixed lengths, some beyond the window; prompt + 32 new tokens go to 62.
 PROMPT_LENGTHS = [3, 17, 9, 30]
+# Chunked prefill and blockwise cache reads against HF: no window, every layer windowed, some.
+CHUNKED_FAMILIES = ("llama", "mistral", "qwen2_layer_types")
 # Sharded checkpoints are family independent: two families with different tensor sets.
 SHARDED_FAMILIES = ("llama_tied", "qwen3")
 
@@ -129,19 +131,22 @@ def test_float32_logits_match_hf(family, llm32, seqs, ref_logits):
     )
 
 
-def test_small_chunks_and_kv_blocks_match_hf(
-    family, model_dir, seqs, prompts, ref_logits, monkeypatch
-):
+@pytest.mark.parametrize("chunked_family", CHUNKED_FAMILIES)
+def test_small_chunks_and_kv_blocks_match_hf(chunked_family, hf_model, monkeypatch):
     """Prompts in chunks of 7 tokens and the cache read in blocks of 8 positions: chunks attend
-    to a cached prefix spanning several blocks, decode reads several blocks, and (where the
-    family has one) the sliding window (8) cuts across chunk and block edges. Logits and greedy
-    tokens still match HF. (The defaults, 256 and 128, are wider than these sequences.)"""
+    to a cached prefix spanning several blocks, decode reads several blocks, and the sliding
+    window (8) cuts across chunk and block edges (all layers windowed, or some). Logits and
+    greedy tokens still match HF. (The defaults, 256 and 128, are wider than these sequences;
+    the other families differ from these in ways chunking does not touch.)"""
+    model_dir = hf_model(chunked_family)
+    seqs, prompts = random_seqs(LOGIT_LENGTHS, seed=1), random_seqs(PROMPT_LENGTHS, seed=2)
+    ref_logits = hf_logits(model_dir, seqs)
     monkeypatch.setattr(jaxpp.model, "KV_BLOCK", 8)
     llm = jaxpp.LLM(str(model_dir), dtype="float32", prefill_chunk=7, max_num_seqs=4)
     got = llm.logits(seqs)
     rel, diff, scale = _rel(got, ref_logits)
-    print(f"{family}: chunks of 7, blocks of 8: max|diff|={diff:.3e} rel={rel:.2e}")
-    assert rel <= F32_RTOL, f"{family}: chunked prefill: {_per_seq(got, ref_logits)}"
+    print(f"{chunked_family}: chunks of 7, blocks of 8: max|diff|={diff:.3e} rel={rel:.2e}")
+    assert rel <= F32_RTOL, f"{chunked_family}: chunked prefill: {_per_seq(got, ref_logits)}"
     want, _ = hf_greedy_with_margins(model_dir, prompts, NEW_TOKENS)
     params = jaxpp.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
