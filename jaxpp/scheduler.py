@@ -173,7 +173,10 @@ class Scheduler:
         max_rounds: int,
         eos_token_ids: tuple[int, ...],
         stop_check: Callable[[Request], bool] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
+        """`clock` stamps admission, first-token and finish times: the engine's wall clock,
+        or the modelled time of `jaxpp plan`'s trace replay."""
         self.layout = layout
         self.chunk = chunk
         self.stages = stages
@@ -181,6 +184,7 @@ class Scheduler:
         self.max_ticks = max_rounds * layout.microbatches
         self.eos_token_ids = eos_token_ids
         self.stop_check = stop_check
+        self.clock = clock
         self.waiting: deque[Request] = deque()
         self.prefill: list[deque[Request]] = [deque() for _ in range(layout.replicas)]
         self.occupant: list[Request | None] = [None] * layout.slots
@@ -268,13 +272,13 @@ class Scheduler:
         )
 
     def widths(self) -> list[int]:
-        """Every decode width a call may use (see _width_bucket)."""
+        """Every decode width a call may use (see width_bucket)."""
         return sorted(
-            {_width_bucket(rows, self.layout.rows) for rows in range(1, self.layout.rows + 1)}
+            {width_bucket(rows, self.layout.rows) for rows in range(1, self.layout.rows + 1)}
         )
 
     def _admit(self) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         while self.waiting:
             slot = self._free_slot()
             if slot is None:
@@ -316,7 +320,7 @@ class Scheduler:
         held = [r for r in self.occupant if r is not None]
         decoding = [r.params for r in held if not r.score]
         rows = [self.layout.locate(r.slot)[2] for r in held if not r.score]
-        width = _width_bucket(max(rows) + 1, self.layout.rows) if rows else 0
+        width = width_bucket(max(rows) + 1, self.layout.rows) if rows else 0
         mode = SamplerMode.of(decoding) if decoding else GREEDY
         return StepKind(width, mode, collect=any(r.score for r in held))
 
@@ -325,7 +329,7 @@ class Scheduler:
     def update(self, step: Step, log) -> list[Request]:
         """Apply a finished call's log (host numpy arrays of pipeline.StepLog); return the
         requests that finished."""
-        now = time.perf_counter()
+        now = self.clock()
         finished: list[Request] = []
         ticks = int(log.ticks)
         self._count(step, log, ticks)
@@ -377,7 +381,7 @@ class Scheduler:
     def abort(self, tags: set[int]) -> None:
         """Forget requests (after an error in the caller): drop the queued, withdraw the rest."""
         self.waiting = deque(r for r in self.waiting if r.tag not in tags)
-        now = time.perf_counter()
+        now = self.clock()
         for tag in tags:
             request = self.active.get(tag)
             if request is not None:
@@ -431,7 +435,7 @@ class Scheduler:
         )
 
 
-def _width_bucket(rows: int, limit: int) -> int:
+def width_bucket(rows: int, limit: int) -> int:
     """Decode rows to compute: the next power of two (a handful of compiled programs)."""
     width = 1
     while width < rows:
