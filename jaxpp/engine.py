@@ -274,6 +274,7 @@ class LLM:
         if sampling_params is None:
             return [self.default_sampling_params()] * n
         if isinstance(sampling_params, SamplingParams):
+            self._check_against_model(sampling_params, "sampling_params")
             return [sampling_params] * n
         if isinstance(sampling_params, dict | str | bytes) or not isinstance(
             sampling_params, Sequence
@@ -292,7 +293,19 @@ class LLM:
                 raise ValueError(
                     f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}"
                 )
+            self._check_against_model(p, f"sampling_params[{i}]")
         return params
+
+    def _check_against_model(self, p: SamplingParams, name: str) -> None:
+        """What SamplingParams cannot know alone: the vocabulary bounds its ids and logprobs."""
+        vocab = self.config.vocab_size
+        if p.logprobs is not None and p.logprobs > vocab:
+            raise ValueError(f"{name}.logprobs={p.logprobs} is above the vocabulary ({vocab})")
+        bad = [t for t in p.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(
+                f"{name}.stop_token_ids has {bad[0]}, outside the vocabulary [0, {vocab})"
+            )
 
     def default_sampling_params(self) -> SamplingParams:
         """vLLM's defaults, overridden by what the model's generation_config.json recommends."""

@@ -206,4 +206,10 @@ def test_bad_generate_arguments_name_the_culprit(model_dir):
         llm.generate([[1, 2], [3]], [_greedy(1), "greedy"])
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         llm.generate([[1, 2], []], _greedy(1))
+    too_many = jaxpp.SamplingParams(max_tokens=1, logprobs=10**9)
+    with pytest.raises(ValueError, match=r"logprobs=1000000000 is above the vocabulary \(320\)"):
+        llm.generate([[1, 2]], too_many)
+    outside = jaxpp.SamplingParams(max_tokens=1, stop_token_ids=[320])
+    with pytest.raises(ValueError, match=r"sampling_params\[0\]\.stop_token_ids has 320"):
+        llm.generate([[1, 2]], [outside])
     assert not llm.has_unfinished_requests()  # nothing was queued by the failed calls
