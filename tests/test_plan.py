@@ -92,6 +92,16 @@ def test_large_models_plan_fast_without_weights():
     assert 6.3e9 < plan.params_bytes < 6.5e9
 
 
+def test_a_decode_tick_at_batch_1_reads_the_weights_once():
+    """The roofline at its simplest: one row, one device, memory-bound, so a tick reads every
+    parameter but the embedding table (a lookup reads one row of it) once, plus a little KV."""
+    plan = jaxpp.plan("llama-3.1-8b", dtype="bfloat16", hardware="h200", max_num_seqs=1)
+    [row] = plan.speed([1], 128, 64)
+    embed = plan.layout.config.vocab_size * plan.layout.config.hidden_size * 2
+    bound = (plan.params_bytes - embed) / plan.hardware.memory_bandwidth
+    assert bound < row["tpot_s"]["mean"] < 1.05 * bound
+
+
 def test_a_layout_that_does_not_fit_is_flagged_with_its_overflow():
     plan = jaxpp.plan("llama-3.1-405b", pp=8, dtype="bfloat16", hardware="h100-sxm")
     # Each of 8 devices holds 16 layer slots of 1/8 of the model: about 103 GB of weights.
@@ -178,6 +188,15 @@ def test_cli_plans_and_replays_a_trace(tmp_path, capsys):
     assert "trace replay (12 requests" in out
     assert "step=" in out and "prompt_t=" in out and "decode_t=" in out and "npu_mem=" in out
     assert "TTFT ms mean/p50/p99" in out
+
+
+def test_cli_searches_layouts_and_names_the_reason(capsys):
+    argv = ["plan", "--preset", "llama-32m", "--search", "--devices", "4"]
+    argv += ["--hardware", "a100-80gb", "--max-model-len", "512", "--max-num-seqs", "8"]
+    assert main(argv + ["--input-len", "32", "--output-len", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {(r["dp"], r["pp"], r["tp"]) for r in report["layouts"]} >= {(4, 1, 1), (1, 4, 1)}
+    assert report["why"].split(":")[0] in ("memory", "bubble", "transfer", "compute")
 
 
 def test_cli_refuses_bad_layouts_with_the_reason(capsys):

@@ -118,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk,
         decode_chunk=args.decode_chunk,
     )
+    batches = None if args.trace else _batch_sizes(args.batch_sizes, plan)
     report = {"plan": _memory_report(plan)}
     say = (lambda *a: None) if args.json else print
     say(_memory_text(plan, report["plan"]))
@@ -138,7 +139,6 @@ def _run(args: argparse.Namespace) -> int:
         report["trace"] = result.summary(requests) | {"intervals": result.intervals}
         say(_summary_text(report["trace"]))
     else:
-        batches = _batch_sizes(args.batch_sizes, plan)
         report["speed"] = plan.speed(batches, args.input_len, args.output_len)
         say(_speed_text(plan, report["speed"], args.input_len, args.output_len))
     if args.json:
