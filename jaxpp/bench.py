@@ -257,14 +257,20 @@ def read_trace(path: str | os.PathLike, vocab_size: int, seed: int = 0) -> list[
     return sorted(requests, key=lambda r: r.arrival)
 
 
-def preset_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A checkpoint dir with random weights for configs/NAME.json, written on first use."""
+def preset_path(name: str | os.PathLike) -> Path:
+    """configs/NAME.json, or NAME itself when it is a path to a .json file."""
     path = Path(name)
     if not path.suffix == ".json":
         path = CONFIG_DIR / f"{name}.json"
     if not path.is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-        raise ValueError(f"preset {name!r} not found ({path}); known presets: {known}")
+        raise ValueError(f"preset {str(name)!r} not found ({path}); known presets: {known}")
+    return path
+
+
+def preset_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A checkpoint dir with random weights for configs/NAME.json, written on first use."""
+    path = preset_path(name)
     text = path.read_text()
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     root = Path(cache_dir or os.environ.get("JAXPP_CACHE_DIR") or DEFAULT_CACHE)

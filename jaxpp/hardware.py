@@ -81,7 +81,7 @@ def load_hardware(name: str | os.PathLike) -> Hardware:
         path = HARDWARE_DIR / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"hardware {str(name)!r} not found ({path}); known: {known_profiles()}")
-    return profile_from_dict(_read_json(path), str(path))
+    return profile_from_dict(read_json(path), str(path))
 
 
 def profile_from_dict(raw: dict, source: str) -> Hardware:
@@ -129,7 +129,7 @@ def read_cluster_config(path: str | os.PathLike) -> tuple[Hardware, dict]:
     single link stands for every link (LLMServingSim has one); the FLOP rate, which it takes
     from profiled kernels instead, comes from our profile of the same `hardware`.
     """
-    raw = _read_json(Path(path))
+    raw = read_json(Path(path))
     where = f"--cluster-config {path}"
     try:
         instance = raw["nodes"][0]["instances"][0]
@@ -171,7 +171,8 @@ def read_cluster_config(path: str | os.PathLike) -> tuple[Hardware, dict]:
     return hardware, layout
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a file; anything else is a ValueError naming the file."""
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:

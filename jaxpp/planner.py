@@ -14,7 +14,6 @@ batch of equal requests at several batch sizes. `search(...)` ranks the layouts 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -22,11 +21,11 @@ from pathlib import Path
 
 from flax import nnx
 
-from jaxpp.bench import CONFIG_DIR
 from jaxpp.bench import Request as BenchRequest
+from jaxpp.bench import preset_path
 from jaxpp.config import ModelConfig
 from jaxpp.costmodel import CostModel
-from jaxpp.hardware import Hardware, load_hardware
+from jaxpp.hardware import Hardware, load_hardware, read_json
 from jaxpp.layout import (
     Layout,
     abstract_model,
@@ -114,21 +113,18 @@ class Plan:
 
 
 def load_model_config(model: str | os.PathLike) -> tuple[str, ModelConfig]:
-    """(name, config) of a model dir, a config.json file, or a preset in configs/."""
+    """(name, config) of a model dir, its config.json, or a preset (`jaxpp bench --preset`'s
+    names: configs/NAME.json or a path to such a file)."""
     path = Path(model)
     if path.is_dir():
         return path.name, ModelConfig.from_dir(path)
-    if path.is_file():
-        if path.name == "config.json":
-            return path.parent.name, ModelConfig.from_dir(path.parent)
-        return path.stem, ModelConfig.from_hf_dict(_json(path), source=str(path))
-    preset = CONFIG_DIR / f"{model}.json"
-    if preset.is_file():
-        return str(model), ModelConfig.from_hf_dict(_json(preset), source=str(preset))
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-    raise ValueError(
-        f"model {str(model)!r}: not a model dir, a config.json or a preset (known: {known})"
-    )
+    if path.name == "config.json" and path.is_file():
+        return path.parent.name, ModelConfig.from_dir(path.parent)
+    try:
+        preset = preset_path(model)
+    except ValueError as e:
+        raise ValueError(f"model {str(model)!r}: not a model dir or a config.json; {e}") from None
+    return preset.stem, ModelConfig.from_hf_dict(read_json(preset), source=str(preset))
 
 
 def plan(
@@ -324,13 +320,6 @@ def _valid_tp(cfg: ModelConfig, tp: int) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read it as JSON ({e})") from None
 
 
 __all__ = ["Plan", "load_model_config", "plan", "search", "why_first"]

@@ -59,6 +59,7 @@ class ReplayResult:
             "tick_s": d / self.ticks if self.ticks else None,  # as jaxpp bench reports it
             "bubble_fraction": self.stats["bubble_fraction"],
             "occupancy": self.stats["occupancy"],
+            "device_idle_fraction": 1 - self.busy_seconds / d if d else 0.0,  # as jaxpp bench
             "time_split": {
                 "compute": self.compute_seconds,
                 "head": self.head_seconds,

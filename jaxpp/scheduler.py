@@ -272,9 +272,9 @@ class Scheduler:
         )
 
     def widths(self) -> list[int]:
-        """Every decode width a call may use (see width_bucket)."""
+        """Every decode width a call may use (see _width_bucket)."""
         return sorted(
-            {width_bucket(rows, self.layout.rows) for rows in range(1, self.layout.rows + 1)}
+            {_width_bucket(rows, self.layout.rows) for rows in range(1, self.layout.rows + 1)}
         )
 
     def _admit(self) -> None:
@@ -320,7 +320,7 @@ class Scheduler:
         held = [r for r in self.occupant if r is not None]
         decoding = [r.params for r in held if not r.score]
         rows = [self.layout.locate(r.slot)[2] for r in held if not r.score]
-        width = width_bucket(max(rows) + 1, self.layout.rows) if rows else 0
+        width = _width_bucket(max(rows) + 1, self.layout.rows) if rows else 0
         mode = SamplerMode.of(decoding) if decoding else GREEDY
         return StepKind(width, mode, collect=any(r.score for r in held))
 
@@ -435,7 +435,7 @@ class Scheduler:
         )
 
 
-def width_bucket(rows: int, limit: int) -> int:
+def _width_bucket(rows: int, limit: int) -> int:
     """Decode rows to compute: the next power of two (a handful of compiled programs)."""
     width = 1
     while width < rows:

@@ -115,7 +115,8 @@ def test_links_across_nodes_cost_more_than_within():
     assert within.tick(0.0, 8).transfer < across.tick(0.0, 8).transfer
 
 
-def test_cluster_config_is_read_as_llmservingsim_writes_it(tmp_path):
+def _cluster_config(tmp_path):
+    """A cluster config in LLMServingSim's format (the shape of its single-node examples)."""
     config = {
         "num_nodes": 1,
         "link_bw": 16,
@@ -140,7 +141,11 @@ def test_cluster_config_is_read_as_llmservingsim_writes_it(tmp_path):
     }
     path = tmp_path / "cluster.json"
     path.write_text(json.dumps(config))
-    hw, layout = read_cluster_config(path)
+    return path
+
+
+def test_cluster_config_is_read_as_llmservingsim_writes_it(tmp_path):
+    hw, layout = read_cluster_config(_cluster_config(tmp_path))
     assert layout == {"num_npus": 4, "tp_size": 2, "pp_size": 2}
     assert hw.memory_bytes == 96e9 and hw.memory_bandwidth == 1597e9
     assert hw.intra_node.bandwidth == 16e9 and hw.intra_node.latency == pytest.approx(20e-6)
@@ -178,12 +183,13 @@ def test_cli_plans_and_replays_a_trace(tmp_path, capsys):
         )
     )
     code = main(
-        ["plan", "--preset", "llama-32m", "--pp", "2", "--hardware", "a100-80gb"]
+        ["plan", "--preset", "llama-32m", "--cluster-config", str(_cluster_config(tmp_path))]
         + ["--max-num-seqs", "8", "--trace", str(trace), "--log-interval", "0.01"]
     )
     out = capsys.readouterr().out
     print(out)
     assert code == 0
+    assert "layout: dp=1 pp=2 tp=2" in out and "RTXPRO6000 (cluster.json)" in out
     assert "params" in out and "KV cache" in out and "fits on every device" in out
     assert "trace replay (12 requests" in out
     assert "step=" in out and "prompt_t=" in out and "decode_t=" in out and "npu_mem=" in out

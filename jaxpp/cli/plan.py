@@ -256,7 +256,7 @@ def _summary_text(s: dict) -> str:
             f"TPOT ms mean/p50/p99 {ms(s['tpot_s'])}",
             f"E2E  ms mean/p50/p99 {ms(s['e2e_s'])}",
             f"tick {1e3 * s['tick_s']:.2f} ms, bubble {s['bubble_fraction']:.3f}, "
-            f"occupancy {s['occupancy']:.3f}",
+            f"occupancy {s['occupancy']:.3f}, device idle {s['device_idle_fraction']:.3f}",
         ]
     )
 
