@@ -23,9 +23,9 @@ LLMServingSim's manner, then:
     jaxpp bench --model path/to/hf-dir --pp 4 --trace requests.jsonl --json
 
 `--preset NAME` reads configs/NAME.json (or any path to a config.json-like file) and writes a
-randomly initialised checkpoint for it once, with transformers' `from_config(...)
-.save_pretrained`, into `~/.cache/jaxpp/presets/NAME-<hash>` (`--cache-dir` or
-`$JAXPP_CACHE_DIR` to move it). No tokenizer is needed: prompts are token ids.
+randomly initialised checkpoint for it once (sharded safetensors, drawn on the GPU when torch
+has one) into `~/.cache/jaxpp/presets/NAME-<hash>` (`--cache-dir` or `$JAXPP_CACHE_DIR` to move
+it). No tokenizer is needed: prompts are token ids.
 
 `--batch-size N` is what each engine may hold at once: jaxpp's sequence slots (max_num_seqs)
 and transformers' batch (requests in arrival order, left padded, with an attention mask; its
@@ -281,21 +281,54 @@ def preset_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     return out
 
 
-def _write_random_checkpoint(raw: dict, out: Path) -> None:
+def _write_random_checkpoint(raw: dict, out: Path, shard_bytes: float = 4e9) -> None:
+    """Random weights for `raw` as sharded safetensors that transformers and jaxpp both load:
+    normal(0, initializer_range) matrices, unit norms, zero biases. The tensors are drawn on the
+    GPU when torch has one (an 8B model in about 25 s instead of minutes through transformers'
+    own init and save_pretrained); the model itself is built on the meta device, for its names."""
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
 
-    arch = raw["architectures"][0]
-    config_cls = transformers.AutoConfig.for_model(raw["model_type"]).__class__
-    config = config_cls.from_dict(raw)
+    config = transformers.AutoConfig.for_model(raw["model_type"]).__class__.from_dict(raw)
     dtype = getattr(torch, raw.get("dtype") or raw.get("torch_dtype") or "float32")
-    torch.manual_seed(0)
-    model = getattr(transformers, arch)._from_config(config, dtype=dtype).eval()
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
+    with torch.device("meta"):
+        model = getattr(transformers, raw["architectures"][0])(config)
+    # named_parameters lists a tied weight once, under the name transformers saves it as.
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     del model
-    gc.collect()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device=device).manual_seed(0)
+    std = raw.get("initializer_range", 0.02)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    weight_map, shard, size, total = {}, {}, 0, 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        shard, size = {}, 0
+
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=dtype)
+        elif name.endswith(".bias"):
+            t = torch.zeros(shape, dtype=dtype)
+        else:
+            t = torch.randn(shape, device=device, generator=generator) * std
+            t = t.to(dtype).cpu()
+        shard[name] = t
+        size += t.numel() * t.element_size()
+        total += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            flush()
+    if shard:
+        flush()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp / "config.json").write_text(json.dumps(raw, indent=2))
     if out.exists():  # another process finished first
         import shutil  # noqa: PLC0415
 
