@@ -11,7 +11,7 @@ from jaxpp.partition import layer_partition
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 
 # Names whose modules import JAX: loaded on first use, so `jaxpp --help` starts instantly.
-_LAZY = {"LLM": "jaxpp.engine", "CheckpointError": "jaxpp.checkpoint"}
+_LAZY = {"LLM": "jaxpp.engine", "CheckpointError": "jaxpp.checkpoint", "plan": "jaxpp.planner"}
 
 
 def __getattr__(name: str):
@@ -32,4 +32,5 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "layer_partition",
+    "plan",
 ]

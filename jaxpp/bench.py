@@ -257,14 +257,20 @@ def read_trace(path: str | os.PathLike, vocab_size: int, seed: int = 0) -> list[
     return sorted(requests, key=lambda r: r.arrival)
 
 
-def preset_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A checkpoint dir with random weights for configs/NAME.json, written on first use."""
+def preset_path(name: str | os.PathLike) -> Path:
+    """configs/NAME.json, or NAME itself when it is a path to a .json file."""
     path = Path(name)
     if not path.suffix == ".json":
         path = CONFIG_DIR / f"{name}.json"
     if not path.is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-        raise ValueError(f"preset {name!r} not found ({path}); known presets: {known}")
+        raise ValueError(f"preset {str(name)!r} not found ({path}); known presets: {known}")
+    return path
+
+
+def preset_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A checkpoint dir with random weights for configs/NAME.json, written on first use."""
+    path = preset_path(name)
     text = path.read_text()
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     root = Path(cache_dir or os.environ.get("JAXPP_CACHE_DIR") or DEFAULT_CACHE)
@@ -461,15 +467,20 @@ def _interval(llm, start: float, mark: dict, log: Callable) -> dict:
         "npu_mem": memory / 1e9,
     }
     mark.update(t=now, calls=stats.calls, tokens=stats.tokens, prompt_tokens=stats.prompt_tokens)
-    log(
+    log(format_interval(line))
+    return line
+
+
+def format_interval(line: dict) -> str:
+    """An interval record as LLMServingSim prints it (plus the queue length)."""
+    return (
         f"[{line['t']:7.1f}s] step={line['step']} batch={line['batch']} "
         f"prompt_t={line['prompt_t']:.1f} tok/s decode_t={line['decode_t']:.1f} tok/s "
         f"npu_mem={line['npu_mem']:.2f} GB queue={line['queue']}"
     )
-    return line
 
 
-def _percentiles(values: list[float]) -> dict:
+def percentiles(values: list[float]) -> dict:
     values = [v for v in values if v is not None]
     if not values:
         return {"mean": None, "p50": None, "p99": None}
@@ -494,9 +505,9 @@ def summarize(requests: list[Request], result: PassResult) -> dict:
         "input_tokens_per_s": input_tokens / d,
         "output_tokens_per_s": output_tokens / d,
         "total_tokens_per_s": (input_tokens + output_tokens) / d,
-        "ttft_s": _percentiles([x["ttft"] for x in result.latencies]),
-        "tpot_s": _percentiles([x["tpot"] for x in result.latencies]),
-        "e2e_s": _percentiles([x["e2e"] for x in result.latencies]),
+        "ttft_s": percentiles([x["ttft"] for x in result.latencies]),
+        "tpot_s": percentiles([x["tpot"] for x in result.latencies]),
+        "e2e_s": percentiles([x["e2e"] for x in result.latencies]),
         "tick_s": d / stats["ticks"] if stats["ticks"] else None,
         "occupancy": stats["occupancy"],
         "queued_occupancy": stats["queued_occupancy"],
@@ -689,7 +700,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def _ensure_cpu_devices(needed: int) -> None:
+def ensure_cpu_devices(needed: int) -> None:
     """Simulate enough CPU devices for pp*tp*dp when JAX has not started yet."""
     import jax  # noqa: PLC0415
     from jax._src import xla_bridge  # noqa: PLC0415
@@ -716,7 +727,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    _ensure_cpu_devices(args.pp * args.tp * args.dp)
+    ensure_cpu_devices(args.pp * args.tp * args.dp)
     import jax  # noqa: PLC0415
 
     from jaxpp.config import ModelConfig  # noqa: PLC0415

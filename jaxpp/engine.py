@@ -18,41 +18,39 @@ a micro-batch, the sampler's mode), never per request or per length.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxpp.checkpoint import Checkpoint, load_state
 from jaxpp.config import ModelConfig, SamplingParams, generation_defaults
-from jaxpp.model import KV_BLOCK, Transformer, rope_inv_freq
+from jaxpp.layout import (
+    abstract_model,
+    default_kv_budget,
+    kv_bytes_per_slot,
+    make_layout,
+    model_dtype,
+    pipeline_shape,
+    slot_count,
+)
+from jaxpp.model import rope_inv_freq
 from jaxpp.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-
-# `layer_partition` is also an argument name of LLM, hence the alias.
-from jaxpp.partition import layer_grid
-from jaxpp.partition import layer_partition as split_layers
 from jaxpp.pipeline import (
     ROW,
     ChunkPlan,
     Pipeline,
-    PipelineShape,
     RingState,
     SlotControl,
     empty_ring,
 )
 from jaxpp.sampling import SamplerMode, SamplerRows
 from jaxpp.scheduler import Request, Scheduler, SlotLayout, Step, StepKind
-from jaxpp.sharding import make_mesh, padded_vocab
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-DEFAULT_MAX_NUM_SEQS = 256
-CPU_KV_CACHE_BYTES = 1 << 30  # KV budget of a CPU process when max_num_seqs is left to us
+from jaxpp.sharding import make_mesh
 
 
 class LLM:
@@ -106,64 +104,43 @@ class LLM:
         self.model_dir = Path(model)
         self.config = cfg = ModelConfig.from_dir(self.model_dir)
         checkpoint = Checkpoint(self.model_dir)
-        dtype_name = dtype or cfg.dtype
-        if dtype_name not in DTYPES:
-            raise ValueError(
-                f"dtype={dtype_name!r} is not supported: expected one of {list(DTYPES)}"
-            )
-        self.dtype = DTYPES[dtype_name]
+        self.dtype = model_dtype(dtype, cfg)
         self.mesh = make_mesh(dp, pp, tp)
         self.dp, self.pp, self.tp = dp, pp, tp
-        kv_heads = self._check_tensor_parallel(cfg, tp)
-        self.partition = split_layers(cfg.num_layers, pp, layer_partition)
-        grid, _ = layer_grid(self.partition)
-        self.microbatches = num_microbatches or pp
-        if self.microbatches < pp:
-            raise ValueError(
-                f"num_microbatches={num_microbatches!r} is invalid: the ring needs at least "
-                f"one micro-batch per stage (>= pp={pp})"
-            )
-        self.max_model_len = max_model_len or cfg.max_position_embeddings
-        if self.max_model_len < 2 or self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len={self.max_model_len} is invalid: expected 2 .. the model's "
-                f"max_position_embeddings={cfg.max_position_embeddings}"
-            )
-        self.prefill_chunk = min(prefill_chunk, self.max_model_len)
+        # The static shapes, shared with `jaxpp plan` (layout.py).
+        self.model_layout = lay = make_layout(
+            cfg,
+            self.dtype,
+            dp=dp,
+            pp=pp,
+            tp=tp,
+            layer_partition_spec=layer_partition,
+            num_microbatches=num_microbatches,
+            max_model_len=max_model_len,
+            prefill_chunk=prefill_chunk,
+        )
+        self.partition = lay.partition
+        self.microbatches = lay.microbatches
+        self.max_model_len = lay.max_model_len
+        self.prefill_chunk = chunk = lay.prefill_chunk
         self.decode_chunk = decode_chunk
         self._seed_rng = np.random.default_rng(seed)
         self._serial = 0
 
-        vocab = padded_vocab(cfg.vocab_size, self.mesh)
-        windows = np.where(grid >= 0, np.array(cfg.sliding_windows + (0,))[grid], 0)
-        abstract = nnx.eval_shape(
-            lambda: Transformer(cfg, pp, grid.shape[1], vocab, kv_heads, self.dtype)
-        )
+        abstract = abstract_model(lay)
         graphdef, abstract_state = nnx.split(abstract)
         layer_graphdef, _ = nnx.split(abstract.layers[0])
-        kv_replicas = kv_heads // cfg.num_kv_heads
+        kv_replicas = lay.kv_heads // cfg.num_kv_heads
         self.state = load_state(
-            abstract_state, cfg, checkpoint, self.mesh, grid, kv_replicas, windows
+            abstract_state, cfg, checkpoint, self.mesh, lay.grid, kv_replicas, lay.windows
         )
-        self.kv_heads = kv_heads
-        self.layers_per_stage = grid.shape[1]
-        self.vocab_padded = vocab
+        self.kv_heads = lay.kv_heads
+        self.layers_per_stage = lay.layers_per_stage
+        self.vocab_padded = lay.vocab_padded
 
-        # Positions per slot: whole KV blocks, and room for a chunk starting below max_model_len.
-        chunk = self.prefill_chunk
-        cache_len = _round_up(_round_up(self.max_model_len, chunk), KV_BLOCK)
-        self.max_num_seqs = self._slots(max_num_seqs, cache_len, kv_cache_memory)
-        rows = self.max_num_seqs // (dp * self.microbatches)
-        self.layout = SlotLayout(dp, self.microbatches, rows)
-        self.shape = PipelineShape(
-            stages=pp,
-            microbatches=self.microbatches,
-            rows=rows,
-            chunk=chunk,
-            cache_len=cache_len,
-            ticks=decode_chunk * self.microbatches,
-            vocab_size=cfg.vocab_size,
-        )
+        self.max_num_seqs = self._slots(max_num_seqs, lay.cache_len, kv_cache_memory)
+        self.shape = pipeline_shape(lay, self.max_num_seqs, decode_chunk)
+        self.layout = SlotLayout(dp, self.microbatches, self.shape.rows)
         self.pipeline = Pipeline(
             self.mesh,
             graphdef,
@@ -201,52 +178,16 @@ class LLM:
             self._tokenizer = _load_tokenizer(self.model_dir)
         return self._tokenizer
 
-    @staticmethod
-    def _check_tensor_parallel(cfg: ModelConfig, tp: int) -> int:
-        """Validate the tp split; return how many KV heads are stored (replicated if < tp)."""
-        if cfg.num_heads % tp:
-            raise ValueError(
-                f"tp={tp} is invalid: num_attention_heads={cfg.num_heads} is not divisible by it"
-            )
-        for name, size in (
-            ("intermediate_size", cfg.intermediate_size),
-            ("moe_intermediate_size", cfg.moe_intermediate_size),
-            ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size),
-        ):
-            if size % tp:
-                raise ValueError(f"tp={tp} is invalid: {name}={size} is not divisible by it")
-        if cfg.num_kv_heads % tp == 0:
-            return cfg.num_kv_heads
-        if tp % cfg.num_kv_heads == 0:
-            return tp
-        raise ValueError(
-            f"tp={tp} is invalid: num_key_value_heads={cfg.num_kv_heads} must divide tp "
-            "or be divisible by it"
-        )
-
     def _slots(self, requested: int | None, cache_len: int, budget: int | None) -> int:
         """Sequence slots: a multiple of dp x micro-batches, within the KV budget per device."""
-        unit = self.dp * self.microbatches
+        if requested is None:
+            budget = budget or _default_kv_budget(self.mesh, self.state)
         per_slot = self.kv_bytes_per_slot(cache_len)
-        if requested is not None:
-            return unit * math.ceil(requested / unit)
-        budget = budget or _default_kv_budget(self.mesh, self.state)
-        fits = budget // per_slot * self.dp  # slots are split over replicas
-        if fits < unit:
-            raise ValueError(
-                f"max_model_len={self.max_model_len} does not fit: one slot needs "
-                f"{per_slot / 2**20:.1f} MiB of KV cache per device and the budget "
-                f"(kv_cache_memory) is {budget / 2**20:.0f} MiB for at least {unit} slots; "
-                "lower max_model_len or raise kv_cache_memory"
-            )
-        return unit * (min(DEFAULT_MAX_NUM_SEQS, fits) // unit)
+        return slot_count(self.model_layout, requested, per_slot, budget or 0)
 
     def kv_bytes_per_slot(self, cache_len: int | None = None) -> int:
         """KV-cache bytes one sequence slot takes on each device of its replica."""
-        cache_len = cache_len or self.shape.cache_len
-        heads = self.kv_heads // self.tp
-        per_layer = 2 * heads * self.config.head_dim * cache_len
-        return self.layers_per_stage * per_layer * jnp.dtype(self.dtype).itemsize
+        return kv_bytes_per_slot(self.model_layout, cache_len or self.shape.cache_len)
 
     def _empty_ring(self, penalties: bool) -> RingState:
         return empty_ring(
@@ -622,10 +563,6 @@ class LLM:
         return list(usage.values())
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _is_int(x) -> bool:
     return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
@@ -636,13 +573,12 @@ def _check_positive_int(name: str, value) -> None:
 
 
 def _default_kv_budget(mesh, state) -> int:
-    """KV bytes per device: 90% of an accelerator's memory left after the weights (as vLLM's
-    gpu_memory_utilization), or CPU_KV_CACHE_BYTES shared by the process's devices."""
+    """layout.default_kv_budget with what the first device reports of its memory."""
     device = mesh.devices.flat[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return int(0.9 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
-    return CPU_KV_CACHE_BYTES // mesh.devices.size
+    stats = (device.memory_stats() if device.platform != "cpu" else None) or {}
+    return default_kv_budget(
+        device.platform, mesh.devices.size, stats.get("bytes_limit"), stats.get("bytes_in_use", 0)
+    )
 
 
 def _load_tokenizer(model_dir: Path):

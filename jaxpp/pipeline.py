@@ -178,11 +178,7 @@ class Pipeline:
             (logical_to_spec(K_CACHE_AXES),) * self.slots,
             (logical_to_spec(V_CACHE_AXES),) * self.slots,
         )
-        # Decode rows read the cache this many at a time (model.attend_cache). On the CPU a
-        # loop step costs more than reading a few keys a row does not need: 2 rows per step
-        # measured 63-74 ms per W decode tick (32 rows of 16-600 positions), 1 row 83-91 ms,
-        # 8 rows 82-93 ms. Accelerators read all of a micro-batch's rows at once.
-        self.rows_per_read = 2 if jax.default_backend() == "cpu" else self.shape.rows
+        self.rows_per_read = rows_per_read(jax.default_backend(), self.shape.rows)
         # Tests set this to NaN: what a stage reads for a dead row, a chunk's padding or an
         # idle tick must never matter.
         self.bubble_fill: float | None = None
@@ -663,15 +659,13 @@ def empty_ring(
     """A fresh ring: zero cache, nothing in flight, no slot live."""
     S, mb, C = shape.stages, shape.rows, shape.chunk
     rows = replicas * shape.microbatches * mb
-    lead = (S, rows, kv_heads)
-    cache = []
-    for tail, axes in (
-        ((head_dim, shape.cache_len), K_CACHE_AXES),
-        ((shape.cache_len, head_dim), V_CACHE_AXES),
-    ):
+
+    def zeros(global_shape, axes):
         sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(axes))
-        zeros = _zeros_program(lead + tail, jnp.dtype(dtype), sharding)
-        cache.append(tuple(zeros() for _ in range(slots)))
+        return _zeros_program(global_shape, jnp.dtype(dtype), sharding)()
+
+    shapes = cache_shapes(shape, slots, replicas, kv_heads, head_dim)
+    cache = KVCache(*(tuple(zeros(*leaf) for leaf in arrays) for arrays in shapes))
 
     def put(a, spec):
         return jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
@@ -680,7 +674,7 @@ def empty_ring(
     entries[:, :, mb + LENGTH] = 0
     width = vocab_padded if penalties else 0
     return RingState(
-        cache=KVCache(*cache),
+        cache=cache,
         hidden=put(np.zeros((S, replicas, mb + C, hidden), dtype), RIDING),
         entries=put(entries, PER_REPLICA),
         tick=put(np.int32(0), REPLICATED),
@@ -691,6 +685,26 @@ def empty_ring(
         counts=put(np.zeros((rows, width), np.int32), ROW),
         seen=put(np.zeros((rows, width), bool), ROW),
     )
+
+
+def cache_shapes(
+    shape: PipelineShape, slots: int, replicas: int, kv_heads: int, head_dim: int
+) -> KVCache:
+    """(global shape, logical axes) of each K and V array of the ring's cache, one per layer
+    slot: what `empty_ring` allocates and what `jaxpp plan` sizes."""
+    rows = replicas * shape.microbatches * shape.rows
+    lead = (shape.stages, rows, kv_heads)
+    k = (lead + (head_dim, shape.cache_len), K_CACHE_AXES)
+    v = (lead + (shape.cache_len, head_dim), V_CACHE_AXES)
+    return KVCache((k,) * slots, (v,) * slots)
+
+
+def rows_per_read(platform: str, rows: int) -> int:
+    """Decode rows attention reads the cache for at a time (model.attend_cache). On the CPU a
+    loop step costs more than reading a few keys a row does not need: 2 rows per step measured
+    63-74 ms per W decode tick (32 rows of 16-600 positions), 1 row 83-91 ms, 8 rows 82-93 ms.
+    Accelerators read all of a micro-batch's rows at once."""
+    return 2 if platform == "cpu" else rows
 
 
 @functools.lru_cache(maxsize=64)

@@ -173,7 +173,10 @@ class Scheduler:
         max_rounds: int,
         eos_token_ids: tuple[int, ...],
         stop_check: Callable[[Request], bool] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
+        """`clock` stamps admission, first-token and finish times: the engine's wall clock,
+        or the modelled time of `jaxpp plan`'s trace replay."""
         self.layout = layout
         self.chunk = chunk
         self.stages = stages
@@ -181,6 +184,7 @@ class Scheduler:
         self.max_ticks = max_rounds * layout.microbatches
         self.eos_token_ids = eos_token_ids
         self.stop_check = stop_check
+        self.clock = clock
         self.waiting: deque[Request] = deque()
         self.prefill: list[deque[Request]] = [deque() for _ in range(layout.replicas)]
         self.occupant: list[Request | None] = [None] * layout.slots
@@ -274,7 +278,7 @@ class Scheduler:
         )
 
     def _admit(self) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         while self.waiting:
             slot = self._free_slot()
             if slot is None:
@@ -325,7 +329,7 @@ class Scheduler:
     def update(self, step: Step, log) -> list[Request]:
         """Apply a finished call's log (host numpy arrays of pipeline.StepLog); return the
         requests that finished."""
-        now = time.perf_counter()
+        now = self.clock()
         finished: list[Request] = []
         ticks = int(log.ticks)
         self._count(step, log, ticks)
@@ -377,7 +381,7 @@ class Scheduler:
     def abort(self, tags: set[int]) -> None:
         """Forget requests (after an error in the caller): drop the queued, withdraw the rest."""
         self.waiting = deque(r for r in self.waiting if r.tag not in tags)
-        now = time.perf_counter()
+        now = self.clock()
         for tag in tags:
             request = self.active.get(tag)
             if request is not None:

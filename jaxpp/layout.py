@@ -1,0 +1,263 @@
+"""The static shapes of a model split over a dp x pp x tp mesh, computed without weights or devices.
+
+`LLM` builds its engine from these functions and `jaxpp plan` sizes a layout with the very same
+ones, on a `jax.sharding.AbstractMesh`: the partition and layer grid, the abstract parameter
+state (`nnx.eval_shape` of the real `Transformer`), the KV-cache arrays (`pipeline.cache_shapes`),
+the slot count and the ring's `PipelineShape`. Bytes per device are read off the shardings
+(`NamedSharding(mesh, spec).shard_shape(global_shape)`) with the specs of sharding.py's table,
+exactly as the engine places its arrays, so a plan's figures cannot drift from what `LLM`
+allocates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+
+from jaxpp.config import ModelConfig
+from jaxpp.model import KV_BLOCK, Transformer
+from jaxpp.partition import layer_grid, layer_partition
+from jaxpp.pipeline import KVCache, PipelineShape, cache_shapes
+from jaxpp.sharding import MESH_AXES, logical_to_spec, padded_vocab
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DEFAULT_MAX_NUM_SEQS = 256
+CPU_KV_CACHE_BYTES = 1 << 30  # KV budget of a CPU process when max_num_seqs is left to us
+KV_MEMORY_FRACTION = 0.9  # of an accelerator's memory left after the weights (vLLM's default)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A model on a dp x pp x tp mesh: everything about it that does not need a weight."""
+
+    config: ModelConfig
+    dtype: jnp.dtype
+    dp: int
+    pp: int
+    tp: int
+    partition: list[int]  # layers per stage
+    grid: np.ndarray  # [stages, layer slots]: layer index held, -1 for an empty slot
+    microbatches: int
+    max_model_len: int
+    prefill_chunk: int
+    cache_len: int  # positions per slot: whole KV blocks, room for a chunk below max_model_len
+    kv_heads: int  # KV heads stored (replicated up to tp when the model has fewer)
+    vocab_padded: int  # vocabulary rounded up to split over the ("stage", "tensor") devices
+
+    @property
+    def layers_per_stage(self) -> int:
+        return self.grid.shape[1]
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    @property
+    def mesh(self) -> AbstractMesh:
+        return abstract_mesh(self.dp, self.pp, self.tp)
+
+    @property
+    def windows(self) -> np.ndarray:
+        """Sliding window of every layer slot [stages, slots] (0: full attention or empty)."""
+        windows = np.array(self.config.sliding_windows + (0,))
+        return np.where(self.grid >= 0, windows[self.grid], 0)
+
+
+def abstract_mesh(dp: int, pp: int, tp: int) -> AbstractMesh:
+    """The engine's ("data", "stage", "tensor") mesh with no devices behind it."""
+    return AbstractMesh((dp, pp, tp), MESH_AXES)
+
+
+def model_dtype(dtype: str | None, cfg: ModelConfig) -> jnp.dtype:
+    """The dtype the engine computes in: `dtype`, or the checkpoint's when None."""
+    name = dtype or cfg.dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is not supported: expected one of {list(DTYPES)}")
+    return DTYPES[name]
+
+
+def stored_kv_heads(cfg: ModelConfig, tp: int) -> int:
+    """Validate the tp split; return how many KV heads are stored (replicated if < tp)."""
+    if cfg.num_heads % tp:
+        raise ValueError(
+            f"tp={tp} is invalid: num_attention_heads={cfg.num_heads} is not divisible by it"
+        )
+    for name, size in (
+        ("intermediate_size", cfg.intermediate_size),
+        ("moe_intermediate_size", cfg.moe_intermediate_size),
+        ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size),
+    ):
+        if size % tp:
+            raise ValueError(f"tp={tp} is invalid: {name}={size} is not divisible by it")
+    if cfg.num_kv_heads % tp == 0:
+        return cfg.num_kv_heads
+    if tp % cfg.num_kv_heads == 0:
+        return tp
+    raise ValueError(
+        f"tp={tp} is invalid: num_key_value_heads={cfg.num_kv_heads} must divide tp "
+        "or be divisible by it"
+    )
+
+
+def make_layout(
+    cfg: ModelConfig,
+    dtype: jnp.dtype,
+    *,
+    dp: int,
+    pp: int,
+    tp: int,
+    layer_partition_spec: str | Sequence[int] | None,
+    num_microbatches: int | None,
+    max_model_len: int | None,
+    prefill_chunk: int,
+) -> Layout:
+    """Validate a layout against the model and derive its static shapes (LLM's rules)."""
+    kv_heads = stored_kv_heads(cfg, tp)
+    partition = layer_partition(cfg.num_layers, pp, layer_partition_spec)
+    grid, _ = layer_grid(partition)
+    microbatches = num_microbatches or pp
+    if microbatches < pp:
+        raise ValueError(
+            f"num_microbatches={num_microbatches!r} is invalid: the ring needs at least "
+            f"one micro-batch per stage (>= pp={pp})"
+        )
+    max_len = max_model_len or cfg.max_position_embeddings
+    if max_len < 2 or max_len > cfg.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len={max_len} is invalid: expected 2 .. the model's "
+            f"max_position_embeddings={cfg.max_position_embeddings}"
+        )
+    chunk = min(prefill_chunk, max_len)
+    return Layout(
+        config=cfg,
+        dtype=dtype,
+        dp=dp,
+        pp=pp,
+        tp=tp,
+        partition=partition,
+        grid=grid,
+        microbatches=microbatches,
+        max_model_len=max_len,
+        prefill_chunk=chunk,
+        cache_len=_round_up(_round_up(max_len, chunk), KV_BLOCK),
+        kv_heads=kv_heads,
+        vocab_padded=padded_vocab(cfg.vocab_size, abstract_mesh(dp, pp, tp)),
+    )
+
+
+def abstract_model(layout: Layout) -> Transformer:
+    """The engine's `Transformer` for this layout, shapes only (no memory is allocated)."""
+    cfg = layout.config
+    return nnx.eval_shape(
+        lambda: Transformer(
+            cfg,
+            layout.pp,
+            layout.layers_per_stage,
+            layout.vocab_padded,
+            layout.kv_heads,
+            layout.dtype,
+        )
+    )
+
+
+def pipeline_shape(layout: Layout, max_num_seqs: int, decode_chunk: int) -> PipelineShape:
+    """The ring's static shape for `max_num_seqs` slots (a multiple of dp x micro-batches)."""
+    return PipelineShape(
+        stages=layout.pp,
+        microbatches=layout.microbatches,
+        rows=max_num_seqs // (layout.dp * layout.microbatches),
+        chunk=layout.prefill_chunk,
+        cache_len=layout.cache_len,
+        ticks=decode_chunk * layout.microbatches,
+        vocab_size=layout.config.vocab_size,
+    )
+
+
+def kv_cache(layout: Layout, shape: PipelineShape) -> KVCache:
+    """(global shape, logical axes) of every K and V array the ring allocates."""
+    return cache_shapes(
+        shape, layout.layers_per_stage, layout.dp, layout.kv_heads, layout.config.head_dim
+    )
+
+
+def kv_bytes_per_slot(layout: Layout, cache_len: int | None = None) -> int:
+    """KV-cache bytes one sequence slot takes on each device of its replica: the cache of one
+    slot per replica, read off its shardings."""
+    one_slot = PipelineShape(
+        stages=layout.pp,
+        microbatches=1,
+        rows=1,
+        chunk=layout.prefill_chunk,
+        cache_len=cache_len or layout.cache_len,
+        ticks=1,
+        vocab_size=layout.config.vocab_size,
+    )
+    return cache_device_bytes(layout, one_slot, layout.mesh)
+
+
+def default_kv_budget(platform: str, devices: int, bytes_limit: int | None, in_use: int) -> int:
+    """KV bytes per device when max_num_seqs is left to the engine: 90% of an accelerator's
+    memory left after the weights (as vLLM's gpu_memory_utilization), or CPU_KV_CACHE_BYTES
+    shared by the process's devices."""
+    if platform != "cpu" and bytes_limit is not None:
+        return int(KV_MEMORY_FRACTION * (bytes_limit - in_use))
+    return CPU_KV_CACHE_BYTES // devices
+
+
+def slot_count(layout: Layout, requested: int | None, per_slot: int, budget: int) -> int:
+    """Sequence slots: a multiple of dp x micro-batches, within the KV budget per device."""
+    unit = layout.dp * layout.microbatches
+    if requested is not None:
+        return unit * math.ceil(requested / unit)
+    fits = budget // per_slot * layout.dp  # slots are split over replicas
+    if fits < unit:
+        raise ValueError(
+            f"max_model_len={layout.max_model_len} does not fit: one slot needs "
+            f"{per_slot / 2**20:.1f} MiB of KV cache per device and the budget "
+            f"(kv_cache_memory) is {budget / 2**20:.0f} MiB for at least {unit} slots; "
+            "lower max_model_len or raise kv_cache_memory"
+        )
+    return unit * (min(DEFAULT_MAX_NUM_SEQS, fits) // unit)
+
+
+# --- bytes per device, read off the shardings -------------------------------------------------
+
+
+def shard_bytes(mesh: Mesh | AbstractMesh, shape: tuple[int, ...], dtype, spec: PartitionSpec):
+    """Bytes of the shard of a `shape` array that each device of `mesh` holds under `spec`."""
+    local = NamedSharding(mesh, spec).shard_shape(tuple(shape))
+    return math.prod(local) * np.dtype(dtype).itemsize
+
+
+def param_leaves(
+    state: nnx.State,
+) -> Iterable[tuple[str, tuple[int, ...], np.dtype, PartitionSpec]]:
+    """(path, global shape, dtype, spec) of every parameter leaf, as `load_state` places them."""
+    for key, var in nnx.to_flat_state(state):
+        value = var.get_value()
+        spec = logical_to_spec(var.get_metadata()["logical_axes"])
+        yield ".".join(str(k) for k in key), tuple(value.shape), np.dtype(value.dtype), spec
+
+
+def params_device_bytes(state: nnx.State, mesh: Mesh | AbstractMesh) -> int:
+    return sum(
+        shard_bytes(mesh, shape, dtype, spec) for _, shape, dtype, spec in param_leaves(state)
+    )
+
+
+def cache_device_bytes(layout: Layout, shape: PipelineShape, mesh: Mesh | AbstractMesh) -> int:
+    cache = kv_cache(layout, shape)
+    return sum(
+        shard_bytes(mesh, global_shape, layout.dtype, logical_to_spec(axes))
+        for global_shape, axes in (*cache.k, *cache.v)
+    )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
