@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpp.checkpoint import Checkpoint, load_state
 from jaxpp.config import ModelConfig, SamplingParams, generation_defaults
+from jaxpp.distributed import check_same, smallest, to_host
+from jaxpp.loading import load_params, model_identity
 from jaxpp.model import KV_BLOCK, Transformer, rope_inv_freq
 from jaxpp.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
@@ -104,8 +105,13 @@ class LLM:
         if not _is_int(seed) or seed < 0:
             raise ValueError(f"seed={seed!r} is invalid: expected an integer >= 0")
         self.model_dir = Path(model)
+        # Processes of one job must agree before any of them loads (or waits in a collective).
+        check_same(
+            model=model_identity(self.model_dir),
+            layout=repr((dtype, pp, tp, dp, layer_partition, num_microbatches, max_model_len)),
+            serving=repr((seed, max_num_seqs, prefill_chunk, decode_chunk, kv_cache_memory)),
+        )
         self.config = cfg = ModelConfig.from_dir(self.model_dir)
-        checkpoint = Checkpoint(self.model_dir)
         dtype_name = dtype or cfg.dtype
         if dtype_name not in DTYPES:
             raise ValueError(
@@ -142,8 +148,8 @@ class LLM:
         graphdef, abstract_state = nnx.split(abstract)
         layer_graphdef, _ = nnx.split(abstract.layers[0])
         kv_replicas = kv_heads // cfg.num_kv_heads
-        self.state = load_state(
-            abstract_state, cfg, checkpoint, self.mesh, grid, kv_replicas, windows
+        self.state, self.load_stats = load_params(
+            self.model_dir, abstract_state, cfg, self.mesh, grid, kv_replicas, windows
         )
         self.kv_heads = kv_heads
         self.layers_per_stage = grid.shape[1]
@@ -230,7 +236,7 @@ class LLM:
         per_slot = self.kv_bytes_per_slot(cache_len)
         if requested is not None:
             return unit * math.ceil(requested / unit)
-        budget = budget or _default_kv_budget(self.mesh, self.state)
+        budget = budget or smallest(_default_kv_budget(self.mesh, self.state))
         fits = budget // per_slot * self.dp  # slots are split over replicas
         if fits < unit:
             raise ValueError(
@@ -401,7 +407,7 @@ class LLM:
         finished = []
         if self._in_flight is not None:
             previous, previous_log = self._in_flight
-            finished = self.scheduler.update(previous, jax.device_get(previous_log))
+            finished = self.scheduler.update(previous, to_host(previous_log))
         self._in_flight = (step, log) if step is not None else None
         stats = self.scheduler.stats.as_dict() if finished else {}
         outputs = [self._output(r, stats) for r in finished]
@@ -638,11 +644,11 @@ def _check_positive_int(name: str, value) -> None:
 def _default_kv_budget(mesh, state) -> int:
     """KV bytes per device: 90% of an accelerator's memory left after the weights (as vLLM's
     gpu_memory_utilization), or CPU_KV_CACHE_BYTES shared by the process's devices."""
-    device = mesh.devices.flat[0]
+    device = mesh.local_devices[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
         return int(0.9 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
-    return CPU_KV_CACHE_BYTES // mesh.devices.size
+    return CPU_KV_CACHE_BYTES // len(mesh.local_devices)
 
 
 def _load_tokenizer(model_dir: Path):
