@@ -1,9 +1,10 @@
 """One process of a 2-process test job (tests/test_multihost.py): joins the job on 127.0.0.1,
 runs the same requests as the in-process reference, and writes what it saw as JSON.
 
-    python multihost_worker.py MODE MODEL_DIR PORT PROCESS_ID OUT_JSON
+    python multihost_worker.py MODE MODEL_DIR PORT PROCESS_ID OUT_JSON [ORBAX_DIR]
 
-MODE "layouts": tokens, logits and load stats for each layout of LAYOUTS;
+MODE "layouts": tokens, logits and load stats for each layout of LAYOUTS, and for pp=4 from
+ORBAX_DIR (the model converted by `jaxpp convert --pp 4`);
 MODE "mismatch": process 1 asks for another layout, and every process reports the error.
 """
 
@@ -38,10 +39,14 @@ def run(llm: LLM) -> dict:
 
 
 def main() -> None:
-    mode, model, port, process, out = sys.argv[1:6]
+    mode, model, port, process, out, *orbax = sys.argv[1:]
+    # The engines of one process share compiled programs (the orbax one is the pp=4 one again).
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAXPP_WORKER_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     distributed.initialize(f"127.0.0.1:{port}", 2, int(process))
     if mode == "layouts":
         result = {f"{pp}x{tp}": run(LLM(model, pp=pp, tp=tp, **ENGINE)) for pp, tp in LAYOUTS}
+        result["orbax"] = run(LLM(orbax[0], pp=4, **ENGINE))
     else:
         try:
             LLM(model, pp=4 if process == "1" else 2, **ENGINE)

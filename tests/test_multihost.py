@@ -1,7 +1,8 @@
 """Two processes x two CPU devices joined through jax.distributed (gloo) give the answers of
 one process with four devices: pp=4 (the stage axis crosses the processes) and pp=2 x tp=2,
 greedy and seeded sampling, logits within float32 rounding; each process reads only its own
-shards of the checkpoint; processes started with different layouts refuse to start."""
+shards of the checkpoint; an orbax checkpoint from `jaxpp convert` restores bit-identical
+logits, in one process and across two; processes started with different layouts refuse."""
 
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 from multihost_worker import ENGINE, LAYOUTS, run
 
 import jaxpp
+from jaxpp import cli
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 ROOT = Path(__file__).parents[1]  # the workers import this checkout's jaxpp
@@ -26,17 +28,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _job(mode: str, model: Path, tmp: Path) -> list[dict]:
+def _job(mode: str, model: Path, tmp: Path, *extra: Path) -> list[dict]:
     """Run a 2-process job of the worker; each process's JSON result."""
     port = _free_port()
     outs = [tmp / f"{mode}-{i}.json" for i in range(2)]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), mode, str(model), str(port), str(i), str(outs[i])],
+            [
+                sys.executable,
+                str(WORKER),
+                mode,
+                str(model),
+                str(port),
+                str(i),
+                str(outs[i]),
+                *map(str, extra),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(ROOT), "JAXPP_WORKER_CACHE": str(tmp / "xla")},
         )
         for i in range(2)
     ]
@@ -52,8 +63,16 @@ def model(hf_model):
 
 
 @pytest.fixture(scope="module")
-def two_processes(model, tmp_path_factory):
-    return _job("layouts", model, tmp_path_factory.mktemp("multihost"))
+def converted(model, tmp_path_factory):
+    """The model as an orbax checkpoint in the engine's pp=4 layout."""
+    out = tmp_path_factory.mktemp("orbax") / "llama-pp4"
+    assert cli.main(["convert", str(model), str(out), "--pp", "4"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(model, converted, tmp_path_factory):
+    return _job("layouts", model, tmp_path_factory.mktemp("multihost"), converted)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +100,19 @@ def test_each_process_reads_only_its_shards(two_processes, reference):
         stats = result["4x1"]["load_stats"]
         assert stats["checkpoint_bytes"] == whole["checkpoint_bytes"]
         assert 0.4 * whole["bytes_read"] <= stats["bytes_read"] <= 0.55 * stats["checkpoint_bytes"]
+
+
+def test_orbax_checkpoint_restores_bit_identical_logits(converted, two_processes, reference):
+    ref = reference["4x1"]
+    restored = run(jaxpp.LLM(converted, pp=4, **ENGINE))
+    assert restored["tokens"] == ref["tokens"]
+    assert restored["logits"] == ref["logits"]
+    for result in two_processes:  # each process restores only its own shards
+        assert result["orbax"]["logits"] == ref["logits"]
+        stats = result["orbax"]["load_stats"]
+        assert stats["bytes_read"] <= 0.55 * restored["load_stats"]["bytes_read"]
+    with pytest.raises(ValueError, match="converted for pp=4"):
+        jaxpp.LLM(converted, pp=2, **ENGINE)
 
 
 def test_processes_started_with_different_layouts_refuse(model, tmp_path):

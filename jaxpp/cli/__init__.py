@@ -11,6 +11,7 @@ One module per job:
     generate.py        `generate`: checks before loading, the model, sinks, summary, exit status
     processes.py       a job run by several processes: the flags that join them, same-job checks
     launch.py          `launch`: a command as several local processes (CPU devices, gloo)
+    convert.py         `convert`: a HF model as an orbax checkpoint in the engine's layout
     lines.py           input lines, read in bounded memory
     formats.py         the JSONL request formats: a line -> a Job, or a RequestError
     limits.py          bounds on what one request may ask for

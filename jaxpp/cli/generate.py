@@ -45,9 +45,9 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def load_llm(args: argparse.Namespace):
-    """Build the LLM for `args` (a seam: tests swap in a fake or a cached one)."""
-    devices = args.dp * args.pp * args.tp
+def provide_cpu_devices(devices: int) -> None:
+    """On a CPU-only host, simulate enough devices for a one-process mesh (before jax starts
+    its backends; JAX_NUM_CPU_DEVICES or a multi-process job decides otherwise)."""
     import jax  # noqa: PLC0415
 
     if (
@@ -55,10 +55,15 @@ def load_llm(args: argparse.Namespace):
         and devices > 1
         and not jax.distributed.is_initialized()
     ):
-        try:  # on a CPU-only host, provide enough devices for the mesh
+        try:
             jax.config.update("jax_num_cpu_devices", devices)
         except Exception:  # noqa: BLE001 - backends already up: keep what there is
             pass
+
+
+def load_llm(args: argparse.Namespace):
+    """Build the LLM for `args` (a seam: tests swap in a fake or a cached one)."""
+    provide_cpu_devices(args.dp * args.pp * args.tp)
     from jaxpp import LLM  # noqa: PLC0415
 
     return LLM(args.model, **llm_kwargs(args))
