@@ -59,7 +59,12 @@ def join(args: argparse.Namespace) -> int:
 
 def check_same_job(args: argparse.Namespace, answered_ids: set) -> None:
     """Refuse to start processes given different flags, inputs or resume states."""
+    import jax  # noqa: PLC0415
+
     from jaxpp import distributed  # noqa: PLC0415
+
+    if not jax.distributed.is_initialized():
+        return  # one process: nothing to compare (and the input may be stdin)
 
     flags = {k: v for k, v in vars(args).items() if k not in ("process_id", "func")}
     digest = hashlib.sha256()
