@@ -27,8 +27,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxpp.checkpoint import Checkpoint, load_state
 from jaxpp.config import ModelConfig, SamplingParams, generation_defaults
+from jaxpp.distributed import check_same, smallest, to_host
 from jaxpp.layout import (
     abstract_model,
     default_kv_budget,
@@ -38,6 +38,7 @@ from jaxpp.layout import (
     pipeline_shape,
     slot_count,
 )
+from jaxpp.loading import load_params, model_identity
 from jaxpp.model import rope_inv_freq
 from jaxpp.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxpp.pipeline import (
@@ -102,8 +103,13 @@ class LLM:
         if not _is_int(seed) or seed < 0:
             raise ValueError(f"seed={seed!r} is invalid: expected an integer >= 0")
         self.model_dir = Path(model)
+        # Processes of one job must agree before any of them loads (or waits in a collective).
+        check_same(
+            model=model_identity(self.model_dir),
+            layout=repr((dtype, pp, tp, dp, layer_partition, num_microbatches, max_model_len)),
+            serving=repr((seed, max_num_seqs, prefill_chunk, decode_chunk, kv_cache_memory)),
+        )
         self.config = cfg = ModelConfig.from_dir(self.model_dir)
-        checkpoint = Checkpoint(self.model_dir)
         self.dtype = model_dtype(dtype, cfg)
         self.mesh = make_mesh(dp, pp, tp)
         self.dp, self.pp, self.tp = dp, pp, tp
@@ -131,8 +137,8 @@ class LLM:
         graphdef, abstract_state = nnx.split(abstract)
         layer_graphdef, _ = nnx.split(abstract.layers[0])
         kv_replicas = lay.kv_heads // cfg.num_kv_heads
-        self.state = load_state(
-            abstract_state, cfg, checkpoint, self.mesh, lay.grid, kv_replicas, lay.windows
+        self.state, self.load_stats = load_params(
+            self.model_dir, abstract_state, cfg, self.mesh, lay.grid, kv_replicas, lay.windows
         )
         self.kv_heads = lay.kv_heads
         self.layers_per_stage = lay.layers_per_stage
@@ -181,7 +187,7 @@ class LLM:
     def _slots(self, requested: int | None, cache_len: int, budget: int | None) -> int:
         """Sequence slots: a multiple of dp x micro-batches, within the KV budget per device."""
         if requested is None:
-            budget = budget or _default_kv_budget(self.mesh, self.state)
+            budget = budget or smallest(_default_kv_budget(self.mesh, self.state))
         per_slot = self.kv_bytes_per_slot(cache_len)
         return slot_count(self.model_layout, requested, per_slot, budget or 0)
 
@@ -342,7 +348,7 @@ class LLM:
         finished = []
         if self._in_flight is not None:
             previous, previous_log = self._in_flight
-            finished = self.scheduler.update(previous, jax.device_get(previous_log))
+            finished = self.scheduler.update(previous, to_host(previous_log))
         self._in_flight = (step, log) if step is not None else None
         stats = self.scheduler.stats.as_dict() if finished else {}
         outputs = [self._output(r, stats) for r in finished]
@@ -573,11 +579,15 @@ def _check_positive_int(name: str, value) -> None:
 
 
 def _default_kv_budget(mesh, state) -> int:
-    """layout.default_kv_budget with what the first device reports of its memory."""
-    device = mesh.devices.flat[0]
+    """layout.default_kv_budget with what this process's first device reports of its memory
+    (shared by the process's devices)."""
+    device = mesh.local_devices[0]
     stats = (device.memory_stats() if device.platform != "cpu" else None) or {}
     return default_kv_budget(
-        device.platform, mesh.devices.size, stats.get("bytes_limit"), stats.get("bytes_in_use", 0)
+        device.platform,
+        len(mesh.local_devices),
+        stats.get("bytes_limit"),
+        stats.get("bytes_in_use", 0),
     )
 
 

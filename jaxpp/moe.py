@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jaxpp.checkpoint import CheckpointError, _linear_in_out, _linear_out_proj, gate_up
 from jaxpp.config import ModelConfig
 from jaxpp.model import MLP, STACK_AXES, LayerInfo, _stacked
 
@@ -72,92 +70,3 @@ class MoEBlock(nnx.Module):
             shared = self.shared.partial_sum(x)
             y = y + jax.nn.sigmoid(x @ self.shared_gate[...]) * shared
         return jax.lax.psum(y, "tensor").reshape(shape)
-
-
-# --- checkpoint sources ------------------------------------------------------------------------
-
-
-def _layer_of(name: str) -> int:
-    return int(name.split(".")[2])  # "model.layers.{l}. ..."
-
-
-def _experts_reader(cfg: ModelConfig, which: str):
-    """Our [E, in, out] expert weights from per-expert or fused HF tensors."""
-
-    def read(ckpt, prefix: str, shape: tuple[int, ...]) -> np.ndarray:
-        if not cfg.is_moe_layer[_layer_of(prefix)]:
-            return np.zeros(shape, np.float32)  # a dense layer of a mixed model
-        f = cfg.moe_intermediate_size
-        if ckpt.has(f"{prefix}.gate_up_proj") or ckpt.has(f"{prefix}.down_proj"):
-            if which == "down_proj":
-                w = ckpt.read(f"{prefix}.down_proj")  # [E, D, F]
-                _expect(ckpt, f"{prefix}.down_proj", w.shape, (cfg.num_experts, shape[2], f))
-                return np.swapaxes(w, 1, 2)
-            w = ckpt.read(f"{prefix}.gate_up_proj")  # [E, 2F, D], gate rows first
-            _expect(ckpt, f"{prefix}.gate_up_proj", w.shape, (cfg.num_experts, 2 * f, shape[1]))
-            half = w[:, :f] if which == "gate_proj" else w[:, f:]
-            return np.swapaxes(half, 1, 2)
-        one = shape[1:]
-        reader = _linear_out_proj if which == "down_proj" else _linear_in_out
-        return np.stack(
-            [reader(ckpt, f"{prefix}.{e}.{which}.weight", one) for e in range(cfg.num_experts)]
-        )
-
-    return read
-
-
-def _expect(ckpt, name, found, expected) -> None:
-    if tuple(found) != tuple(expected):
-        raise CheckpointError(
-            f"{ckpt.where[name].path}: tensor {name!r} has shape {tuple(found)}, "
-            f"expected {tuple(expected)} from config.json"
-        )
-
-
-def _only_moe(cfg: ModelConfig, read):
-    def guarded(ckpt, name, shape):
-        if not cfg.is_moe_layer[_layer_of(name)]:
-            return np.zeros(shape, np.float32)
-        return read(ckpt, name, shape)
-
-    return guarded
-
-
-def _only_dense(cfg: ModelConfig, read):
-    def guarded(ckpt, name, shape):
-        if cfg.is_moe_layer[_layer_of(name)]:
-            return np.zeros(shape, np.float32)
-        return read(ckpt, name, shape)
-
-    return guarded
-
-
-def moe_sources(cfg: ModelConfig, p: str) -> dict:
-    """Our MoE parameter paths -> (HF name template, reader); see checkpoint.layer_sources."""
-    src = {
-        "mlp.router": (p + "mlp.gate.weight", _only_moe(cfg, _linear_in_out)),
-        "mlp.gate_proj": (p + "mlp.experts", _experts_reader(cfg, "gate_proj")),
-        "mlp.up_proj": (p + "mlp.experts", _experts_reader(cfg, "up_proj")),
-        "mlp.down_proj": (p + "mlp.experts", _experts_reader(cfg, "down_proj")),
-    }
-    if cfg.shared_expert_intermediate_size:
-        s = p + "mlp.shared_expert."
-        src["mlp.shared.gate_up_proj"] = (
-            s + "gate_proj.weight",
-            gate_up(_only_moe(cfg, _linear_in_out)),
-        )
-        src["mlp.shared.down_proj"] = (s + "down_proj.weight", _only_moe(cfg, _linear_out_proj))
-        src["mlp.shared_gate"] = (
-            p + "mlp.shared_expert_gate.weight",
-            _only_moe(cfg, _linear_in_out),
-        )
-    if not all(cfg.is_moe_layer):
-        src["mlp.dense.gate_up_proj"] = (
-            p + "mlp.gate_proj.weight",
-            gate_up(_only_dense(cfg, _linear_in_out)),
-        )
-        src["mlp.dense.down_proj"] = (
-            p + "mlp.down_proj.weight",
-            _only_dense(cfg, _linear_out_proj),
-        )
-    return src

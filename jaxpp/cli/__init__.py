@@ -9,6 +9,9 @@ One module per job:
     app.py             main(): the parser, subcommands, and how each kind of failure ends a run
     flags.py           the flags and help of `generate`
     generate.py        `generate`: checks before loading, the model, sinks, summary, exit status
+    processes.py       a job run by several processes: the flags that join them, same-job checks
+    launch.py          `launch`: a command as several local processes (CPU devices, gloo)
+    convert.py         `convert`: a HF model as an orbax checkpoint in the engine's layout
     lines.py           input lines, read in bounded memory
     formats.py         the JSONL request formats: a line -> a Job, or a RequestError
     limits.py          bounds on what one request may ask for

@@ -12,6 +12,7 @@ from jaxpp.cli.limits import (
     DEFAULT_MAX_LOGPROBS,
     DEFAULT_MAX_SEQS_PER_REQUEST,
 )
+from jaxpp.cli.processes import add_process_flags
 from jaxpp.config import GENERATION_CONFIG_FIELDS, SamplingParams, generation_defaults
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -307,4 +308,5 @@ def add_generate_parser(subparsers, run, model_dir: Path = DEMO_MODEL) -> None:
         default=True,
         help="drop special tokens from the text (default: yes)",
     )
+    add_process_flags(p)
     p.set_defaults(func=run)

@@ -18,10 +18,12 @@ from jaxpp.cli.formats import RequestBuilder
 from jaxpp.cli.limits import Limits
 from jaxpp.cli.lines import OversizedLine, count_lines, read_lines
 from jaxpp.cli.preflight import check_flags, model_config
+from jaxpp.cli.processes import check_same_job, join
 from jaxpp.cli.progress import BAR, LINES, Progress
 from jaxpp.cli.resume import Answered, drop_errors, scan_output
 from jaxpp.cli.runner import Runner
-from jaxpp.cli.sinks import FileSink, StdoutSink, TextSink
+from jaxpp.cli.sinks import FileSink, NullSink, StdoutSink, TextSink
+from jaxpp.distributed import barrier
 
 PROG = "jaxpp"
 
@@ -43,16 +45,25 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def load_llm(args: argparse.Namespace):
-    """Build the LLM for `args` (a seam: tests swap in a fake or a cached one)."""
-    devices = args.dp * args.pp * args.tp
-    if "JAX_NUM_CPU_DEVICES" not in os.environ and devices > 1:
-        import jax  # noqa: PLC0415
+def provide_cpu_devices(devices: int) -> None:
+    """On a CPU-only host, simulate enough devices for a one-process mesh (before jax starts
+    its backends; JAX_NUM_CPU_DEVICES or a multi-process job decides otherwise)."""
+    import jax  # noqa: PLC0415
 
-        try:  # on a CPU-only host, provide enough devices for the mesh
+    if (
+        "JAX_NUM_CPU_DEVICES" not in os.environ
+        and devices > 1
+        and not jax.distributed.is_initialized()
+    ):
+        try:
             jax.config.update("jax_num_cpu_devices", devices)
         except Exception:  # noqa: BLE001 - backends already up: keep what there is
             pass
+
+
+def load_llm(args: argparse.Namespace):
+    """Build the LLM for `args` (a seam: tests swap in a fake or a cached one)."""
+    provide_cpu_devices(args.dp * args.pp * args.tp)
     from jaxpp import LLM  # noqa: PLC0415
 
     return LLM(args.model, **llm_kwargs(args))
@@ -137,6 +148,29 @@ def input_lines(
     return read_lines(f, args.max_line_bytes), total, f.close
 
 
+def _sink(args: argparse.Namespace, from_file: bool) -> tuple:
+    """Where answers go, and what an --output file being resumed already answers."""
+    if not from_file:
+        return TextSink(
+            PROG
+        ) if args.prompt is not None and args.output is None else StdoutSink(), Answered()
+    out_path = Path(args.output)
+    if out_path.exists() and out_path.stat().st_size > 0 and not args.resume:
+        raise UsageError(
+            f"--output {out_path} exists and is not empty: pass --resume "
+            "to continue it, or remove it"
+        )
+    sink = FileSink(out_path)  # takes the file's lock before reading it back
+    try:
+        answered = scan_output(out_path)
+        if args.retry_errors and drop_errors(out_path, sink):
+            answered = scan_output(out_path)
+    except BaseException:
+        sink.close()
+        raise
+    return sink, answered
+
+
 def run_generate(args: argparse.Namespace) -> int:
     if args.chat and args.prompt is None:
         raise UsageError("--chat goes with --prompt (input lines choose with 'messages')")
@@ -163,27 +197,12 @@ def run_generate(args: argparse.Namespace) -> int:
     defaults = sampling_defaults(args)
     limits = limits_of(args)
     check_flags(args, model, config, defaults, limits)
-
-    answered = Answered()
-    if from_file:
-        out_path = Path(args.output)
-        if out_path.exists() and out_path.stat().st_size > 0 and not args.resume:
-            raise UsageError(
-                f"--output {out_path} exists and is not empty: pass --resume "
-                "to continue it, or remove it"
-            )
-        sink = FileSink(out_path)  # takes the file's lock before reading it back
-        try:
-            answered = scan_output(out_path)
-            if args.retry_errors and drop_errors(out_path, sink):
-                answered = scan_output(out_path)
-        except BaseException:
-            sink.close()
-            raise
-    elif args.prompt is not None and args.output is None:
-        sink = TextSink(PROG)
-    else:
-        sink = StdoutSink()
+    primary = join(args) == 0  # process 0 writes; the others run the same work silently
+    sink, answered = _sink(args, from_file) if primary else (NullSink(), Answered())
+    barrier("output file read back")  # process 0 has repaired it: the others may read it
+    if not primary and args.resume:
+        answered = scan_output(Path(args.output))
+    check_same_job(args, answered.ids)
     lines, total, close_input = input_lines(args)
 
     log = TracebackLog(log_path_for(args.output))
@@ -191,7 +210,7 @@ def run_generate(args: argparse.Namespace) -> int:
         llm = _loaded(args)
         builder = RequestBuilder(llm, defaults, args.seed, model.name, limits)
         progress = Progress(
-            _progress_mode(args),
+            _progress_mode(args) if primary else None,
             total,
             initial=min(answered.records, total or answered.records),
             interval=args.progress_interval,
@@ -203,7 +222,7 @@ def run_generate(args: argparse.Namespace) -> int:
             runner.run(lines, answered)
         finally:
             progress.close()
-            if not args.quiet and args.prompt is None:
+            if primary and not args.quiet and args.prompt is None:
                 elapsed = time.perf_counter() - started
                 print(
                     f"{PROG}: {runner.done} answered, {runner.errors} with errors, "
@@ -214,7 +233,7 @@ def run_generate(args: argparse.Namespace) -> int:
     finally:
         close_input()
         sink.close()
-    if log.entries:
+    if primary and log.entries:
         print(
             f"{PROG}: {log.entries} unexpected failure(s) of single requests; their tracebacks "
             f"are in {log.path}",

@@ -51,6 +51,16 @@ class FileSink:
         os.close(self.fd)
 
 
+class NullSink:
+    """Where the answers of a process other than 0 go: process 0 writes them."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def open_locked(path: Path) -> int:
     """`path` opened for appending and locked (flock) for this run alone."""
     try:

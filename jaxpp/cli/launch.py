@@ -1,0 +1,124 @@
+"""`jaxpp launch`: run one jaxpp command as several local processes, each with its own CPU
+devices, joined through JAX's distributed runtime (for tests, and to try multi-host on a laptop).
+
+    jaxpp launch --nproc 2 --devices-per-process 2 -- generate --pp 4 --input q.jsonl ...
+
+Each child is `python -m jaxpp.cli COMMAND...` with JAXPP_COORDINATOR=127.0.0.1:<a free port>,
+JAXPP_NUM_PROCESSES, JAXPP_PROCESS_ID and JAX_NUM_CPU_DEVICES set (gloo collectives on CPU).
+SIGINT and SIGTERM are forwarded to every child. When a child fails the others get
+`GRACE_S` to finish on their own (they run the same work, so they usually fail the same way),
+then are stopped; the launcher exits with the first failing child's status (128 + signal for a
+child killed by a signal), naming it on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+GRACE_S = 10.0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "launch",
+        help="run a command as several local processes (CPU devices, gloo)",
+        description="Run COMMAND as N local processes joined into one job, e.g.\n"
+        "  jaxpp launch --nproc 2 --devices-per-process 2 -- generate --pp 4 --input q.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--nproc", type=int, default=2, metavar="N", help="processes (default: 2)")
+    p.add_argument(
+        "--devices-per-process",
+        type=int,
+        default=1,
+        metavar="D",
+        help="CPU devices each process simulates (default: 1)",
+    )
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then a jaxpp command")
+    p.set_defaults(func=run_launch)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    from jaxpp.cli.errors import UsageError  # noqa: PLC0415
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UsageError("launch needs a command after '--', e.g. -- generate --pp 2 ...")
+    if args.nproc < 1 or args.devices_per_process < 1:
+        raise UsageError("--nproc and --devices-per-process must be positive")
+    coordinator = f"127.0.0.1:{_free_port()}"
+    children = []
+    for i in range(args.nproc):
+        env = dict(
+            os.environ,
+            JAXPP_COORDINATOR=coordinator,
+            JAXPP_NUM_PROCESSES=str(args.nproc),
+            JAXPP_PROCESS_ID=str(i),
+            JAX_NUM_CPU_DEVICES=str(args.devices_per_process),
+            JAX_PLATFORMS="cpu",
+        )
+        # A session of its own: a Ctrl-C reaches the children once, through the launcher.
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "jaxpp.cli", *command], env=env, start_new_session=True
+            )
+        )
+
+    def forward(signum, _frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    return _wait(children)
+
+
+def _wait(children: list[subprocess.Popen]) -> int:
+    """Wait for every child; after the first failure, stop the stragglers after GRACE_S."""
+    failed: tuple[int, int] | None = None  # (process, code) of the first failure
+    deadline = None
+    while any(child.poll() is None for child in children):
+        for i, child in enumerate(children):
+            code = child.poll()
+            if code not in (None, 0) and failed is None:
+                failed, deadline = (i, code), time.monotonic() + GRACE_S
+                print(
+                    f"jaxpp launch: process {i} exited with {_status(code)}; the others get "
+                    f"{GRACE_S:.0f} s to finish",
+                    file=sys.stderr,
+                )
+        if deadline is not None and time.monotonic() > deadline:
+            for child in children:
+                if child.poll() is None:
+                    child.terminate()
+            deadline = time.monotonic() + GRACE_S
+            for child in children:
+                if child.poll() is None:
+                    try:
+                        child.wait(max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+        time.sleep(0.05)
+    if failed is None:
+        failed = next(((i, c.returncode) for i, c in enumerate(children) if c.returncode), None)
+    if failed is None:
+        return 0
+    code = failed[1]
+    return 128 - code if code < 0 else code

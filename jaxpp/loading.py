@@ -1,0 +1,202 @@
+"""Put the model's parameters on the mesh, each process reading only the shards its own devices
+hold: from a Hugging Face safetensors directory, or from an orbax checkpoint already in the
+engine's layout (`jaxpp convert`).
+
+Safetensors: each parameter is built with `jax.make_array_from_callback`, which asks only for
+the blocks of this process's devices (one layer slot's q_proj on one stage, one vocab range of
+the embedding); the weight mapping (weights.py) reads just those bytes from the memory maps.
+With pp=4 over two processes each reads half the layers and half the vocabulary.
+
+Orbax: the checkpoint holds the engine's own stacked, stage-major arrays, so orbax restores
+each device's shard straight from its files (no host ever holds a full copy). It is tied to the
+layout it was converted for (stages, layer partition, padded vocabulary, stored KV heads), which
+`ENGINE_LAYOUT` records; another layout is refused with what to pass.
+
+Either way the result comes with `load_stats`: bytes read by this process, the checkpoint's
+bytes on disk and the seconds it took.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxpp.checkpoint import Checkpoint, CheckpointError
+from jaxpp.config import ModelConfig
+from jaxpp.sharding import logical_to_spec
+from jaxpp.weights import Lazy, final_norm, layer_sources, validate, vocab_table
+
+ENGINE_LAYOUT = "jaxpp_layout.json"  # marks an orbax checkpoint in the engine's layout
+PARAMS = "params"  # its orbax directory
+
+
+def is_engine_checkpoint(model_dir: Path) -> bool:
+    return (model_dir / ENGINE_LAYOUT).is_file()
+
+
+def model_identity(model_dir: Path) -> str:
+    """What must be the same model in every process: config.json and every file's name and
+    size (the weights are too large to hash at start-up)."""
+    if not model_dir.is_dir():
+        return f"missing {model_dir}"
+    config = model_dir / "config.json"
+    files = sorted(
+        (str(f.relative_to(model_dir)), f.stat().st_size)
+        for f in model_dir.rglob("*")
+        if f.is_file()
+    )
+    return repr((config.read_text() if config.is_file() else None, files))
+
+
+def load_params(
+    model_dir: Path,
+    abstract: nnx.State,
+    cfg: ModelConfig,
+    mesh: jax.sharding.Mesh,
+    grid: np.ndarray,
+    kv_replicas: int,
+    windows: np.ndarray,
+) -> tuple[nnx.State, dict]:
+    """The parameters of `abstract` (a shape-only state) on `mesh`, and this process's load
+    stats {"bytes_read", "checkpoint_bytes", "seconds"}."""
+    started = time.perf_counter()
+    if is_engine_checkpoint(model_dir):
+        state, read, total = _restore(model_dir, abstract, mesh, grid)
+    else:
+        state, read, total = _from_safetensors(
+            Checkpoint(model_dir), abstract, cfg, mesh, grid, kv_replicas, windows
+        )
+    stats = {
+        "bytes_read": read,
+        "checkpoint_bytes": total,
+        "seconds": time.perf_counter() - started,
+    }
+    return state, stats
+
+
+def _sharding(mesh: jax.sharding.Mesh, var) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, logical_to_spec(var.get_metadata()["logical_axes"]))
+
+
+def _path(key: tuple) -> str:
+    return ".".join(str(k) for k in key)  # "layers.3.attn.q_proj": slot 3's q_proj
+
+
+# --- safetensors ------------------------------------------------------------------------------
+
+
+def _from_safetensors(ckpt, abstract, cfg, mesh, grid, kv_replicas, windows):
+    sources = layer_sources(cfg, kv_replicas)
+    validate(cfg, ckpt, sources)
+    flat = []
+    for key, var in nnx.to_flat_state(abstract):
+        value = var.get_value()
+        shape, dtype = value.shape, np.dtype(value.dtype)
+        block = _block_reader(_path(key), shape, dtype, cfg, ckpt, sources, grid, windows)
+        # Devices holding the same block (replicas over "tensor" or "data") share one read.
+        blocks: dict[str, np.ndarray] = {}
+
+        def once(index, block=block, blocks=blocks):
+            k = repr(index)
+            if k not in blocks:
+                blocks[k] = block(index)
+            return blocks[k]
+
+        array = jax.make_array_from_callback(shape, _sharding(mesh, var), once)
+        flat.append((key, var.replace(array)))
+    return nnx.from_flat_state(flat), ckpt.bytes_read, ckpt.total_bytes
+
+
+def _block_reader(path, shape, dtype, cfg, ckpt, sources, grid, windows) -> Callable:
+    """index -> the numpy block `index` of parameter `path`, read from the checkpoint."""
+    if path.startswith("layers."):
+        _, slot, name = path.split(".", 2)
+        layers = grid[:, int(slot)]  # the layer each stage holds in this slot, -1 if none
+        if name == "filled":
+            return lambda index: (layers >= 0)[index]
+        if name == "window":
+            return lambda index: windows[:, int(slot)][index].astype(np.int32)
+        if name == "mlp.is_moe":
+            return lambda index: np.array(cfg.is_moe_layer + (False,))[layers][index]
+        template, read = sources[name]
+        one_layer = shape[1:]
+
+        def slot_block(index):
+            stages, rest = index[0], index[1:]
+            rows = []
+            for s in range(*stages.indices(shape[0])):
+                if layers[s] < 0:  # empty slot of an uneven partition: never computed
+                    rows.append(np.zeros(one_layer, dtype)[rest])
+                else:
+                    source = read(ckpt, template.format(l=int(layers[s])), one_layer)
+                    rows.append(source.take(rest).astype(dtype))
+            return np.stack(rows)
+
+        return slot_block
+    tables: dict[str, Callable[[], Lazy]] = {
+        "embed": lambda: vocab_table(ckpt, cfg, "model.embed_tokens.weight", shape[0]),
+        "lm_head": lambda: vocab_table(ckpt, cfg, "lm_head.weight", shape[0]),
+        "final_norm.weight": lambda: final_norm(ckpt, shape),
+    }
+    if path not in tables:
+        raise KeyError(f"no checkpoint source for parameter {path}")
+    return lambda index: tables[path]().take(index).astype(dtype)
+
+
+# --- orbax, in the engine's layout --------------------------------------------------------------
+
+
+def layout_record(abstract: nnx.State, grid: np.ndarray) -> dict:
+    """What an engine checkpoint is tied to: the layer grid and every parameter's shape."""
+    return {
+        "layer_grid": grid.tolist(),
+        "shapes": {_path(k): list(v.get_value().shape) for k, v in nnx.to_flat_state(abstract)},
+    }
+
+
+def save_engine_checkpoint(state: nnx.State, grid: np.ndarray, out_dir: Path) -> None:
+    """Write `state` (the engine's parameters) as an orbax checkpoint under `out_dir`."""
+    import orbax.checkpoint as ocp  # noqa: PLC0415 - slow import, only for orbax checkpoints
+
+    flat = {_path(k): v.get_value() for k, v in nnx.to_flat_state(state)}
+    with ocp.StandardCheckpointer() as saver:
+        saver.save((out_dir / PARAMS).resolve(), flat)
+    if jax.process_index() == 0:
+        (out_dir / ENGINE_LAYOUT).write_text(json.dumps(layout_record(state, grid)) + "\n")
+
+
+def _restore(model_dir: Path, abstract: nnx.State, mesh, grid: np.ndarray):
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    stored = json.loads((model_dir / ENGINE_LAYOUT).read_text())
+    wanted = layout_record(abstract, grid)
+    if stored != wanted:
+        partition = [int((row >= 0).sum()) for row in np.array(stored["layer_grid"])]
+        raise CheckpointError(
+            f"{model_dir}: this orbax checkpoint was converted for pp={len(partition)} with "
+            f"layer_partition={partition} (and its tp's vocabulary padding and KV heads), "
+            "which this engine's layout does not match: pass the layout it was converted for, "
+            "or convert the Hugging Face model again for this one"
+        )
+    flat = list(nnx.to_flat_state(abstract))
+    target = {
+        _path(k): jax.ShapeDtypeStruct(
+            v.get_value().shape, v.get_value().dtype, sharding=_sharding(mesh, v)
+        )
+        for k, v in flat
+    }
+    with ocp.StandardCheckpointer() as restorer:
+        values = restorer.restore((model_dir / PARAMS).resolve(), target)
+    state = nnx.from_flat_state([(k, v.replace(values[_path(k)])) for k, v in flat])
+    read = 0
+    for leaf in values.values():  # a block held by several local devices was read once
+        blocks = {repr(shard.index): shard.data.nbytes for shard in leaf.addressable_shards}
+        read += sum(blocks.values())
+    total = sum(f.stat().st_size for f in (model_dir / PARAMS).rglob("*") if f.is_file())
+    return state, read, total

@@ -1,0 +1,121 @@
+"""Two processes x two CPU devices joined through jax.distributed (gloo) give the answers of
+one process with four devices: pp=4 (the stage axis crosses the processes) and pp=2 x tp=2,
+greedy and seeded sampling, logits within float32 rounding; each process reads only its own
+shards of the checkpoint; an orbax checkpoint from `jaxpp convert` restores bit-identical
+logits, in one process and across two; processes started with different layouts refuse."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from multihost_worker import ENGINE, LAYOUTS, run
+
+import jaxpp
+from jaxpp import cli
+
+WORKER = Path(__file__).with_name("multihost_worker.py")
+ROOT = Path(__file__).parents[1]  # the workers import this checkout's jaxpp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job(mode: str, model: Path, tmp: Path, *extra: Path) -> list[dict]:
+    """Run a 2-process job of the worker; each process's JSON result."""
+    port = _free_port()
+    outs = [tmp / f"{mode}-{i}.json" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                mode,
+                str(model),
+                str(port),
+                str(i),
+                str(outs[i]),
+                *map(str, extra),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "JAXPP_WORKER_CACHE": str(tmp / "xla")},
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    return [json.loads(o.read_text()) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def model(hf_model):
+    return hf_model("llama")
+
+
+@pytest.fixture(scope="module")
+def converted(model, tmp_path_factory):
+    """The model as an orbax checkpoint in the engine's pp=4 layout."""
+    out = tmp_path_factory.mktemp("orbax") / "llama-pp4"
+    assert cli.main(["convert", str(model), str(out), "--pp", "4"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(model, converted, tmp_path_factory):
+    return _job("layouts", model, tmp_path_factory.mktemp("multihost"), converted)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """The same requests in this process over 4 of its devices."""
+    return {f"{pp}x{tp}": run(jaxpp.LLM(model, pp=pp, tp=tp, **ENGINE)) for pp, tp in LAYOUTS}
+
+
+@pytest.mark.parametrize("layout", [f"{pp}x{tp}" for pp, tp in LAYOUTS])
+def test_two_processes_match_one(two_processes, reference, layout):
+    ref = reference[layout]
+    for result in two_processes:
+        got = result[layout]
+        assert got["tokens"] == ref["tokens"]
+        for g, r in zip(got["logits"], ref["logits"], strict=True):
+            g, r = np.array(g), np.array(r)
+            assert np.abs(g - r).max() <= 5e-6 * np.abs(r).max()
+
+
+def test_each_process_reads_only_its_shards(two_processes, reference):
+    """pp=4 over 2 processes: each holds 2 stages' layers and half the vocabulary."""
+    whole = reference["4x1"]["load_stats"]
+    assert whole["bytes_read"] <= whole["checkpoint_bytes"]
+    for result in two_processes:
+        stats = result["4x1"]["load_stats"]
+        assert stats["checkpoint_bytes"] == whole["checkpoint_bytes"]
+        assert 0.4 * whole["bytes_read"] <= stats["bytes_read"] <= 0.55 * stats["checkpoint_bytes"]
+
+
+def test_orbax_checkpoint_restores_bit_identical_logits(converted, two_processes, reference):
+    ref = reference["4x1"]
+    restored = run(jaxpp.LLM(converted, pp=4, **ENGINE))
+    assert restored["tokens"] == ref["tokens"]
+    assert restored["logits"] == ref["logits"]
+    for result in two_processes:  # each process restores only its own shards
+        assert result["orbax"]["logits"] == ref["logits"]
+        stats = result["orbax"]["load_stats"]
+        assert stats["bytes_read"] <= 0.55 * restored["load_stats"]["bytes_read"]
+    with pytest.raises(ValueError, match="converted for pp=4"):
+        jaxpp.LLM(converted, pp=2, **ENGINE)
+
+
+def test_processes_started_with_different_layouts_refuse(model, tmp_path):
+    for result in _job("mismatch", model, tmp_path):
+        assert result["error"] is not None
+        assert "layout differs on process(es) 1" in result["error"]
