@@ -47,8 +47,9 @@ def test_readme_example_runs_and_the_demo_model_chats(tmp_path, monkeypatch, cap
     records = {r.get("custom_id", r.get("id")): r for r in map(json.loads, out.open())}
     assert records["c"]["prompt"] == "<|bos|># system: Be brief.\n# user: sort\n# assistant:\n"
     assert records["o"]["response"]["body"]["choices"][0]["message"]["role"] == "assistant"
+    capsys.readouterr()
     assert cli.main(["generate", "--prompt", "sort", "--chat", "--max-tokens", "2", "-q"]) == 0
-    assert capsys.readouterr().out.strip() != "" or True
+    assert capsys.readouterr().out.endswith("\n")  # the completion text, then a newline
 
 
 def test_help_shows_the_defaults_that_apply(tmp_path, capsys):

@@ -6,9 +6,11 @@ logits, in one process and across two; processes started with different layouts 
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +121,71 @@ def test_processes_started_with_different_layouts_refuse(model, tmp_path):
     for result in _job("mismatch", model, tmp_path):
         assert result["error"] is not None
         assert "layout differs on process(es) 1" in result["error"]
+
+
+def _children(parent: int) -> dict[int, int]:
+    """JAXPP_PROCESS_ID -> pid of each child process of `parent` (read from /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0") if ppid == parent else []
+        except (OSError, ValueError, IndexError):
+            continue
+        for item in environ:
+            if item.startswith(b"JAXPP_PROCESS_ID="):
+                found[int(item.split(b"=", 1)[1])] = int(stat.parent.name)
+    return found
+
+
+def _answered(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_a_killed_process_ends_the_job_and_resume_completes_it(model, tmp_path):
+    """`jaxpp launch` of a pp=4 job over 2 processes; process 1 is SIGKILLed once answers
+    are being written: the job ends non-zero within 60 s naming process 1, every answer
+    written so far stays, and `--resume` completes the job with nothing lost or duplicated."""
+    n = 80
+    (tmp_path / "in.jsonl").write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "prompt": [3 + i % 40, 4, 5], "max_tokens": 12}) + "\n"
+            for i in range(n)
+        )
+    )
+    out = tmp_path / "out.jsonl"
+    command = [
+        sys.executable, "-m", "jaxpp.cli", "launch", "--nproc", "2", "--devices-per-process",
+        "2", "--", "generate", "--model", str(model), "--pp", "4", "--max-num-seqs", "4",
+        "--max-model-len", "64", "--temperature", "0", "--input", str(tmp_path / "in.jsonl"),
+        "--output", str(out), "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    launcher = subprocess.Popen(
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
+    )
+    deadline = time.monotonic() + 180
+    while len(_answered(out)) < 3 and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim = _children(launcher.pid).get(1)
+    assert victim is not None and launcher.poll() is None, "the job ended before the kill"
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    stderr = launcher.communicate(timeout=90)[1]
+    assert time.monotonic() - killed <= 60
+    assert launcher.returncode != 0
+    assert "process 1" in stderr, stderr[-2000:]
+    before = _answered(out)
+    assert 3 <= len(before) < n
+
+    resumed = subprocess.run(
+        command + ["--resume"], capture_output=True, text=True, env=env, timeout=240
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = _answered(out)
+    assert after[: len(before)] == before  # nothing written before the kill changed
+    assert sorted(a["id"] for a in after) == sorted(f"q{i}" for i in range(n))
+    assert all("error" not in a or a["error"] is None for a in after)

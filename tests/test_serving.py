@@ -125,7 +125,7 @@ def test_cache_read_grouping_changes_nothing(model_dir, prompts, alone):
         got = llm.logits(prompts)
         worst = max(float(np.abs(a - b).max()) for a, b in zip(reference, got, strict=True))
         assert worst <= 5e-6 * scale, rows_per_read
-        assert _staggered(llm, prompts, params) == alone, rows_per_read
+    assert _staggered(llm, prompts, params) == alone  # all rows at once, as on accelerators
 
 
 def test_dead_rows_chunk_padding_and_idle_ticks_are_inert(model_dir, prompts, alone):
