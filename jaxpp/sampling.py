@@ -186,25 +186,40 @@ def _apply_penalties(logits, rows: SamplerRows, counts, seen) -> jax.Array:
 
 
 def _draw(logits: jax.Array, rows: SamplerRows, generated: jax.Array, vocab_size: int):
-    """Temperature, top-k, top-p, min-p, then a Gumbel-max draw from the kept tokens."""
+    """Temperature, top-k, top-p, min-p, then a Gumbel-max draw from the kept tokens.
+
+    The cut-offs are found by searching the threshold value, not by sorting: XLA:CPU sorts
+    [257, 4096] float32 in 173 ms, which made every sampling tick ~8x a greedy one."""
     temperature = jnp.where(rows.temperature > 0, rows.temperature, 1.0)[:, None]
     scaled = logits / temperature
-    order = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
     vocab = scaled.shape[-1]
     k = jnp.where(rows.top_k > 0, jnp.minimum(rows.top_k, vocab), vocab)
-    kth = jnp.take_along_axis(order, (k - 1)[:, None], axis=-1)
-    keep = scaled >= kth
-    probs_sorted = jax.nn.softmax(jnp.where(order >= kth, order, -jnp.inf), axis=-1)
-    # top-p: keep the smallest prefix whose mass reaches p (the token crossing p is kept).
-    mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
-    cutoff_index = jnp.sum(mass_before < rows.top_p[:, None], axis=-1) - 1
-    cutoff = jnp.take_along_axis(order, cutoff_index[:, None], axis=-1)
-    keep &= scaled >= cutoff
+    keep = scaled >= _threshold(scaled, jnp.ones_like(scaled), k.astype(jnp.float32))
+    # top-p: keep the smallest set of most likely tokens whose mass reaches p (the token that
+    # crosses p is kept); when rounding leaves the whole mass below p, every token is kept.
+    probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
+    keep &= scaled >= _threshold(scaled, probs, rows.top_p)
     probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
     keep &= probs >= rows.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
     noise = jax.vmap(_gumbel, in_axes=(0, 0, None))(rows.seed, generated, vocab_size)
     noise = jnp.pad(noise, ((0, 0), (0, vocab - vocab_size)))
     return jnp.argmax(jnp.where(keep, scaled + noise, -jnp.inf), axis=-1).astype(jnp.int32)
+
+
+def _threshold(values: jax.Array, weights: jax.Array, need: jax.Array) -> jax.Array:
+    """Per row, the largest value t of `values` [R, V] such that the weights of the values >= t
+    sum to at least `need` [R] (the row's smallest value if none does): a bisection over the
+    float32 bit patterns, mapped to uint32 so that their order is the values' order. 32 steps
+    find the exact value; they are unrolled (a loop would cost a host round trip per step on
+    GPU)."""
+    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32)
+    keys = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+    lo, hi = jnp.min(keys, axis=-1), jnp.max(keys, axis=-1)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2  # in (lo, hi] while lo < hi
+        enough = jnp.sum(jnp.where(keys >= mid[:, None], weights, 0), axis=-1) >= need
+        lo, hi = jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+    return jnp.max(jnp.where(keys <= lo[:, None], values, -jnp.inf), axis=-1, keepdims=True)
 
 
 def _gumbel(seed: jax.Array, index: jax.Array, vocab_size: int) -> jax.Array:

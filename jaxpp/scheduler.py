@@ -219,12 +219,24 @@ class Scheduler:
         if not self.active and not self.releasing:
             return None
         kind = self._kind()
-        # While prompts wait for the chunk lane or a slot, short calls keep admission quick;
-        # once everything is decoding, longer calls cost the host less. Calls collecting
-        # logits run one round (pipeline.py: their log is that long).
-        busy_lane = bool(self.waiting) or any(self.prefill) or kind.collect
-        rounds = 1 if busy_lane else self.max_rounds
-        ticks = rounds * self.layout.microbatches
+        # Calls collecting logits run one round (pipeline.py: their log is that long). While
+        # requests wait for a slot, which only the end of a call can free, or prompts wait for
+        # the chunk lane, a call runs as many rounds as the queued chunks need (at least one):
+        # admission stays quick and a stream of short prompts still enters one chunk per tick
+        # (one tick per call made 400 one-token requests run 31 ms of host and device overhead
+        # each). Once everything is decoding, the longest calls cost the host least.
+        M = self.layout.microbatches
+        chunks = max(
+            (sum(-(-(len(r.prompt) - r.planned) // self.chunk) for r in q) for q in self.prefill),
+            default=0,
+        )
+        if kind.collect:
+            rounds = 1
+        elif self.waiting or chunks:
+            rounds = min(self.max_rounds, max(1, -(-chunks // M)))
+        else:
+            rounds = self.max_rounds
+        ticks = rounds * M
         tokens = np.zeros((self.layout.replicas, self.max_ticks, self.chunk), np.int32)
         meta = np.zeros((self.layout.replicas, self.max_ticks, 4), np.int32)
         for replica, queue in enumerate(self.prefill):

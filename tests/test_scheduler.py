@@ -82,20 +82,20 @@ def test_admission_is_fcfs_balanced_and_compact():
 def test_prompts_are_cut_into_chunks_one_per_tick():
     s = _scheduler(microbatches=2, rows=2, chunk=4)
     s.add(_request(0, 10))  # chunks of 4, 4, 2
-    s.add(_request(1, 3))
+    s.add(_request(1, 3))  # one chunk
     step = s.schedule()
-    assert step.ticks == 2  # one round (M = 2 ticks) while prompts are queued
+    assert step.ticks == 4  # as many rounds (M = 2 ticks) as the 4 queued chunks need
     meta = step.plan_meta[0]
+    row_of_1 = 1 * 2 + 0  # request 1 sits in micro-batch 1, row 0 (local row index 2)
     assert meta[0].tolist() == [0, 0, 4, 0]  # row 0, start 0, 4 tokens, not last
     assert meta[1].tolist() == [0, 4, 4, 0]
+    assert meta[2].tolist() == [0, 8, 2, 1]  # request 0's last chunk
+    assert meta[3].tolist() == [row_of_1, 0, 3, 1]
     assert step.plan_tokens[0, 0].tolist() == [10, 11, 12, 13]
-    s.update(step, _log(step, 2))
-    step = s.schedule()
-    row_of_1 = 1 * 2 + 0  # request 1 sits in micro-batch 1, row 0 (local row index 2)
-    assert step.plan_meta[0, 0].tolist() == [0, 8, 2, 1]  # request 0's last chunk
-    assert step.plan_meta[0, 1].tolist() == [row_of_1, 0, 3, 1]
-    assert step.plan_tokens[0, 0, :2].tolist() == [18, 19]
+    assert step.plan_tokens[0, 2, :2].tolist() == [18, 19]
     assert not any(s.prefill)
+    s.update(step, _log(step, 4))
+    assert s.schedule().ticks == s.max_ticks  # everything decodes: the longest call
 
 
 def test_tokens_finish_requests_like_the_device_does():
