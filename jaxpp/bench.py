@@ -378,7 +378,7 @@ class CompileCounter:
 # the jaxpp run
 
 
-def _params(r: Request):
+def greedy_params(r: Request):
     from jaxpp.config import SamplingParams  # noqa: PLC0415
 
     return SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
@@ -416,7 +416,7 @@ def run_pass(
             now = time.perf_counter()
             while added < len(order) and start + requests[order[added]].arrival <= now:
                 i = order[added]
-                owner[llm.add_request(requests[i].prompt, _params(requests[i]))] = i
+                owner[llm.add_request(requests[i].prompt, greedy_params(requests[i]))] = i
                 added += 1
             if not llm.has_unfinished_requests():
                 time.sleep(max(0.0, start + requests[order[added]].arrival - now))
@@ -424,7 +424,13 @@ def run_pass(
             for out in llm.step():
                 i = owner.pop(out.request_id)
                 outputs[i] = out
-                latencies[i] = _latency(out, start + requests[i].arrival)
+                m = out.metrics
+                latencies[i] = latency(
+                    start + requests[i].arrival,
+                    m.first_token_time,
+                    m.finished_time,
+                    len(out.outputs[0].token_ids),
+                )
             if time.perf_counter() - mark["t"] >= log_interval:
                 intervals.append(_interval(llm, start, mark, log))
         duration = time.perf_counter() - start
@@ -441,12 +447,12 @@ def run_pass(
     )
 
 
-def _latency(out, arrival: float) -> dict:
-    m, n = out.metrics, len(out.outputs[0].token_ids)
+def latency(arrival: float, first_token: float, finished: float, tokens: int) -> dict:
+    """TTFT, TPOT and end-to-end seconds of one request, measured from its arrival."""
     return {
-        "ttft": m.first_token_time - arrival,
-        "tpot": m.decode_time / (n - 1) if n > 1 else None,
-        "e2e": m.finished_time - arrival,
+        "ttft": first_token - arrival,
+        "tpot": (finished - first_token) / (tokens - 1) if tokens > 1 else None,
+        "e2e": finished - arrival,
     }
 
 
@@ -492,22 +498,37 @@ def percentiles(values: list[float]) -> dict:
     }
 
 
-def summarize(requests: list[Request], result: PassResult) -> dict:
-    input_tokens = sum(len(r.prompt) for r in requests)
-    output_tokens = sum(len(o.outputs[0].token_ids) for o in result.outputs)
-    d = result.duration
-    stats = result.stats
+def serving_figures(
+    requests: int, input_tokens: int, output_tokens: int, duration: float, latencies: list[dict]
+) -> dict:
+    """Throughput and latency percentiles of a run: what `jaxpp bench` and the modelled
+    replay of `jaxpp plan` both report."""
+    d = duration
     return {
         "duration_s": d,
-        "requests_per_s": len(requests) / d,
+        "requests_per_s": requests / d,
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "input_tokens_per_s": input_tokens / d,
         "output_tokens_per_s": output_tokens / d,
         "total_tokens_per_s": (input_tokens + output_tokens) / d,
-        "ttft_s": percentiles([x["ttft"] for x in result.latencies]),
-        "tpot_s": percentiles([x["tpot"] for x in result.latencies]),
-        "e2e_s": percentiles([x["e2e"] for x in result.latencies]),
+        "ttft_s": percentiles([x["ttft"] for x in latencies]),
+        "tpot_s": percentiles([x["tpot"] for x in latencies]),
+        "e2e_s": percentiles([x["e2e"] for x in latencies]),
+    }
+
+
+def summarize(requests: list[Request], result: PassResult) -> dict:
+    stats = result.stats
+    d = result.duration
+    return {
+        **serving_figures(
+            len(requests),
+            sum(len(r.prompt) for r in requests),
+            sum(len(o.outputs[0].token_ids) for o in result.outputs),
+            d,
+            result.latencies,
+        ),
         "tick_s": d / stats["ticks"] if stats["ticks"] else None,
         "occupancy": stats["occupancy"],
         "queued_occupancy": stats["queued_occupancy"],
@@ -785,7 +806,7 @@ def run(args: argparse.Namespace) -> int:
     )
     t = time.perf_counter()
     with CompileCounter() as counter:
-        llm.warm_up(_params(requests[0]))
+        llm.warm_up(greedy_params(requests[0]))
     warm_s = time.perf_counter() - t
     log(
         f"warm-up: {llm.compiled_programs} step programs, {counter.count} compilations, "

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from jaxpp.bench import Request as BenchRequest
-from jaxpp.bench import format_interval, percentiles
+from jaxpp.bench import format_interval, latency, serving_figures
 from jaxpp.config import SamplingParams
 from jaxpp.costmodel import CostModel
 from jaxpp.pipeline import PipelineShape
@@ -43,18 +43,15 @@ class ReplayResult:
     collective_seconds: float  # ... and the per-tick collectives
 
     def summary(self, requests: Sequence[BenchRequest]) -> dict:
-        out_tokens = sum(r.output_len for r in requests)
-        in_tokens = sum(len(r.prompt) for r in requests)
         d = self.duration
         return {
-            "duration_s": d,
-            "requests_per_s": len(requests) / d,
-            "input_tokens_per_s": in_tokens / d,
-            "output_tokens_per_s": out_tokens / d,
-            "total_tokens_per_s": (in_tokens + out_tokens) / d,
-            "ttft_s": percentiles([x["ttft"] for x in self.latencies]),
-            "tpot_s": percentiles([x["tpot"] for x in self.latencies]),
-            "e2e_s": percentiles([x["e2e"] for x in self.latencies]),
+            **serving_figures(
+                len(requests),
+                sum(len(r.prompt) for r in requests),
+                sum(r.output_len for r in requests),
+                d,
+                self.latencies,
+            ),
             "ticks": self.ticks,
             "tick_s": d / self.ticks if self.ticks else None,  # as jaxpp bench reports it
             "bubble_fraction": self.stats["bubble_fraction"],
@@ -262,13 +259,7 @@ def replay(
     interval()
     start = min((r.arrival for r in requests), default=0.0)
     latencies = [
-        {
-            "ttft": r.first_token_time - r.arrival,
-            "tpot": (r.finish_time - r.first_token_time) / (len(r.tokens) - 1)
-            if len(r.tokens) > 1
-            else None,
-            "e2e": r.finish_time - r.arrival,
-        }
+        latency(r.arrival, r.first_token_time, r.finish_time, len(r.tokens))
         for r in sorted(added, key=lambda r: r.tag)
     ]
     return ReplayResult(

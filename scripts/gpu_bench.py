@@ -47,7 +47,7 @@ import jaxpp  # noqa: E402
 from jaxpp.bench import (  # noqa: E402
     HFRunner,
     Request,
-    _params,
+    greedy_params,
     measure_bandwidth,
     model_numbers,
     peak_flops,
@@ -97,7 +97,7 @@ def steady_decode(llm, requests: list[Request]) -> dict:
     log is read one step() after its dispatch, so the gap between two step() returns is one
     call's device time once the ring is steady."""
     for r in requests:
-        llm.add_request(r.prompt, _params(r))
+        llm.add_request(r.prompt, greedy_params(r))
     stats = llm.scheduler.stats
     marks = []
     while llm.has_unfinished_requests():
@@ -122,7 +122,7 @@ def decode_bytes(llm, batch: int, mean_position: float) -> float:
 
 def profile_decode(llm, requests: list[Request], out: Path, calls: int = 6) -> list[dict]:
     """A profiler trace of `calls` steady decode calls, summarised by device op (top 25)."""
-    ids = [llm.add_request(r.prompt, _params(r)) for r in requests]
+    ids = [llm.add_request(r.prompt, greedy_params(r)) for r in requests]
     stats = llm.scheduler.stats
     quiet = 0
     while quiet < 3:  # three calls in a row without a chunk: every prompt is in
