@@ -1,23 +1,25 @@
 """Time of one ring tick on given hardware: what each device reads, computes and sends.
 
-The ring (pipeline.py) runs, every tick, on every device:
+A tick of the ring (pipeline.py) has static shapes: every stage computes every one of its layer
+slots over the call's w decode rows and C prompt slots, padding and idle stages included (there
+is no `cond` to skip them), and its attention reads the call's item budget. So a tick's time
+is a function of the call's `StepKind` alone. Every tick, on every device:
 
 1. the vocab-parallel embedding of the entering tokens: one psum over ("stage", "tensor") of
    [w + C, D];
-2. its stage's filled layer slots over the micro-batch it serves (w decode rows, plus C chunk
-   rows when a prompt chunk rides along), each layer two psums over "tensor" of [n, D]; empty
-   slots and idle stages are skipped;
-3. a psum over "stage" of the last stage's [w + 1, D] output, then its vocab shard of the LM head
-   over those rows and the sharded argmax (a pmax and a pmin over the vocab devices);
-4. a ppermute of [mb + C, D] activations to the next stage.
+2. its stage's layer slots over those w + C tokens, each: the weight GEMMs, the new keys and
+   values written into their pages, attention over `decode_items + prompt_items` items of
+   ITEM_POSITIONS positions (attention.py), and two psums over "tensor" of [w + C, D];
+3. a psum over "stage" of the last stage's [w, D] rows (all w + C when collecting logits), then
+   its vocab shard of the LM head over them and the sharded argmax (a pmax and a pmin over the
+   vocab devices);
+4. a ppermute of [w + C, D] activations to the next stage.
 
-Each compute part costs max(bytes read / bandwidth, FLOPs / peak), taken separately for the
-weight GEMMs and for attention (whose bytes are the KV blocks it reads, in KV_BLOCK positions as
-far as the live keys go, `rows_per_read` rows at a time: model.attend_cache). A collective over
-g devices costs 2 (g - 1) / g x bytes / link bandwidth + 2 ceil(log2 g) x link latency (ring
-bandwidth, tree latency); a ppermute bytes / bandwidth + latency. A group that spans nodes uses
-the inter-node link. The bytes come from the abstract state's shard shapes (layout.py), never
-from a parameter-count formula.
+Each compute part costs max(bytes read / bandwidth, FLOPs / peak). A collective over g devices
+costs 2 (g - 1) / g x bytes / link bandwidth + 2 ceil(log2 g) x link latency (ring bandwidth,
+tree latency); a ppermute bytes / bandwidth + latency. A group that spans nodes uses the
+inter-node link. The bytes come from the abstract state's shard shapes (layout.py), never from
+a parameter-count formula.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import math
 import numpy as np
 from flax import nnx
 
+from jaxpp.attention import QUERY_BLOCK, item_pages
 from jaxpp.hardware import Hardware, Link
-from jaxpp.layout import Layout, kv_bytes_per_slot, param_leaves, shard_bytes
-from jaxpp.model import KV_BLOCK
-from jaxpp.pipeline import PipelineShape, rows_per_read
+from jaxpp.layout import Layout, kv_bytes_per_page, param_leaves, shard_bytes
+from jaxpp.pipeline import PipelineShape
+from jaxpp.scheduler import StepKind
 
 EXPERT_LEAVES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # [stages, E, ...] in MoE
 MOE_ONLY = ("mlp.router", "mlp.shared.", "mlp.shared_gate")
@@ -56,7 +59,7 @@ class LayerWeights:
 @dataclasses.dataclass(frozen=True)
 class TickCost:
     seconds: float
-    compute: float  # the slowest stage's layers
+    compute: float  # the layers of a stage
     head: float  # LM head and sampling
     transfer: float  # activation ppermute to the next stage
     collectives: float  # embedding psum, tensor-parallel psums, the stage psum, argmax
@@ -77,45 +80,54 @@ class CostModel:
         head = next(leaf for leaf in param_leaves(state) if leaf[0] == head_leaf)
         self.head_bytes = shard_bytes(mesh, head[1], head[2], head[3])
         self.head_macs = self.head_bytes // self.itemsize
-        # KV bytes per cached position of one layer on one device, off the cache's shardings.
-        per_slot = kv_bytes_per_slot(layout, shape.cache_len)
-        self.kv_position_bytes = per_slot / (layout.layers_per_stage * shape.cache_len)
+        # KV bytes per position of one layer on one device, off the pools' shardings.
+        self.kv_position_bytes = kv_bytes_per_page(layout) / (
+            layout.layers_per_stage * layout.block_size
+        )
+        self.item_positions = item_pages(layout.block_size) * layout.block_size
         self.attention_flops = 4 * (cfg.num_heads // layout.tp) * cfg.head_dim  # per query-key
-        self.rows_per_read = rows_per_read(hw.platform, shape.rows)
         self.hidden_bytes = cfg.hidden_size * self.itemsize
-        self.stage_layers = [
-            tuple(
-                (cfg.is_moe_layer[layer], cfg.sliding_windows[layer])
-                for layer in layout.grid[s]
-                if layer >= 0
-            )
-            for s in range(layout.pp)
+        # Every slot is computed on every stage (an empty one is masked): the MoE kind of a
+        # slot is that of its layer on the stage with the most MoE layers.
+        self.slot_kinds = [
+            any(cfg.is_moe_layer[layer] for layer in layout.grid[:, i] if layer >= 0)
+            for i in range(layout.layers_per_stage)
         ]
         self.links = _links(layout, hw)
 
-    # --- per stage -------------------------------------------------------------------------
-
-    def stage_seconds(
-        self, stage: int, width: int, keys: tuple[int, ...], chunk_start: int | None
-    ) -> float:
-        """Stage `stage`'s layers over `width` decode rows whose caches hold `keys` positions
-        (0 for a dead row) and, unless chunk_start is None, a chunk starting at chunk_start."""
-        return self._stage_seconds(self.stage_layers[stage], width, keys, chunk_start)
-
-    @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 - one model per plan, kept with it
-    def _stage_seconds(self, layers, width, keys, chunk_start) -> float:
-        chunk = self.shape.chunk if chunk_start is not None else 0
-        tokens = width + chunk
-        seconds = 0.0
-        for is_moe, window in layers:
+    @functools.lru_cache(maxsize=1 << 12)  # noqa: B019 - one model per plan, kept with it
+    def tick(self, kind: StepKind) -> TickCost:
+        """The time of one tick of a call of `kind`."""
+        tokens = kind.width + kind.prompt
+        compute = 0.0
+        for is_moe in self.slot_kinds:
             weight_bytes, macs = self._layer_gemms(is_moe, tokens)
-            kv_positions, score_keys = self._attention_reads(width, keys, chunk_start, window)
-            # The positions read, and this tick's keys and values written.
-            kv_bytes = (kv_positions + tokens) * self.kv_position_bytes
-            seconds += max(weight_bytes / self.bandwidth, 2 * macs / self.peak)
-            seconds += max(kv_bytes / self.bandwidth, score_keys * self.attention_flops / self.peak)
-            seconds += 2 * self._all_reduce("tensor", tokens * self.hidden_bytes)
-        return seconds
+            positions = (kind.decode_items + kind.prompt_items) * self.item_positions
+            queries = kind.decode_items + kind.prompt_items * QUERY_BLOCK
+            kv_bytes = (
+                positions + tokens
+            ) * self.kv_position_bytes  # read, and this tick's written
+            score_flops = queries * self.item_positions * self.attention_flops
+            compute += max(weight_bytes / self.bandwidth, 2 * macs / self.peak)
+            compute += max(kv_bytes / self.bandwidth, score_flops / self.peak)
+        tensor = 2 * len(self.slot_kinds) * self._all_reduce("tensor", tokens * self.hidden_bytes)
+        head_rows = kind.width + (kind.prompt if kind.collect else 0)
+        head = max(
+            self.head_bytes / self.bandwidth, 2 * self.head_macs * head_rows / self.peak
+        ) + 2 * self._all_reduce("vocab", 0)  # the sharded argmax: a pmax and a pmin
+        collectives = (
+            tensor
+            + self._all_reduce("vocab", tokens * self.hidden_bytes)
+            + self._all_reduce("stage", head_rows * self.hidden_bytes)
+            + self._all_reduce("data", 0)  # the work count
+        )
+        transfer = 0.0
+        if self.layout.pp > 1:
+            link = self.links["next_stage"]
+            transfer = tokens * self.hidden_bytes / link.bandwidth + link.latency
+        return TickCost(
+            compute + head + collectives + transfer, compute, head, transfer, collectives
+        )
 
     def _layer_gemms(self, is_moe: bool, tokens: int) -> tuple[float, float]:
         w = self.weights
@@ -125,58 +137,11 @@ class CostModel:
         cfg = self.layout.config
         experts, chosen = cfg.num_experts, cfg.num_experts_per_tok
         # Experts some token routes to, routing uniform: each expert is missed by all tokens
-        # with probability (1 - k/E)^tokens.
+        # with probability (1 - k/E)^tokens. A model mixing kinds computes both (moe.py).
         touched = experts * (1 - (1 - chosen / experts) ** tokens)
-        weight_bytes += w.moe_only + w.experts * touched / experts
-        macs += (w.moe_only_macs + w.expert_macs * chosen) * tokens
+        weight_bytes += w.moe_only + w.dense_only + w.experts * touched / experts
+        macs += (w.moe_only_macs + w.dense_only_macs + w.expert_macs * chosen) * tokens
         return weight_bytes, macs
-
-    def _attention_reads(
-        self, width: int, keys: tuple[int, ...], chunk_start: int | None, window: int
-    ) -> tuple[int, int]:
-        """(cached positions read, query-key scores computed) of one layer: the decode rows in
-        groups of rows_per_read, each as far as its longest row, from the first block inside
-        the window; the chunk over its row's prefix, and causally over itself (all C x C)."""
-        read = scores = 0
-        if width:
-            group = math.gcd(width, self.rows_per_read)
-            for start in range(0, width, group):
-                rows = keys[start : start + group]
-                blocks = _blocks(max(rows), window)
-                read += blocks * KV_BLOCK * group
-                scores += blocks * KV_BLOCK * group + group  # + each row's own key
-        if chunk_start is not None:
-            chunk = self.shape.chunk
-            blocks = _blocks(chunk_start, window)
-            read += blocks * KV_BLOCK
-            scores += chunk * (blocks * KV_BLOCK + chunk)
-        return read, scores
-
-    # --- the whole tick ----------------------------------------------------------------------
-
-    def tick(self, stage_seconds: float, width: int) -> TickCost:
-        """A tick whose slowest stage takes `stage_seconds`, computing `width` decode rows."""
-        chunk, rows = self.shape.chunk, self.shape.rows
-        head_rows = width + 1
-        head = max(
-            self.head_bytes / self.bandwidth, 2 * self.head_macs * head_rows / self.peak
-        ) + 2 * self._all_reduce("vocab", 0)  # the sharded argmax: a pmax and a pmin
-        collectives = (
-            self._all_reduce("vocab", (width + chunk) * self.hidden_bytes)
-            + self._all_reduce("stage", head_rows * self.hidden_bytes)
-            + 4 * self._all_reduce("data", 0)  # busy and chunk counts, the loop's condition
-        )
-        transfer = 0.0
-        if self.layout.pp > 1:
-            link = self.links["next_stage"]
-            transfer = (rows + chunk) * self.hidden_bytes / link.bandwidth + link.latency
-        return TickCost(
-            stage_seconds + head + collectives + transfer,
-            stage_seconds,
-            head,
-            transfer,
-            collectives,
-        )
 
     def _all_reduce(self, axis: str, nbytes: float) -> float:
         group = {
@@ -192,13 +157,6 @@ class CostModel:
             2 * (group - 1) / group * nbytes / link.bandwidth
             + 2 * math.ceil(math.log2(group)) * link.latency
         )
-
-
-def _blocks(keys: int, window: int) -> int:
-    """KV blocks attend_cache reads for a row with `keys` cached positions."""
-    last = -(-keys // KV_BLOCK)
-    first = max(keys - window + 1, 0) // KV_BLOCK if window else 0
-    return max(last - first, 0)
 
 
 def _layer_weights(state: nnx.State, mesh, num_experts: int) -> LayerWeights:

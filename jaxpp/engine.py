@@ -1,7 +1,8 @@
 """`LLM`: load a model onto the mesh and serve requests through the continuous-batching ring.
 
-The facade over the two other halves: the scheduler (scheduler.py: queue, slots, chunks,
-finishing; host only) and the device program (pipeline.py: one ring call of up to K ticks).
+The facade over the host half (scheduler.py: queue, token budget, preemption, finishing;
+kv_pages.py: which pages hold each sequence's KV) and the device half (pipeline.py: one ring
+call of K ticks; attention.py: attention over the pages).
 `step()` is the whole serving loop:
 
     plan call n+1 (scheduler) -> dispatch it (async) -> read call n's log -> hand back finished
@@ -10,9 +11,10 @@ so the host's bookkeeping for one call overlaps the device's work on the next, a
 always has a call queued. `generate`, `chat` and `logits` add their requests and step until
 they are done; `add_request` + `step` serve a stream (the CLI, the trace benchmark).
 
-The KV cache holds `max_num_seqs` slots of `max_model_len` positions, allocated once; the
-programs are compiled for a handful of shapes (decode width in powers of two up to the slots of
-a micro-batch, the sampler's mode), never per request or per length.
+The KV cache is a pool of pages of `block_size` positions per layer slot and stage, sized by
+`kv_cache_memory` and allocated once; sequences take pages as they grow. The programs are
+compiled for a fixed set of shapes (decode width, prompt slots and attention items from a few
+buckets each, two call lengths, the sampler's mode), never per request or per length.
 """
 
 from __future__ import annotations
@@ -29,28 +31,25 @@ from flax import nnx
 
 from jaxpp.config import ModelConfig, SamplingParams, generation_defaults
 from jaxpp.distributed import check_same, smallest, to_host
+from jaxpp.kv_pages import PagePool
 from jaxpp.layout import (
+    DEFAULT_BLOCK_SIZE,
     abstract_model,
     default_kv_budget,
-    kv_bytes_per_slot,
+    default_token_budget,
+    kv_bytes_per_page,
     make_layout,
     model_dtype,
+    page_count,
     pipeline_shape,
-    slot_count,
+    row_count,
 )
 from jaxpp.loading import load_params, model_identity
 from jaxpp.model import rope_inv_freq
 from jaxpp.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from jaxpp.pipeline import (
-    ROW,
-    ChunkPlan,
-    Pipeline,
-    RingState,
-    SlotControl,
-    empty_ring,
-)
-from jaxpp.sampling import SamplerMode, SamplerRows
-from jaxpp.scheduler import Request, Scheduler, SlotLayout, Step, StepKind
+from jaxpp.pipeline import ROW, Pipeline, PromptPlan, RingState, SlotControl, empty_ring
+from jaxpp.sampling import SamplerRows
+from jaxpp.scheduler import Request, Scheduler, SlotLayout, Step
 from jaxpp.sharding import make_mesh
 
 
@@ -60,11 +59,13 @@ class LLM:
     `model` is a local Hugging Face directory (config.json, *.safetensors, tokenizer files).
     `dtype` None keeps the checkpoint's dtype. The first dp*pp*tp devices are used.
 
-    Serving: `max_num_seqs` sequence slots (default: up to 256, as many as fit the KV budget
-    `kv_cache_memory` bytes per device: 90% of an accelerator's free memory after the weights,
-    1 GiB per CPU process), each holding `max_model_len` positions (default: the model's).
-    Prompts enter in chunks of `prefill_chunk` tokens riding the decode ring; a call runs up to
-    `decode_chunk` rounds of the ring (one token per decoding sequence each) while nothing waits.
+    Serving: up to `max_num_seqs` sequences at once (default 256), their KV in pages of
+    `block_size` positions from a pool of `kv_cache_memory` bytes per device (default: 90% of
+    an accelerator's free memory after the weights, 1 GiB per CPU process); a sequence may grow
+    to `max_model_len` positions (default: the model's). Each tick a micro-batch carries at most
+    `max_num_batched_tokens` tokens (default 2048 on a CPU, 8192 on accelerators): its decode
+    tokens, then prompt tokens of as many requests as fit. While nothing waits, a call runs
+    `decode_chunk` rounds of the ring (one token per decoding sequence each).
     """
 
     def __init__(
@@ -80,7 +81,8 @@ class LLM:
         max_model_len: int | None = None,
         seed: int = 0,
         max_num_seqs: int | None = None,
-        prefill_chunk: int = 256,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         decode_chunk: int = 16,
         kv_cache_memory: int | None = None,
     ):
@@ -88,7 +90,7 @@ class LLM:
             ("pp", pp),
             ("tp", tp),
             ("dp", dp),
-            ("prefill_chunk", prefill_chunk),
+            ("block_size", block_size),
             ("decode_chunk", decode_chunk),
         ):
             _check_positive_int(name, value)
@@ -96,6 +98,7 @@ class LLM:
             ("num_microbatches", num_microbatches),
             ("max_model_len", max_model_len),
             ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
             ("kv_cache_memory", kv_cache_memory),
         ):
             if value is not None:
@@ -107,11 +110,21 @@ class LLM:
         check_same(
             model=model_identity(self.model_dir),
             layout=repr((dtype, pp, tp, dp, layer_partition, num_microbatches, max_model_len)),
-            serving=repr((seed, max_num_seqs, prefill_chunk, decode_chunk, kv_cache_memory)),
+            serving=repr(
+                (
+                    seed,
+                    max_num_seqs,
+                    max_num_batched_tokens,
+                    block_size,
+                    decode_chunk,
+                    kv_cache_memory,
+                )
+            ),  # fmt: skip
         )
         self.config = cfg = ModelConfig.from_dir(self.model_dir)
         self.dtype = model_dtype(dtype, cfg)
         self.mesh = make_mesh(dp, pp, tp)
+        platform = self.mesh.devices.flat[0].platform
         self.dp, self.pp, self.tp = dp, pp, tp
         # The static shapes, shared with `jaxpp plan` (layout.py).
         self.model_layout = lay = make_layout(
@@ -123,12 +136,14 @@ class LLM:
             layer_partition_spec=layer_partition,
             num_microbatches=num_microbatches,
             max_model_len=max_model_len,
-            prefill_chunk=prefill_chunk,
+            block_size=block_size,
+            token_budget=max_num_batched_tokens or default_token_budget(platform),
         )
         self.partition = lay.partition
         self.microbatches = lay.microbatches
         self.max_model_len = lay.max_model_len
-        self.prefill_chunk = chunk = lay.prefill_chunk
+        self.block_size = lay.block_size
+        self.max_num_batched_tokens = lay.token_budget
         self.decode_chunk = decode_chunk
         self._seed_rng = np.random.default_rng(seed)
         self._serial = 0
@@ -144,8 +159,10 @@ class LLM:
         self.layers_per_stage = lay.layers_per_stage
         self.vocab_padded = lay.vocab_padded
 
-        self.max_num_seqs = self._slots(max_num_seqs, lay.cache_len, kv_cache_memory)
-        self.shape = pipeline_shape(lay, self.max_num_seqs, decode_chunk)
+        self.max_num_seqs = row_count(lay, max_num_seqs)
+        budget = kv_cache_memory or smallest(_default_kv_budget(self.mesh, self.state))
+        pages = page_count(lay, budget)
+        self.shape = pipeline_shape(lay, self.max_num_seqs, pages, decode_chunk)
         self.layout = SlotLayout(dp, self.microbatches, self.shape.rows)
         self.pipeline = Pipeline(
             self.mesh,
@@ -155,19 +172,25 @@ class LLM:
             rope_inv_freq(cfg),
             self.dtype,
             self.shape,
+            filled=lay.grid >= 0,
         )
         self.ring = self._empty_ring(penalties=False)
+        pool = PagePool(
+            dp, pages, lay.block_size, self.microbatches * self.shape.rows, lay.pages_per_seq
+        )
         self.scheduler = Scheduler(
             self.layout,
-            chunk,
+            pool,
+            lay.token_budget,
             pp,
             decode_chunk,
             cfg.eos_token_ids,
             stop_check=self._stop_string_hit,
         )
         self._control: SlotControl | None = None
+        self._tables = None
         self._in_flight: tuple[Step, object] | None = None
-        self._requests: dict[int, tuple[str | None, list[int]]] = {}  # tag -> (text, ids)
+        self._requests: dict[int, tuple[str | None, list[int]]] = {}  # id -> (text, ids)
         self._unclaimed: list[RequestOutput] = []
         # Device idle time between calls, an upper bound: the host polls whether the call in
         # flight is done and adds the time since it last saw it running.
@@ -184,16 +207,14 @@ class LLM:
             self._tokenizer = _load_tokenizer(self.model_dir)
         return self._tokenizer
 
-    def _slots(self, requested: int | None, cache_len: int, budget: int | None) -> int:
-        """Sequence slots: a multiple of dp x micro-batches, within the KV budget per device."""
-        if requested is None:
-            budget = budget or smallest(_default_kv_budget(self.mesh, self.state))
-        per_slot = self.kv_bytes_per_slot(cache_len)
-        return slot_count(self.model_layout, requested, per_slot, budget or 0)
+    @property
+    def kv_pages(self) -> int:
+        """KV pages per pipeline replica (each holds block_size positions of every layer)."""
+        return self.shape.pages
 
-    def kv_bytes_per_slot(self, cache_len: int | None = None) -> int:
-        """KV-cache bytes one sequence slot takes on each device of its replica."""
-        return kv_bytes_per_slot(self.model_layout, cache_len or self.shape.cache_len)
+    def kv_bytes_per_page(self) -> int:
+        """KV bytes one page takes on each device of its replica."""
+        return kv_bytes_per_page(self.model_layout)
 
     def _empty_ring(self, penalties: bool) -> RingState:
         return empty_ring(
@@ -220,7 +241,7 @@ class LLM:
         its request id."""
         params = self._params_list(sampling_params, 1)[0]
         text, ids = self._encode(prompt, 0)
-        return str(self._add(ids, params, text).tag)
+        return str(self._add(ids, params, text).id)
 
     def _add(
         self, ids: list[int], params: SamplingParams, text: str | None, score: bool = False
@@ -232,8 +253,9 @@ class LLM:
             params = dataclasses.replace(
                 params, max_tokens=budget, min_tokens=min(params.min_tokens, budget)
             )
+        self._check_fits(len(ids), 1 if score else params.max_tokens)
         request = Request(
-            tag=self._serial,
+            id=self._serial,
             prompt=ids,
             params=params,
             seed=params.seed if params.seed is not None else drawn,
@@ -241,9 +263,21 @@ class LLM:
             score=score,
         )
         self._serial += 1
-        self._requests[request.tag] = (text, ids)
+        self._requests[request.id] = (text, ids)
         self.scheduler.add(request)
         return request
+
+    def _check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        """A request the KV pool can never hold, even alone, is refused (any other waits for
+        pages, or preempts younger requests, and always completes)."""
+        need = prompt_len + max_tokens - 1
+        pool = self.shape.pages * self.block_size
+        if need > pool:
+            raise ValueError(
+                f"a request of {prompt_len} prompt tokens + max_tokens={max_tokens} needs up to "
+                f"{need} KV positions but the pool holds {pool} ({self.shape.pages} pages of "
+                f"{self.block_size}); lower max_tokens or raise kv_cache_memory"
+            )
 
     def _encode(self, prompt, index: int) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -324,15 +358,15 @@ class LLM:
 
     @property
     def num_waiting_requests(self) -> int:
-        """Requests queued for a slot (not yet admitted)."""
+        """Requests queued for a row and pages (not yet admitted, or preempted)."""
         return len(self.scheduler.waiting)
 
     def abort_request(self, request_id: str) -> None:
         """Forget a request: dropped if queued, withdrawn from its slot if running; no output
         comes back for it. Unknown or finished ids are ignored."""
-        tag = int(request_id)
-        self.scheduler.abort({tag})
-        self._requests.pop(tag, None)
+        serial = int(request_id)
+        self.scheduler.abort({serial})
+        self._requests.pop(serial, None)
 
     def step(self) -> list[RequestOutput]:
         """Plan and dispatch the next ring call, then read the previous call's log: returns the
@@ -358,63 +392,72 @@ class LLM:
 
     def _poll(self, log) -> None:
         now = time.perf_counter()
-        if log.ticks.is_ready():
+        if log.tags.is_ready():
             self.device_idle_s += now - self._running_seen
         self._running_seen = now
 
     def _dispatch(self, step: Step):
         sharding = jax.sharding.NamedSharding(self.mesh, ROW)
-        if step.tags is not None or self._control is None:
-            sampler = {k: v.copy() for k, v in self.scheduler.sampler.items()}
+
+        def put(a):
+            return jax.device_put(a, sharding)
+
+        if step.control is not None:
+            c = step.control
             self._control = SlotControl(
-                jax.device_put(self.scheduler.tags.copy(), sharding),
-                SamplerRows(**{k: jax.device_put(v, sharding) for k, v in sampler.items()}),
+                put(c["tag"]),
+                SamplerRows(**{k: put(v) for k, v in c["sampler"].items()}),
+                put(c["prompt_len"]),
+                put(c["generated0"]),
             )
+        if step.tables is not None:
+            self._tables = put(step.tables)
         if step.kind.mode.penalties and self.ring.counts.shape[1] == 0:
             fresh = self._empty_ring(penalties=True)
             self.ring = self.ring._replace(counts=fresh.counts, seen=fresh.seen)
-        plan = ChunkPlan(
-            jax.device_put(step.plan_tokens, sharding), jax.device_put(step.plan_meta, sharding)
-        )
+        plan = PromptPlan(put(step.tokens), put(step.blocks), put(step.finish))
         self.ring, log = self.pipeline.step(
-            self.state, self.ring, self._control, plan, np.int32(step.ticks), step.kind
+            self.state, self.ring, self._control, self._tables, plan, step.kind
         )
         return log
 
-    def _run(self, tags: list[int], on_finish: Callable | None) -> dict[int, RequestOutput]:
-        """Step until the requests `tags` are done; others finishing meanwhile are kept for
+    def _run(self, ids: list[int], on_finish: Callable | None) -> dict[int, RequestOutput]:
+        """Step until the requests `ids` are done; others finishing meanwhile are kept for
         the next `step()`."""
         self.scheduler.reset_stats()
-        index = {tag: i for i, tag in enumerate(tags)}
+        index = {serial: i for i, serial in enumerate(ids)}
         done: dict[int, RequestOutput] = {}
         try:
             while len(done) < len(index):
                 for out in self.step():
-                    tag = int(out.request_id)
-                    if tag not in index:
+                    serial = int(out.request_id)
+                    if serial not in index:
                         self._unclaimed.append(out)
                         continue
-                    done[tag] = out
+                    done[serial] = out
                     if on_finish is not None:
-                        on_finish(index[tag], out)
+                        on_finish(index[serial], out)
         except BaseException:
-            for tag in set(index) - set(done):
-                self.abort_request(str(tag))
+            for serial in set(index) - set(done):
+                self.abort_request(str(serial))
             raise
         self.last_run_stats = self.scheduler.stats.as_dict()
         return done
 
-    def warm_up(self, sampling_params: SamplingParams | None = None) -> int:
-        """Compile the step program of every decode width for requests sampled like
-        `sampling_params` (default: the model's defaults), so that serving them compiles
-        nothing. Returns how many programs were compiled."""
+    def warm_up(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> int:
+        """Serve `prompts` once and drop the answers: the step programs their schedule uses
+        are compiled, so that serving the same workload again compiles nothing. Returns how
+        many programs were compiled."""
         if self.has_unfinished_requests():
             raise RuntimeError("warm_up() needs an engine with no requests in flight")
-        mode = SamplerMode.of([sampling_params or self.default_sampling_params()])
         before = self.compiled_programs
-        for width in self.scheduler.widths():
-            step = self.scheduler.idle_step(StepKind(width, mode, collect=False))
-            jax.block_until_ready(self._dispatch(step))
+        stats = self.last_run_stats
+        self.generate(prompts, sampling_params)
+        self.last_run_stats = stats
         return self.compiled_programs - before
 
     # --- batch APIs --------------------------------------------------------------------------
@@ -432,9 +475,11 @@ class LLM:
         prompts = list(prompts)
         params = self._params_list(sampling_params, len(prompts))
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
-        tags = [self._add(ids, p, text).tag for (text, ids), p in zip(encoded, params, strict=True)]
-        done = self._run(tags, on_finish)
-        return [done[tag] for tag in tags]
+        serials = [
+            self._add(ids, p, text).id for (text, ids), p in zip(encoded, params, strict=True)
+        ]
+        done = self._run(serials, on_finish)
+        return [done[serial] for serial in serials]
 
     def chat(
         self,
@@ -477,14 +522,16 @@ class LLM:
         seqs = [self._check_ids(s, i) for i, s in enumerate(token_ids)]
         params = SamplingParams(max_tokens=1, temperature=0.0)
         requests = [self._add(ids, params, None, score=True) for ids in seqs]
-        self._run([r.tag for r in requests], None)
+        self._run([r.id for r in requests], None)
         vocab = self.config.vocab_size
-        return [np.concatenate(r.logits)[:, :vocab] for r in requests]
+        return [
+            np.concatenate([r.logits[k] for k in sorted(r.logits)])[:, :vocab] for r in requests
+        ]
 
     # --- outputs -----------------------------------------------------------------------------
 
     def _output(self, request: Request, stats: dict) -> RequestOutput:
-        text, ids = self._requests.pop(request.tag)
+        text, ids = self._requests.pop(request.id)
         decode_time = request.finish_time - request.first_token_time
         n = len(request.tokens)
         metrics = RequestMetrics(
@@ -497,7 +544,7 @@ class LLM:
             pipeline=stats,
         )
         completion = [] if request.score else [self._completion(request)]
-        return RequestOutput(str(request.tag), text, ids, completion, True, metrics)
+        return RequestOutput(str(request.id), text, ids, completion, True, metrics)
 
     def _stop_string_hit(self, request: Request) -> bool:
         text = self._decode_text(request.tokens, request.params)

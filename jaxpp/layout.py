@@ -2,8 +2,8 @@
 
 `LLM` builds its engine from these functions and `jaxpp plan` sizes a layout with the very same
 ones, on a `jax.sharding.AbstractMesh`: the partition and layer grid, the abstract parameter
-state (`nnx.eval_shape` of the real `Transformer`), the KV-cache arrays (`pipeline.cache_shapes`),
-the slot count and the ring's `PipelineShape`. Bytes per device are read off the shardings
+state (`nnx.eval_shape` of the real `Transformer`), the KV page pools (`pipeline.pool_shapes`),
+the page count and the ring's `PipelineShape`. Bytes per device are read off the shardings
 (`NamedSharding(mesh, spec).shard_shape(global_shape)`) with the specs of sharding.py's table,
 exactly as the engine places its arrays, so a plan's figures cannot drift from what `LLM`
 allocates.
@@ -20,15 +20,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from jaxpp.attention import QUERY_BLOCK
 from jaxpp.config import ModelConfig
-from jaxpp.model import KV_BLOCK, Transformer
+from jaxpp.model import Transformer
 from jaxpp.partition import layer_grid, layer_partition
-from jaxpp.pipeline import KVCache, PipelineShape, cache_shapes
+from jaxpp.pipeline import KVCache, PipelineShape, pool_shapes
 from jaxpp.sharding import MESH_AXES, logical_to_spec, padded_vocab
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-DEFAULT_MAX_NUM_SEQS = 256
-CPU_KV_CACHE_BYTES = 1 << 30  # KV budget of a CPU process when max_num_seqs is left to us
+DEFAULT_MAX_NUM_SEQS = 256  # rows: a few numbers each on the device, so vLLM's default
+DEFAULT_BLOCK_SIZE = 16  # positions per KV page (vLLM's default)
+# Tokens a micro-batch carries per tick when not told (vLLM: 2048, and 8192-16384 on GPUs
+# with 70 GiB or more; an A100 got slower with the large budget, vLLM PR #17885).
+DEFAULT_TOKEN_BUDGET = {"cpu": 2048, "gpu": 8192}
+CPU_KV_CACHE_BYTES = 1 << 30  # KV budget of a CPU process when kv_cache_memory is not given
 KV_MEMORY_FRACTION = 0.9  # of an accelerator's memory left after the weights (vLLM's default)
 
 
@@ -45,10 +50,20 @@ class Layout:
     grid: np.ndarray  # [stages, layer slots]: layer index held, -1 for an empty slot
     microbatches: int
     max_model_len: int
-    prefill_chunk: int
-    cache_len: int  # positions per slot: whole KV blocks, room for a chunk below max_model_len
+    block_size: int  # positions per KV page
+    token_budget: int  # max_num_batched_tokens: tokens a micro-batch carries per tick
     kv_heads: int  # KV heads stored (replicated up to tp when the model has fewer)
     vocab_padded: int  # vocabulary rounded up to split over the ("stage", "tensor") devices
+
+    @property
+    def pages_per_seq(self) -> int:
+        """Block-table columns: the pages of a max_model_len sequence."""
+        return -(-self.max_model_len // self.block_size)
+
+    @property
+    def prompt_slots(self) -> int:
+        """The most prompt-token slots a tick carries: the budget, in whole query blocks."""
+        return -(-self.token_budget // QUERY_BLOCK) * QUERY_BLOCK
 
     @property
     def layers_per_stage(self) -> int:
@@ -115,7 +130,8 @@ def make_layout(
     layer_partition_spec: str | Sequence[int] | None,
     num_microbatches: int | None,
     max_model_len: int | None,
-    prefill_chunk: int,
+    block_size: int,
+    token_budget: int,
 ) -> Layout:
     """Validate a layout against the model and derive its static shapes (LLM's rules)."""
     kv_heads = stored_kv_heads(cfg, tp)
@@ -133,7 +149,9 @@ def make_layout(
             f"max_model_len={max_len} is invalid: expected 2 .. the model's "
             f"max_position_embeddings={cfg.max_position_embeddings}"
         )
-    chunk = min(prefill_chunk, max_len)
+    for name, value in (("block_size", block_size), ("max_num_batched_tokens", token_budget)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid: expected a positive integer")
     return Layout(
         config=cfg,
         dtype=dtype,
@@ -144,8 +162,8 @@ def make_layout(
         grid=grid,
         microbatches=microbatches,
         max_model_len=max_len,
-        prefill_chunk=chunk,
-        cache_len=_round_up(_round_up(max_len, chunk), KV_BLOCK),
+        block_size=int(block_size),
+        token_budget=int(token_budget),
         kv_heads=kv_heads,
         vocab_padded=padded_vocab(cfg.vocab_size, abstract_mesh(dp, pp, tp)),
     )
@@ -166,64 +184,68 @@ def abstract_model(layout: Layout) -> Transformer:
     )
 
 
-def pipeline_shape(layout: Layout, max_num_seqs: int, decode_chunk: int) -> PipelineShape:
-    """The ring's static shape for `max_num_seqs` slots (a multiple of dp x micro-batches)."""
+def default_token_budget(platform: str) -> int:
+    """max_num_batched_tokens when not given: vLLM's fallback on CPUs, its GPU figure else."""
+    return DEFAULT_TOKEN_BUDGET["cpu" if platform == "cpu" else "gpu"]
+
+
+def row_count(layout: Layout, requested: int | None) -> int:
+    """Sequence rows: max_num_seqs (default 256) rounded up to a multiple of dp x M."""
+    unit = layout.dp * layout.microbatches
+    return unit * math.ceil((requested or DEFAULT_MAX_NUM_SEQS) / unit)
+
+
+def pipeline_shape(layout: Layout, rows: int, pages: int, decode_chunk: int) -> PipelineShape:
+    """The ring's static shape for `rows` sequence rows and `pages` KV pages per replica."""
     return PipelineShape(
         stages=layout.pp,
         microbatches=layout.microbatches,
-        rows=max_num_seqs // (layout.dp * layout.microbatches),
-        chunk=layout.prefill_chunk,
-        cache_len=layout.cache_len,
-        ticks=decode_chunk * layout.microbatches,
+        rows=rows // (layout.dp * layout.microbatches),
+        prompt_slots=layout.prompt_slots,
+        block_size=layout.block_size,
+        pages=pages,
+        pages_per_seq=layout.pages_per_seq,
+        rounds=decode_chunk,
         vocab_size=layout.config.vocab_size,
     )
 
 
-def kv_cache(layout: Layout, shape: PipelineShape) -> KVCache:
-    """(global shape, logical axes) of every K and V array the ring allocates."""
-    return cache_shapes(
+def kv_pools(layout: Layout, shape: PipelineShape) -> KVCache:
+    """(global shape, logical axes) of every K and V page pool the ring allocates."""
+    return pool_shapes(
         shape, layout.layers_per_stage, layout.dp, layout.kv_heads, layout.config.head_dim
     )
 
 
-def kv_bytes_per_slot(layout: Layout, cache_len: int | None = None) -> int:
-    """KV-cache bytes one sequence slot takes on each device of its replica: the cache of one
-    slot per replica, read off its shardings."""
-    one_slot = PipelineShape(
-        stages=layout.pp,
-        microbatches=1,
-        rows=1,
-        chunk=layout.prefill_chunk,
-        cache_len=cache_len or layout.cache_len,
-        ticks=1,
-        vocab_size=layout.config.vocab_size,
-    )
-    return cache_device_bytes(layout, one_slot, layout.mesh)
+def kv_bytes_per_page(layout: Layout) -> int:
+    """KV bytes one page takes on each device of its replica (every layer slot's K and V),
+    read off the pools' shardings."""
+    one_page = pipeline_shape(layout, layout.dp * layout.microbatches, pages=1, decode_chunk=1)
+    return cache_device_bytes(layout, one_page, layout.mesh)
 
 
 def default_kv_budget(platform: str, devices: int, bytes_limit: int | None, in_use: int) -> int:
-    """KV bytes per device when max_num_seqs is left to the engine: 90% of an accelerator's
-    memory left after the weights (as vLLM's gpu_memory_utilization), or CPU_KV_CACHE_BYTES
-    shared by the process's devices."""
+    """KV bytes per device when kv_cache_memory is not given: 90% of an accelerator's memory
+    left after the weights (as vLLM's gpu_memory_utilization), or CPU_KV_CACHE_BYTES shared by
+    the process's devices."""
     if platform != "cpu" and bytes_limit is not None:
         return int(KV_MEMORY_FRACTION * (bytes_limit - in_use))
     return CPU_KV_CACHE_BYTES // devices
 
 
-def slot_count(layout: Layout, requested: int | None, per_slot: int, budget: int) -> int:
-    """Sequence slots: a multiple of dp x micro-batches, within the KV budget per device."""
-    unit = layout.dp * layout.microbatches
-    if requested is not None:
-        return unit * math.ceil(requested / unit)
-    fits = budget // per_slot * layout.dp  # slots are split over replicas
-    if fits < unit:
+def page_count(layout: Layout, budget: int) -> int:
+    """KV pages per replica that `budget` bytes per device hold (at least one, or an error
+    naming kv_cache_memory)."""
+    per_page = kv_bytes_per_page(layout)
+    pages = max(budget, 0) // per_page
+    if pages < 1:
         raise ValueError(
-            f"max_model_len={layout.max_model_len} does not fit: one slot needs "
-            f"{per_slot / 2**20:.1f} MiB of KV cache per device and the budget "
-            f"(kv_cache_memory) is {budget / 2**20:.0f} MiB for at least {unit} slots; "
-            "lower max_model_len or raise kv_cache_memory"
+            f"kv_cache_memory={budget} bytes per device holds no KV page: one page of "
+            f"{layout.block_size} positions needs {per_page} bytes on each device "
+            f"({layout.layers_per_stage} layer slots per stage); raise kv_cache_memory or "
+            "lower block_size"
         )
-    return unit * (min(DEFAULT_MAX_NUM_SEQS, fits) // unit)
+    return pages
 
 
 # --- bytes per device, read off the shardings -------------------------------------------------
@@ -252,12 +274,8 @@ def params_device_bytes(state: nnx.State, mesh: Mesh | AbstractMesh) -> int:
 
 
 def cache_device_bytes(layout: Layout, shape: PipelineShape, mesh: Mesh | AbstractMesh) -> int:
-    cache = kv_cache(layout, shape)
+    cache = kv_pools(layout, shape)
     return sum(
         shard_bytes(mesh, global_shape, layout.dtype, logical_to_spec(axes))
         for global_shape, axes in (*cache.k, *cache.v)
     )
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple

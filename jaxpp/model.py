@@ -20,7 +20,6 @@ written out explicitly.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +56,7 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Projections only; the KV cache and the softmax live in the pipeline's step functions."""
+    """Projections only; the KV pages and the softmax live in attention.py."""
 
     def __init__(self, cfg: ModelConfig, kv_heads: int, dtype, stack: tuple[int, ...]):
         d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
@@ -186,137 +185,6 @@ def rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-KV_BLOCK = 128  # cached positions per block that attention reads (see attend_cache)
-MASKED = float(np.finfo(np.float32).min)  # score of an invisible key: exp() of it is exactly 0
-
-
-class Partial(NamedTuple):
-    """Online-softmax state of attention over SOME of the keys, per query: the running max of
-    the scores, the sum of exp(score - max) and the exp-weighted sum of the values. Partials
-    over disjoint sets of keys merge exactly (`merge`), so the keys can be visited in blocks
-    and in any grouping, and `finish` divides once at the end. Shapes: top, total [R, H, Q];
-    acc [R, H, Q, Dh]; all float32. R rows (sequences), H KV heads, Q grouped queries."""
-
-    top: jax.Array
-    total: jax.Array
-    acc: jax.Array
-
-
-def _empty(rows: int, heads: int, queries: int, head_dim: int) -> Partial:
-    return Partial(
-        jnp.full((rows, heads, queries), MASKED, jnp.float32),
-        jnp.zeros((rows, heads, queries), jnp.float32),
-        jnp.zeros((rows, heads, queries, head_dim), jnp.float32),
-    )
-
-
-def _absorb(part: Partial, scores: jax.Array, values: jax.Array) -> Partial:
-    """Fold one block of keys into `part`: scores [R, H, Q, S] float32 (MASKED where
-    invisible), values [R, H, S, Dh]. A fully masked block leaves `part` exactly as it was
-    once real keys follow (its weights are multiplied by exp(MASKED - max) = 0)."""
-    top = jnp.maximum(part.top, jnp.max(scores, axis=-1))
-    probs = jnp.exp(scores - top[..., None])
-    rescale = jnp.exp(part.top - top)
-    weighted = jnp.einsum("rhqs,rhsd->rhqd", probs.astype(values.dtype), values)
-    return Partial(
-        top,
-        part.total * rescale + jnp.sum(probs, axis=-1),
-        part.acc * rescale[..., None] + weighted.astype(jnp.float32),
-    )
-
-
-def merge(a: Partial, b: Partial) -> Partial:
-    top = jnp.maximum(a.top, b.top)
-    sa, sb = jnp.exp(a.top - top), jnp.exp(b.top - top)
-    return Partial(top, a.total * sa + b.total * sb, a.acc * sa[..., None] + b.acc * sb[..., None])
-
-
-def finish(part: Partial, dtype) -> jax.Array:
-    return (part.acc / part.total[..., None]).astype(dtype)
-
-
-def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
-    """q [R, T, Hq, Dh] -> [R, Hkv, T*G, Dh]: the G query heads sharing a KV head (GQA: head j
-    reads KV head j // G) side by side, query t*G + g."""
-    r, t, hq, hd = q.shape
-    g = hq // kv_heads
-    return q.reshape(r, t, kv_heads, g, hd).transpose(0, 2, 1, 3, 4).reshape(r, kv_heads, t * g, hd)
-
-
-def ungroup_queries(out: jax.Array, tokens: int) -> jax.Array:
-    """The inverse of group_queries: [R, Hkv, T*G, Dh] -> [R, T, Hq, Dh]."""
-    r, hkv, tg, hd = out.shape
-    g = tg // tokens
-    return out.reshape(r, hkv, tokens, g, hd).transpose(0, 2, 1, 3, 4).reshape(r, tokens, -1, hd)
-
-
-def _visible(k_pos: jax.Array, q_pos: jax.Array, window) -> jax.Array:
-    """k_pos [..., S], q_pos [..., Q] -> [..., Q, S]: causal, and inside the sliding window
-    when there is one (window 0 = full attention). Positions, not array indices, decide, so
-    padding and stale cache entries are never seen."""
-    qp, kp = q_pos[..., :, None], k_pos[..., None, :]
-    return (kp <= qp) & ((window == 0) | (kp > qp - window))
-
-
-def attend_new(q, q_pos, k, v, k_pos, window) -> Partial:
-    """Queries q [R, H, Q, Dh] (grouped; q_pos [R, Q]) against the keys computed in the same
-    step, k and v [R, S, H, Dh] at positions k_pos [R, S]: a decode token's own key, or a
-    prompt chunk attending to itself causally."""
-    scores = jnp.einsum("rhqd,rshd->rhqs", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
-    visible = _visible(k_pos, q_pos, window)[:, None]
-    scores = jnp.where(visible, scores, MASKED)
-    return _absorb(_empty(*q.shape), scores, v.transpose(0, 2, 1, 3))
-
-
-def attend_cache(
-    q, q_pos, k_cache, v_cache, row0, n_keys, window, *, rows_per_read: int
-) -> Partial:
-    """Queries q [R, H, Q, Dh] (grouped; q_pos [R, Q]) of cache rows row0 .. row0 + R - 1
-    against the keys already cached there: positions [0, n_keys[r]) of row r. The caches keep
-    their own layouts, K [B, H, Dh, T] and V [B, H, T, Dh] (both dots are plain batched
-    matmuls), and are read in blocks of KV_BLOCK positions, only as far as the keys go (and
-    from the first block inside the sliding window): the cost follows the live length, never
-    the cache's T.
-
-    The rows are read `rows_per_read` at a time, each group as far as its longest row: one row
-    at a time reads no key it does not need but takes the most loop steps, all R at a time the
-    fewest steps but reads every row as far as the longest.
-    """
-    rows, heads, queries, head_dim = q.shape
-    group = math.gcd(rows, rows_per_read)
-    scale = head_dim**-0.5
-    # Every query of a row sits at or after n_keys: only the window can hide a cached key.
-    lowest = jnp.min(q_pos, axis=-1)
-    first = jnp.where(window > 0, jnp.maximum(lowest - window + 1, 0), 0) // KV_BLOCK
-    last = (n_keys + KV_BLOCK - 1) // KV_BLOCK
-
-    def read_group(args):
-        q, q_pos, n, first, last, start = args
-
-        def block(b, part):
-            at = b * KV_BLOCK
-            keys = jax.lax.dynamic_slice(
-                k_cache, (start, 0, 0, at), (group, heads, head_dim, KV_BLOCK)
-            )
-            values = jax.lax.dynamic_slice(
-                v_cache, (start, 0, at, 0), (group, heads, KV_BLOCK, head_dim)
-            )
-            k_pos = at + jnp.arange(KV_BLOCK)
-            scores = jnp.einsum("rhqd,rhds->rhqs", q, keys).astype(jnp.float32) * scale
-            visible = _visible(k_pos, q_pos, window) & (k_pos < n[:, None, None])
-            return _absorb(part, jnp.where(visible[:, None], scores, MASKED), values)
-
-        empty = _empty(group, heads, queries, head_dim)
-        return jax.lax.fori_loop(jnp.min(first), jnp.max(last), block, empty)
-
-    def grouped(a):
-        return a.reshape((rows // group, group) + a.shape[1:])
-
-    starts = row0 + jnp.arange(0, rows, group)
-    parts = jax.lax.map(read_group, (*map(grouped, (q, q_pos, n_keys, first, last)), starts))
-    return jax.tree.map(lambda a: a.reshape((rows,) + a.shape[2:]), parts)
 
 
 def vocab_shard_index() -> jax.Array:

@@ -27,16 +27,19 @@ from jaxpp.config import ModelConfig
 from jaxpp.costmodel import CostModel
 from jaxpp.hardware import Hardware, load_hardware, read_json
 from jaxpp.layout import (
+    DEFAULT_BLOCK_SIZE,
     Layout,
     abstract_model,
     cache_device_bytes,
     default_kv_budget,
-    kv_bytes_per_slot,
+    default_token_budget,
+    kv_bytes_per_page,
     make_layout,
     model_dtype,
+    page_count,
     params_device_bytes,
     pipeline_shape,
-    slot_count,
+    row_count,
     stored_kv_heads,
 )
 from jaxpp.replay import ReplayResult, replay
@@ -47,17 +50,17 @@ class Plan:
     model: str
     layout: Layout
     hardware: Hardware
-    max_num_seqs: int
+    max_num_seqs: int  # sequence rows
+    pages: int  # KV pages per replica
     decode_chunk: int
     params_bytes: int  # per device (every device holds the same shard shapes)
     kv_bytes: int  # per device
-    kv_budget: int  # what the engine would give the KV cache per device
-    slots_in_budget: int  # sequences the engine's KV budget holds
+    kv_budget: int  # what the engine gives the KV pool per device
     state: nnx.State  # the abstract parameter state
 
     @property
     def shape(self):
-        return pipeline_shape(self.layout, self.max_num_seqs, self.decode_chunk)
+        return pipeline_shape(self.layout, self.max_num_seqs, self.pages, self.decode_chunk)
 
     @property
     def usable_bytes(self) -> int:
@@ -72,7 +75,18 @@ class Plan:
     @property
     def kv_token_bytes(self) -> float:
         """KV bytes one cached position takes on each device of its replica."""
-        return kv_bytes_per_slot(self.layout) / self.layout.cache_len
+        return kv_bytes_per_page(self.layout) / self.layout.block_size
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Positions the pools hold, over all replicas."""
+        return self.layout.dp * self.pages * self.layout.block_size
+
+    def sequences_at_once(self, positions: int) -> int:
+        """How many sequences of `positions` positions run at once: the rows, or what the
+        pages hold."""
+        pages = -(-positions // self.layout.block_size)
+        return max(1, min(self.max_num_seqs, self.layout.dp * (self.pages // pages)))
 
     def device_memory(self) -> list[dict]:
         """Bytes of parameters and KV cache per device, in `LLM.device_memory()`'s format."""
@@ -89,7 +103,6 @@ class Plan:
     ) -> ReplayResult:
         """Replay `requests` through the engine's scheduler in modelled time."""
         lay = self.layout
-        memory = (self.params_bytes + self.kv_bytes) / 1e9
         return replay(
             requests,
             self.shape,
@@ -97,17 +110,21 @@ class Plan:
             self.cost_model(),
             lay.config.eos_token_ids,
             self.decode_chunk,
-            memory,
+            lay.token_budget,
+            self.params_bytes / 1e9,
+            kv_bytes_per_page(lay) / 1e9,
             log_interval,
             log,
         )
 
     def speed(self, batch_sizes: Sequence[int], input_len: int, output_len: int) -> list[dict]:
-        """Per batch size: B requests of input_len + output_len tokens arriving together."""
+        """Per batch size: B requests of input_len + output_len tokens arriving together, run
+        by an engine with B rows (and the pages of this plan)."""
         rows = []
         for batch in batch_sizes:
             requests = [BenchRequest([0] * input_len, output_len) for _ in range(batch)]
-            result = self.serve(requests)
+            sized = dataclasses.replace(self, max_num_seqs=row_count(self.layout, batch))
+            result = sized.serve(requests)
             rows.append({"batch": batch, **result.summary(requests)})
         return rows
 
@@ -139,13 +156,14 @@ def plan(
     max_model_len: int | None = None,
     dtype: str | None = None,
     hardware: str | os.PathLike | Hardware = "h100-sxm",
-    prefill_chunk: int = 256,
+    max_num_batched_tokens: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     decode_chunk: int = 16,
     kv_cache_memory: int | None = None,
 ) -> Plan:
     """The memory plan of a layout, as `LLM(model, pp=..., ...)` would allocate it on
-    `hardware`. A layout whose weights do not fit is planned all the same (with the fewest
-    slots) and flagged by `Plan.overflow_bytes`."""
+    `hardware`. A layout whose weights do not fit is planned all the same (with one KV page)
+    and flagged by `Plan.overflow_bytes`."""
     for name, value in (("pp", pp), ("tp", tp), ("dp", dp), ("decode_chunk", decode_chunk)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid: expected a positive integer")
@@ -160,30 +178,26 @@ def plan(
         layer_partition_spec=layer_partition,
         num_microbatches=num_microbatches,
         max_model_len=max_model_len,
-        prefill_chunk=prefill_chunk,
+        block_size=block_size,
+        token_budget=max_num_batched_tokens or default_token_budget(hw.platform),
     )
     _, state = nnx.split(abstract_model(lay))
     params = params_device_bytes(state, lay.mesh)
-    per_slot = kv_bytes_per_slot(lay)
     limit = int(hw.memory_bytes * hw.memory_fraction)
     budget = kv_cache_memory or default_kv_budget(hw.platform, lay.devices, limit, params)
-    unit = dp * lay.microbatches
-    in_budget = max(budget, 0) // per_slot * dp // unit * unit
-    slots = slot_count(lay, max_num_seqs, per_slot, budget) if max_num_seqs else None
-    if slots is None:
-        # The engine's own choice; with no room for even dp x M slots it would refuse to load:
-        # plan the fewest slots and let overflow_bytes say by how much they miss.
-        slots = slot_count(lay, None, per_slot, budget) if in_budget >= unit else unit
+    # The engine's own pool; with no room for one page it would refuse to load: plan one and
+    # let overflow_bytes say by how much it misses.
+    pages = page_count(lay, budget) if budget >= kv_bytes_per_page(lay) else 1
     result = Plan(
         model=name,
         layout=lay,
         hardware=hw,
-        max_num_seqs=slots,
+        max_num_seqs=row_count(lay, max_num_seqs),
+        pages=pages,
         decode_chunk=decode_chunk,
         params_bytes=params,
         kv_bytes=0,
         kv_budget=budget,
-        slots_in_budget=in_budget,
         state=state,
     )
     result.kv_bytes = cache_device_bytes(lay, result.shape, lay.mesh)
@@ -216,15 +230,15 @@ def search(
     dtype: str | None = None,
     max_model_len: int | None = None,
     max_num_seqs: int | None = None,
-    prefill_chunk: int = 256,
+    max_num_batched_tokens: int | None = None,
     decode_chunk: int = 16,
 ) -> list[Candidate]:
     """Every valid (dp, pp, tp, micro-batches) layout of exactly `devices` devices whose
     weights fit, ranked by modelled output tokens/s; each at the largest batch (halving from
-    its slots) whose mean TPOT meets `max_tpot` seconds. The partition is the automatic one:
-    jaxpp stores every stage's layers in a grid of max(partition) slots per device and splits
-    the embedding and head over every device, so no other partition holds less or runs faster
-    (see docs/plan.md)."""
+    what its rows and pages run at once) whose mean TPOT meets `max_tpot` seconds. The
+    partition is the automatic one: jaxpp stores every stage's layers in a grid of
+    max(partition) slots per device and splits the embedding and head over every device, so no
+    other partition holds less or runs faster (see docs/plan.md)."""
     _, cfg = load_model_config(model)
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     found = []
@@ -243,7 +257,7 @@ def search(
                     max_model_len=max_model_len,
                     dtype=dtype,
                     hardware=hw,
-                    prefill_chunk=prefill_chunk,
+                    max_num_batched_tokens=max_num_batched_tokens,
                     decode_chunk=decode_chunk,
                 )
             except ValueError:
@@ -256,7 +270,7 @@ def search(
 
 def _best_batch(p: Plan, input_len: int, output_len: int, max_tpot: float | None) -> Candidate:
     unit = p.layout.dp * p.layout.microbatches
-    batch = p.max_num_seqs
+    batch = max(unit, p.sequences_at_once(input_len + output_len) // unit * unit)
     while True:
         [row] = p.speed([batch], input_len, output_len)
         meets = max_tpot is None or row["tpot_s"]["mean"] <= max_tpot
@@ -290,8 +304,8 @@ def why_first(first: Candidate, second: Candidate) -> str:
         "transfer": math.log((comp_b + xfer_b) / (comp_b + xfer_a)),
     }
     details = {
-        "memory": f"runs {first.batch} sequences at once ({first.plan.max_num_seqs} slots fit) "
-        f"against {second.batch} ({second.plan.max_num_seqs})",
+        "memory": f"runs {first.batch} sequences at once ({first.plan.kv_capacity_tokens:,} KV "
+        f"positions) against {second.batch} ({second.plan.kv_capacity_tokens:,})",
         "bubble": f"{rate_a:.3f} tokens per tick per sequence against {rate_b:.3f}",
         "compute": f"layers + head {1e3 * comp_a:.2f} ms per tick against {1e3 * comp_b:.2f}",
         "transfer": f"hand-offs + collectives {1e3 * xfer_a:.2f} ms per tick against "

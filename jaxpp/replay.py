@@ -3,11 +3,12 @@
 `replay(requests, ...)` drives `scheduler.Scheduler` exactly as `LLM.step` does (plan call n+1,
 then read call n's log, so the host plans with the results of call n-1), with a simulated clock.
 Each call's log (`pipeline.StepLog`'s fields) comes from `RingModel`, which follows the device
-program's rules tick by tick — micro-batch (t - s) mod M at stage s, at most one prompt chunk
-entering stage 0 per tick, rows latched when they enter, tokens sampled when a micro-batch
-leaves the last stage, a row stopping the moment its budget is reached, the call leaving early
-when nothing is live, planned or riding — and prices every tick with `costmodel.CostModel`.
-Admission, slot choice, chunking, call lengths and finishing are the scheduler's, not a copy.
+program's rules tick by tick: stage s serves the entry of tick t - s, an entry holds the live
+decode rows of micro-batch t mod M and the planned prompt blocks, rows are latched when they
+enter, a micro-batch's tokens (and the first token of each prompt that ends in it) are sampled
+when it leaves the last stage, and a row stops the moment its budget is reached. Every tick of
+a call costs the same (`costmodel.CostModel.tick` of the call's shapes). Admission, the token
+budget, pages, preemption, call lengths and finishing are the scheduler's, not a copy.
 
 Requests are greedy with `ignore_eos` (as in `jaxpp bench`): each produces exactly its
 `output_len` tokens, so no token value matters and the log's tokens are zeros.
@@ -25,6 +26,7 @@ from jaxpp.bench import Request as BenchRequest
 from jaxpp.bench import format_interval, latency, serving_figures
 from jaxpp.config import SamplingParams
 from jaxpp.costmodel import CostModel
+from jaxpp.kv_pages import PagePool
 from jaxpp.pipeline import PipelineShape
 from jaxpp.scheduler import Request, Scheduler, SlotLayout, Step
 
@@ -72,120 +74,92 @@ class RingModel:
     def __init__(self, shape: PipelineShape, replicas: int, cost: CostModel):
         self.shape, self.replicas, self.cost = shape, replicas, cost
         S, M, mb = shape.stages, shape.microbatches, shape.rows
-        slots = replicas * M * mb
-        self.live = np.zeros(slots, bool)
-        self.position = np.zeros(slots, np.int64)
-        self.generated = np.zeros(slots, np.int64)
-        self.tag = np.full(slots, -1, np.int64)
-        self.max_tokens = np.zeros(slots, np.int64)
-        # The last S entries into stage 0 per replica: row tags [S, replicas, mb] and chunk
-        # meta [S, replicas, 5]: tag, row, start, length, last.
+        rows = replicas * M * mb
+        self.live = np.zeros(rows, bool)
+        self.generated = np.zeros(rows, np.int64)
+        self.tag = np.full(rows, -1, np.int64)
+        self.max_tokens = np.zeros(rows, np.int64)
+        self.generated0 = np.zeros(rows, np.int64)
+        # The last S entries into stage 0 per replica: decode tags, prompt tokens per row of
+        # the micro-batch (0 when none) and prompt tags finishing there.
         self.entry_tags = np.full((S, replicas, mb), -1, np.int64)
-        self.entry_meta = np.zeros((S, replicas, 5), np.int64)
-        self.entry_meta[:, :, 0] = -1
+        self.entry_prompt = np.zeros((S, replicas), np.int64)
+        self.entry_first = np.full((S, replicas, mb), -1, np.int64)
         self.tick = 0
         self.compute = self.head = self.transfer = self.collectives = 0.0
 
-    def run(self, step: Step, sampler: dict[str, np.ndarray]) -> tuple[SimpleNamespace, float]:
+    def run(self, step: Step) -> tuple[SimpleNamespace, float]:
         """The call's log (shaped like pipeline.StepLog) and its modelled seconds."""
         S, M, mb = self.shape.stages, self.shape.microbatches, self.shape.rows
-        per_replica = M * mb
-        if step.tags is not None:
-            self.tag = step.tags.astype(np.int64)
-            self.max_tokens = sampler["max_tokens"].astype(np.int64)
+        kind, w = step.kind, step.kind.width
+        if step.control is not None:
+            self.tag = step.control["tag"].astype(np.int64)
+            self.max_tokens = step.control["sampler"]["max_tokens"].astype(np.int64)
+            self.generated0 = step.control["generated0"].astype(np.int64)
         self.live &= self.tag >= 0
-        w = step.kind.width
-        K = step.plan_meta.shape[1]
-        planned = np.nonzero(step.plan_meta[:, :, 2].max(axis=0) > 0)[0]
-        last_planned = int(planned[-1]) if len(planned) else -1
-        tags_log = np.full((K, self.replicas, w + 1), -1, np.int32)
-        busy = np.zeros((K, S), np.int32)
-        chunks = np.zeros((K, S), np.int32)
-        seconds = 0.0
-        k = 0
-        while k < step.ticks and (last_planned >= k or self._pending()):
+        K = kind.rounds * M
+        tags_log = np.full((K, self.replicas, w), -1, np.int32)
+        work = np.zeros((K, S), np.int32)
+        live = np.zeros((K, self.replicas), np.int32)
+        for k in range(K):
             t = self.tick
-            slowest = 0.0
             for r in range(self.replicas):
-                base = r * per_replica
+                base = r * M * mb
                 entering = base + (t % M) * mb + np.arange(w)
-                live = self.live[entering] & (self.tag[entering] >= 0)
                 self.entry_tags[t % S, r] = -1
-                self.entry_tags[t % S, r, :w] = np.where(live, self.tag[entering], -1)
-                row, start, length, last = (int(v) for v in step.plan_meta[r, k])
-                chunk_tag = int(self.tag[base + row]) if length > 0 else -1
-                self.entry_meta[t % S, r] = (chunk_tag, row, start, length, last)
+                self.entry_tags[t % S, r, :w] = np.where(
+                    self.live[entering] & (self.tag[entering] >= 0), self.tag[entering], -1
+                )
+                planned = step.blocks[r, k] if kind.prompt else np.zeros((0, 3), np.int64)
+                self.entry_prompt[t % S, r] = int(planned[:, 2].sum())
+                self.entry_first[t % S, r] = -1
+                if kind.prompt:
+                    ends = np.nonzero(step.finish[r, k] >= 0)[0]
+                    self.entry_first[t % S, r, ends] = self.tag[base + (t % M) * mb + ends]
                 for s in range(S):
-                    slowest = max(slowest, self._stage(r, s, t, w, busy[k], chunks[k]))
-                self._leave(r, t, w, k, tags_log)
-            cost = self.cost.tick(slowest, w)
-            seconds += cost.seconds
-            self.compute += cost.compute
-            self.head += cost.head
-            self.transfer += cost.transfer
-            self.collectives += cost.collectives
+                    if t - s >= 0:
+                        entry = (t - s) % S
+                        work[k, s] += int(np.sum(self.entry_tags[entry, r, :w] >= 0))
+                        work[k, s] += int(self.entry_prompt[entry, r])
+                if t - S + 1 >= 0:
+                    self._leave(r, t, w, k, tags_log)
+                live[k, r] = int(self.live[base : base + M * mb].sum())
             self.tick += 1
-            k += 1
-        zeros = np.zeros((K, self.replicas, w + 1), np.float32)
-        n_top = step.kind.mode.logprobs
+        cost = self.cost.tick(kind)
+        self.compute += K * cost.compute
+        self.head += K * cost.head
+        self.transfer += K * cost.transfer
+        self.collectives += K * cost.collectives
+        zeros = np.zeros((K, self.replicas, w), np.float32)
+        n_top = kind.mode.logprobs
         log = SimpleNamespace(
-            ticks=np.int32(k),
             tags=tags_log,
             tokens=np.zeros_like(tags_log),
             logprob=zeros,
-            top_ids=np.zeros((K, self.replicas, w + 1, n_top), np.int32),
-            top_logprobs=np.zeros((K, self.replicas, w + 1, n_top), np.float32),
-            busy=busy,
-            chunks=chunks,
+            top_ids=np.zeros((K, self.replicas, w, n_top), np.int32),
+            top_logprobs=np.zeros((K, self.replicas, w, n_top), np.float32),
+            work=work,
+            live=live,
             logits=np.zeros((K, self.replicas, 0, 0), np.float32),
-            logit_meta=np.full((K, self.replicas, 5), -1, np.int32),
+            logit_blocks=np.zeros((K, self.replicas, 0, 3), np.int32),
         )
-        return log, seconds
-
-    def _pending(self) -> bool:
-        """The device loop's condition beyond the plan: rows live, or entries still riding
-        (the last S - 1 entries into stage 0)."""
-        recent = np.arange(self.shape.stages) != self.tick % self.shape.stages
-        riding = (self.entry_tags.max(axis=2) >= 0) | (self.entry_meta[:, :, 3] > 0)
-        return bool(np.any(riding[recent]) or np.any(self.live & (self.tag >= 0)))
-
-    def _stage(self, r: int, s: int, t: int, w: int, busy: np.ndarray, chunks: np.ndarray):
-        """Seconds stage s of replica r takes at tick t (0 when it has nothing to do)."""
-        S, M, mb = self.shape.stages, self.shape.microbatches, self.shape.rows
-        if t - s < 0:
-            return 0.0
-        tags = self.entry_tags[(t - s) % S, r, :w]
-        meta = self.entry_meta[(t - s) % S, r]
-        has_chunk = meta[3] > 0
-        if not has_chunk and not np.any(tags >= 0):
-            return 0.0
-        busy[s] += 1
-        chunks[s] += has_chunk
-        rows = r * M * mb + ((t - s) % M) * mb + np.arange(w)
-        keys = tuple(int(p) for p in np.where(tags >= 0, self.position[rows], 0))
-        return self.cost.stage_seconds(s, w, keys, int(meta[2]) if has_chunk else None)
+        return log, K * cost.seconds
 
     def _leave(self, r: int, t: int, w: int, k: int, tags_log: np.ndarray) -> None:
         """Sample what leaves the last stage at tick t: the device's finishing rule."""
         S, M, mb = self.shape.stages, self.shape.microbatches, self.shape.rows
-        if t - (S - 1) < 0:
-            return
-        tags = self.entry_tags[(t - S + 1) % S, r, :w]
-        tag, row, start, length, last = self.entry_meta[(t - S + 1) % S, r]
+        entry = (t - S + 1) % S
         rows = r * M * mb + ((t - S + 1) % M) * mb + np.arange(w)
-        live = tags >= 0
-        sampled = rows[live]
-        self.generated[sampled] += 1
-        self.position[sampled] += 1
-        done = self.generated[sampled] >= self.max_tokens[sampled]
-        self.live[sampled] = ~done & (self.tag[sampled] >= 0)
-        tags_log[k, r, :w] = np.where(live, tags, -1)
-        if length > 0 and last:
-            slot = r * M * mb + row
-            self.generated[slot] = 1
-            self.position[slot] = start + length
-            self.live[slot] = self.max_tokens[slot] > 1 and self.tag[slot] >= 0
-            tags_log[k, r, w] = tag
+        decoding = self.entry_tags[entry, r, :w] >= 0
+        first = self.entry_first[entry, r, :w] >= 0
+        sampled = decoding | first
+        self.generated[rows] = np.where(
+            first, self.generated0[rows] + 1, self.generated[rows] + decoding
+        )
+        done = self.generated[rows] >= self.max_tokens[rows]
+        self.live[rows] = np.where(sampled, ~done & (self.tag[rows] >= 0), self.live[rows])
+        tags = np.where(first, self.entry_first[entry, r, :w], self.entry_tags[entry, r, :w])
+        tags_log[k, r] = np.where(sampled, tags, -1)
 
 
 def replay(
@@ -195,7 +169,9 @@ def replay(
     cost: CostModel,
     eos_token_ids: tuple[int, ...],
     decode_chunk: int,
-    memory_gb: float,
+    token_budget: int,
+    params_gb: float,
+    page_gb: float,
     log_interval: float = 5.0,
     log: Callable[[str], None] = lambda line: None,
 ) -> ReplayResult:
@@ -203,9 +179,14 @@ def replay(
     calls priced by `cost`."""
     clock = SimpleNamespace(now=0.0)
     layout = SlotLayout(replicas, shape.microbatches, shape.rows)
+    pool = PagePool(
+        replicas, shape.pages, shape.block_size, shape.microbatches * shape.rows,
+        shape.pages_per_seq,
+    )  # fmt: skip
     scheduler = Scheduler(
-        layout, shape.chunk, shape.stages, decode_chunk, eos_token_ids, clock=lambda: clock.now
-    )
+        layout, pool, token_budget, shape.stages, decode_chunk, eos_token_ids,
+        clock=lambda: clock.now,
+    )  # fmt: skip
     ring = RingModel(shape, replicas, cost)
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
     added: list[Request] = []
@@ -224,7 +205,8 @@ def replay(
             "queue": len(scheduler.waiting),
             "prompt_t": (stats.prompt_tokens - mark["prompt_tokens"]) / span,
             "decode_t": (stats.tokens - mark["tokens"]) / span,
-            "npu_mem": memory_gb,
+            "npu_mem": params_gb
+            + page_gb * max(pool.pages - pool.free_pages(r) for r in range(pool.replicas)),
         }
         mark.update(t=clock.now, tokens=stats.tokens, prompt_tokens=stats.prompt_tokens)
         intervals.append(line)
@@ -245,7 +227,7 @@ def replay(
         step = scheduler.schedule()
         planned = None
         if step is not None:
-            call_log, seconds = ring.run(step, scheduler.sampler)
+            call_log, seconds = ring.run(step)
             device_free = max(clock.now, device_free) + seconds
             busy += seconds
             planned = (step, call_log, device_free)

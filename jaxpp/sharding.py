@@ -5,7 +5,7 @@ Every parameter (and the KV cache) names its axes logically — ("stage", "embed
 mesh axes. Changing a sharding decision means changing one row here.
 
 Mesh axes:
-    data    independent pipeline replicas; the batch (KV-cache slots) is split over them
+    data    independent pipeline replicas; sequence rows and KV pages are split over them
     stage   pipeline stages; axis 0 of every layer slot's tensors, so the partition IS the spec
     tensor  Megatron tensor parallelism inside a stage (heads / ffn columns)
 """
@@ -31,7 +31,8 @@ LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
     "experts": None,  # every expert on every tensor rank, each rank owning a slice ...
     "moe_ffn": "tensor",  # ... of every expert's intermediate dim (see docs/parallelism.md)
     "router": None,
-    "batch": "data",  # KV-cache slots / sequences: split over pipeline replicas
+    "batch": "data",  # sequence rows: split over pipeline replicas
+    "pages": ("stage", "data"),  # KV page pools: one per stage and replica (layers' share)
     "seq": None,
 }
 

@@ -12,7 +12,7 @@ Rows (greedy, ignore_eos, all requests at t=0):
     float32          logits of the demo model in float32 against transformers float32 (eager)
 
 Decode rows report the whole run's tick and the steady decode tick (calls during which no prompt
-chunk rode the ring), the bytes one steady tick must read (weights + live KV) and their rate
+token rode the ring), the bytes one steady tick must read (weights + live KV) and their rate
 against a device-to-device copy measured here. After decode_b64 a profiler trace of a few steady
 decode calls is summarised by kernel (where the tick goes).
 
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 # JAX and PyTorch share the GPU: JAX must not take 75% of it. Half of an H200 holds the 16 GB of
-# weights and 256 slots x 512 positions of KV (17 GB); transformers gets the rest.
+# weights and a KV page pool of 90% of what they leave; transformers gets the rest.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -76,12 +76,12 @@ SMALL_ROWS = {
     "prefill_4x2048": ("long", 2, 256, 1),
 }
 ENGINES = {
-    "short": dict(max_num_seqs=256, max_model_len=512, prefill_chunk=128),
-    "long": dict(max_num_seqs=8, max_model_len=4096 + 128, prefill_chunk=2048),
+    "short": dict(max_num_seqs=256, max_model_len=512, max_num_batched_tokens=8192),
+    "long": dict(max_num_seqs=8, max_model_len=4096 + 128, max_num_batched_tokens=8192),
 }
 SMALL_ENGINES = {
-    "short": dict(max_num_seqs=16, max_model_len=64, prefill_chunk=16),
-    "long": dict(max_num_seqs=2, max_model_len=512, prefill_chunk=256),
+    "short": dict(max_num_seqs=16, max_model_len=64, max_num_batched_tokens=64),
+    "long": dict(max_num_seqs=2, max_model_len=512, max_num_batched_tokens=256),
 }
 
 
@@ -93,7 +93,7 @@ T0 = time.perf_counter()
 
 
 def steady_decode(llm, requests: list[Request]) -> dict:
-    """Serve `requests` once, timing the calls during which no prompt chunk rode the ring. A call's
+    """Serve `requests` once, timing the calls during which no prompt token rode the ring. A call's
     log is read one step() after its dispatch, so the gap between two step() returns is one
     call's device time once the ring is steady."""
     for r in requests:
@@ -102,7 +102,7 @@ def steady_decode(llm, requests: list[Request]) -> dict:
     marks = []
     while llm.has_unfinished_requests():
         llm.step()
-        marks.append((time.perf_counter(), stats.ticks, stats.chunk_ticks))
+        marks.append((time.perf_counter(), stats.ticks, stats.prompt_tokens))
     seconds = ticks = 0
     for (t0, k0, c0), (t1, k1, c1) in zip(marks, marks[1:], strict=False):
         if c1 == c0 and k1 > k0:
@@ -125,10 +125,10 @@ def profile_decode(llm, requests: list[Request], out: Path, calls: int = 6) -> l
     ids = [llm.add_request(r.prompt, greedy_params(r)) for r in requests]
     stats = llm.scheduler.stats
     quiet = 0
-    while quiet < 3:  # three calls in a row without a chunk: every prompt is in
-        before = stats.chunk_ticks
+    while quiet < 3:  # three calls in a row without prompt tokens: every prompt is in
+        before = stats.prompt_tokens
         llm.step()
-        quiet = quiet + 1 if stats.chunk_ticks == before else 0
+        quiet = quiet + 1 if stats.prompt_tokens == before else 0
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(calls):

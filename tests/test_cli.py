@@ -191,13 +191,16 @@ def test_generate_help(capsys):
 
 
 def test_engine_flags_reach_the_llm():
-    """--max-num-seqs and --prefill-chunk go to LLM(...); left out, the engine's defaults apply."""
-    argv = ["generate", "--prompt", "x", "--max-num-seqs", "8", "--prefill-chunk", "16"]
+    """The batching and KV flags go to LLM(...); left out, the engine's defaults apply."""
+    argv = ["generate", "--prompt", "x", "--max-num-seqs", "8", "--max-num-batched-tokens", "16"]
+    argv += ["--block-size", "4", "--kv-cache-memory", "1000000"]
     kwargs = generate.llm_kwargs(cli.build_parser(argv).parse_args(argv))
-    assert kwargs["max_num_seqs"] == 8 and kwargs["prefill_chunk"] == 16
+    assert kwargs["max_num_seqs"] == 8 and kwargs["max_num_batched_tokens"] == 16
+    assert kwargs["block_size"] == 4 and kwargs["kv_cache_memory"] == 1000000
     argv = argv[:3]
     kwargs = generate.llm_kwargs(cli.build_parser(argv).parse_args(argv))
-    assert kwargs["max_num_seqs"] is None and "prefill_chunk" not in kwargs
+    assert kwargs["max_num_seqs"] is None and kwargs["max_num_batched_tokens"] is None
+    assert "block_size" not in kwargs and kwargs["kv_cache_memory"] is None
 
 
 @pytest.mark.parametrize(
@@ -845,9 +848,9 @@ def test_sigkill_then_resume_answers_every_line_exactly_once(chat_model, tmp_pat
         str(out),
         "--batch-size",
         "8",
-        "--max-num-seqs",  # few slots: few decode widths to compile, and a run to kill
+        "--max-num-seqs",  # few rows: few programs to compile, and a run to kill
         "8",
-        "--prefill-chunk",
+        "--max-num-batched-tokens",
         "8",
         *REAL_FLAGS,
     ]

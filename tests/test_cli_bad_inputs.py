@@ -323,8 +323,11 @@ FLAG_CASES = {
     "batch-size-zero": (["--batch-size", "0"], "positive integer"),
     "max-num-seqs-zero": (["--max-num-seqs", "0"], "argument --max-num-seqs: expected a positive"),
     "max-num-seqs-garbage": (["--max-num-seqs", "lots"], "--max-num-seqs: expected a positive"),
-    "prefill-chunk-negative": (["--prefill-chunk", "-8"], "--prefill-chunk: expected a positive"),
-    "prefill-chunk-float": (["--prefill-chunk", "1.5"], "--prefill-chunk: expected a positive"),
+    "token-budget-negative": (
+        ["--max-num-batched-tokens", "-8"],
+        "--max-num-batched-tokens: expected a positive",
+    ),
+    "block-size-float": (["--block-size", "1.5"], "--block-size: expected a positive"),
     "pp-zero": (["--pp", "0"], "positive integer"),
     "pp-above-layers": (["--pp", "3"], "only 2 layers"),
     "layer-partition-garbage": (["--pp", "2", "--layer-partition", "1,x"], "--layer-partition"),

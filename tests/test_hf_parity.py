@@ -132,20 +132,22 @@ def test_float32_logits_match_hf(family, llm32, seqs, ref_logits):
 
 
 @pytest.mark.parametrize("chunked_family", CHUNKED_FAMILIES)
-def test_small_chunks_and_kv_blocks_match_hf(chunked_family, hf_model, monkeypatch):
-    """Prompts in chunks of 7 tokens and the cache read in blocks of 8 positions: chunks attend
-    to a cached prefix spanning several blocks, decode reads several blocks, and the sliding
-    window (8) cuts across chunk and block edges (all layers windowed, or some). Logits and
-    greedy tokens still match HF. (The defaults, 256 and 128, are wider than these sequences;
-    the other families differ from these in ways chunking does not touch.)"""
+def test_small_chunks_and_pages_match_hf(chunked_family, hf_model):
+    """A token budget of 7 per tick and pages of 3 positions: prompts arrive in chunks that
+    attend to a cached prefix spanning many pages, several prompts share a tick, and the
+    sliding window (8) cuts across chunk and page edges (all layers windowed, or some). Logits
+    and greedy tokens still match HF. (The defaults, 2048 tokens and pages of 16, are wider
+    than these sequences; the other families differ from these in ways paging does not touch.
+    Reads of many items per sequence: test_attention.py and test_serving.py.)"""
     model_dir = hf_model(chunked_family)
     seqs, prompts = random_seqs(LOGIT_LENGTHS, seed=1), random_seqs(PROMPT_LENGTHS, seed=2)
     ref_logits = hf_logits(model_dir, seqs)
-    monkeypatch.setattr(jaxpp.model, "KV_BLOCK", 8)
-    llm = jaxpp.LLM(str(model_dir), dtype="float32", prefill_chunk=7, max_num_seqs=4)
+    llm = jaxpp.LLM(
+        str(model_dir), dtype="float32", max_num_batched_tokens=7, block_size=3, max_num_seqs=4
+    )
     got = llm.logits(seqs)
     rel, diff, scale = _rel(got, ref_logits)
-    print(f"{chunked_family}: chunks of 7, blocks of 8: max|diff|={diff:.3e} rel={rel:.2e}")
+    print(f"{chunked_family}: budget 7, pages of 3: max|diff|={diff:.3e} rel={rel:.2e}")
     assert rel <= F32_RTOL, f"{chunked_family}: chunked prefill: {_per_seq(got, ref_logits)}"
     want, _ = hf_greedy_with_margins(model_dir, prompts, NEW_TOKENS)
     params = jaxpp.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)

@@ -139,7 +139,7 @@ def test_layout_gives_same_answers(models, single_device, kind, dp, pp, tp):
     print(f"{kind} dp={dp} pp={pp} tp={tp}: max|dlogit| = {worst:.2e} (max|logit| {scale:.1f})")
     # Float32 summation order differs between layouts (psums over ranks, split matmuls):
     # a few ulp per op, which the wide-init test models amplify to ~1e-5 of the largest logit.
-    assert worst <= 2e-5 * scale
+    assert worst <= 5e-6 * scale
     assert tokens == ref_tokens
 
 

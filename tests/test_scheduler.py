@@ -1,6 +1,8 @@
-"""The host scheduler on its own (no device): admission, slot balance, chunk plans, the finish
-rules it shares with the device, stop-string withdrawal and the run counters. Device logs are
-written by hand here, shaped like pipeline.StepLog."""
+"""The host scheduler on its own (no device): the token budget shared by many prompts, chunks
+that continue over ticks and end in their own micro-batch, pages that grow and come back,
+preemption when the pool runs out, withdrawal, the finish rules it shares with the device, the
+run counters and the shape buckets. Device logs are written by hand, shaped like
+pipeline.StepLog."""
 
 from types import SimpleNamespace
 
@@ -8,43 +10,58 @@ import numpy as np
 import pytest
 
 from jaxpp.config import SamplingParams
-from jaxpp.scheduler import Request, Scheduler, SlotLayout
+from jaxpp.kv_pages import PagePool
+from jaxpp.scheduler import Request, Scheduler, SlotLayout, _bucket
 
 EOS = (2,)
 
 
-def _scheduler(replicas=1, microbatches=2, rows=2, chunk=4, stages=2, stop_check=None):
+def _scheduler(replicas=1, microbatches=1, rows=4, budget=64, stages=1, pages=64, block=4,
+               rounds=4, stop_check=None, max_len=256):  # fmt: skip
     layout = SlotLayout(replicas, microbatches, rows)
-    return Scheduler(layout, chunk, stages, 4, EOS, stop_check)
+    pool = PagePool(replicas, pages, block, microbatches * rows, -(-max_len // block))
+    return Scheduler(layout, pool, budget, stages, rounds, EOS, stop_check)
 
 
-def _request(tag, length, **params):
+def _request(serial, length, **params):
     p = SamplingParams(**{"max_tokens": 3, "temperature": 0.0, **params})
-    return Request(tag=tag, prompt=list(range(10, 10 + length)), params=p, seed=0, arrival=0.0)
+    return Request(id=serial, prompt=list(range(10, 10 + length)), params=p, seed=0, arrival=0.0)
 
 
-def _log(step, ticks, entries=(), width=None):
+def _log(step, entries=(), stages=1):
     """A StepLog with `entries` = [(tick, replica, column, tag, token)]."""
-    width = step.kind.width if width is None else width
-    replicas = step.plan_tokens.shape[0]
-    k = max(ticks, 1)
-    tags = np.full((k, replicas, width + 1), -1, np.int32)
-    tokens = np.zeros((k, replicas, width + 1), np.int32)
+    K = step.kind.rounds * step.finish.shape[1]
+    replicas, w = step.finish.shape[0], step.kind.width
+    tags = np.full((K, replicas, w), -1, np.int32)
+    tokens = np.zeros((K, replicas, w), np.int32)
     for t, r, c, tag, token in entries:
         tags[t, r, c], tokens[t, r, c] = tag, token
-    zeros = np.zeros((k, replicas, width + 1), np.float32)
+    zeros = np.zeros((K, replicas, w), np.float32)
     return SimpleNamespace(
-        ticks=np.int32(ticks),
         tags=tags,
         tokens=tokens,
         logprob=zeros,
         top_ids=zeros[..., None][..., :0],
         top_logprobs=zeros[..., None][..., :0],
-        busy=np.ones((k, 2), np.int32),
-        chunks=np.zeros((k, 2), np.int32),
-        logits=np.zeros((k, replicas, 0, 0), np.float32),
-        logit_meta=np.full((k, replicas, 5), -1, np.int32),
+        work=np.ones((K, stages), np.int32),
+        live=np.zeros((K, replicas), np.int32),
+        logits=np.zeros((K, replicas, 0, 0), np.float32),
+        logit_blocks=np.zeros((K, replicas, 0, 3), np.int32),
     )
+
+
+def _chunks(step, replica=0):
+    """[(tick, row, start, length)] of the planned prompt blocks, merged per request."""
+    out = []
+    for k in range(step.blocks.shape[1]):
+        for row, start, length in step.blocks[replica, k]:
+            if not length:
+                continue
+            if out and out[-1][:2] == (k, row) and out[-1][2] + out[-1][3] == start:
+                out[-1] = (k, row, out[-1][2], out[-1][3] + length)
+            else:
+                out.append((k, int(row), int(start), int(length)))
+    return out
 
 
 def test_slot_layout_round_trips():
@@ -55,125 +72,179 @@ def test_slot_layout_round_trips():
     assert lay.locate(13) == (1, 0, 1)  # replica 1, micro-batch 0, row 1
 
 
-def test_admission_is_fcfs_balanced_and_compact():
-    s = _scheduler(replicas=2, microbatches=2, rows=2)
-    for tag in range(6):
-        s.add(_request(tag, 3))
+def test_short_prompts_share_a_tick_within_the_budget():
+    s = _scheduler(rows=8, budget=64)
+    for serial in range(6):
+        s.add(_request(serial, 10))
     step = s.schedule()
-    slots = [s.active[tag].slot for tag in range(6)]
-    # Replicas alternate, then micro-batches, each filled from row 0.
-    assert [s.layout.locate(x) for x in slots] == [
-        (0, 0, 0),
-        (1, 0, 0),
-        (0, 1, 0),
-        (1, 1, 0),
-        (0, 0, 1),
-        (1, 0, 1),
-    ]
-    assert step.kind.width == 2  # the highest busy row is 1
-    assert list(step.tags[slots]) == list(range(6))
-    s.add(_request(6, 3))
-    s.add(_request(7, 3))
-    s.add(_request(8, 3))  # 9 requests, 8 slots: the last one waits
-    s.schedule()
-    assert [r.tag for r in s.waiting] == [8]
+    # Four prompts of 10 tokens (one query block of 16 slots each) fill the 64 slots.
+    assert _chunks(step) == [(0, r, 0, 10) for r in range(4)]
+    assert step.kind.prompt == 64 and step.kind.rounds == 1
+    assert [r.id for r in s.waiting] == [4, 5]
+    assert step.tokens[0, 0, :10].tolist() == list(range(10, 20))
+    assert step.finish[0, 0, :4].tolist() == [9, 25, 41, 57]  # each prompt's last slot
+    assert step.kind.width == 8  # at least MIN_WIDTH rows: a few more cost next to nothing
 
 
-def test_prompts_are_cut_into_chunks_one_per_tick():
-    s = _scheduler(microbatches=2, rows=2, chunk=4)
-    s.add(_request(0, 10))  # chunks of 4, 4, 2
-    s.add(_request(1, 3))  # one chunk
+def test_a_long_prompt_continues_and_ends_in_its_own_microbatch():
+    s = _scheduler(microbatches=2, rows=2, budget=16, stages=2)
+    s.add(_request(0, 40))
+    first = s.schedule()
+    # Tick 0 (micro-batch 0, where it is seated): 16 tokens; tick 1 (micro-batch 1): 16 more.
+    assert _chunks(first) == [(0, 0, 0, 16), (1, 0, 16, 16)]
+    assert (first.finish == -1).all()
+    s.update(first, _log(first, stages=2))
+    second = s.schedule()
+    assert _chunks(second) == [(0, 0, 32, 8)]  # the last 8 at micro-batch 0's tick
+    assert second.finish[0, 0, 0] == 7
+    # Its tick-1 chunk of the first call was still in the ring: the call keeps room for it.
+    assert second.kind.prompt >= 16
+
+
+def test_last_token_waits_for_its_microbatch():
+    s = _scheduler(microbatches=2, rows=1, budget=16, stages=2)
+    s.add(_request(0, 20))
     step = s.schedule()
-    assert step.ticks == 4  # as many rounds (M = 2 ticks) as the 4 queued chunks need
-    meta = step.plan_meta[0]
-    row_of_1 = 1 * 2 + 0  # request 1 sits in micro-batch 1, row 0 (local row index 2)
-    assert meta[0].tolist() == [0, 0, 4, 0]  # row 0, start 0, 4 tokens, not last
-    assert meta[1].tolist() == [0, 4, 4, 0]
-    assert meta[2].tolist() == [0, 8, 2, 1]  # request 0's last chunk
-    assert meta[3].tolist() == [row_of_1, 0, 3, 1]
-    assert step.plan_tokens[0, 0].tolist() == [10, 11, 12, 13]
-    assert step.plan_tokens[0, 2, :2].tolist() == [18, 19]
-    assert not any(s.prefill)
-    s.update(step, _log(step, 4))
-    assert s.schedule().ticks == s.max_ticks  # everything decodes: the longest call
+    # Micro-batch 0 takes 16 at tick 0; at tick 1 (micro-batch 1) 3 of the last 4 go, the
+    # final token waits for micro-batch 0.
+    assert _chunks(step) == [(0, 0, 0, 16), (1, 0, 16, 3)]
+    s.update(step, _log(step, stages=2))
+    step = s.schedule()
+    assert _chunks(step) == [(0, 0, 19, 1)] and step.finish[0, 0, 0] == 0
+
+
+def test_pages_grow_with_the_sequence_and_come_back():
+    s = _scheduler(rows=2, block=4, rounds=4, pages=16)
+    s.add(_request(0, 6, max_tokens=10))  # writes positions 0 .. 14 at most
+    step = s.schedule()
+    row = s.running[0].row
+    # The prompt (6 positions) and the next long call (4 decode positions): 3 pages.
+    assert s.pool.pages_of(row) == 3 and step.tables[row, :3].tolist() == [0, 1, 2]
+    s.update(step, _log(step, [(0, 0, 0, 0, 5)]))
+    # Long calls of 4 rounds while at least 2 are left to use, then one-round calls.
+    for bound, pages, rounds in ((10, 4, 4), (14, 4, 4), (15, 4, 1)):
+        step = s.schedule()
+        assert step.kind.rounds == rounds and step.kind.prompt == 0
+        assert s.running[0].bound == bound and s.pool.pages_of(row) == pages
+        done = s.update(step, _log(step, [(k, 0, 0, 0, 5) for k in range(rounds)]))
+    assert [r.id for r in done] == [0] and len(done[0].tokens) == 10
+    assert s.pool.in_use == 0 and not s.pool.tables.any()
+    assert s.schedule() is None
+
+
+def test_preemption_when_the_pool_runs_out_and_recompute_later():
+    s = _scheduler(rows=2, block=4, rounds=4, pages=6, budget=64)
+    s.add(_request(0, 8, max_tokens=6))  # positions 0 .. 12: 3 pages, then a 4th
+    s.add(_request(1, 8, max_tokens=20))  # 3 pages: the pool is full
+    step = s.schedule()
+    assert s.pool.in_use == 6
+    s.update(step, _log(step, [(0, 0, 0, 0, 7), (0, 0, 1, 1, 7)]))
+    old_tag = s.running[1].tag
+    step = s.schedule()  # request 0 needs a 4th page for the next call: the newest goes
+    assert s.stats.preemptions == 1
+    assert [r.id for r in s.running] == [0] and [r.id for r in s.waiting] == [1]
+    assert step.control["tag"][1] == -1  # withdrawn from the device in this call
+    assert s.pool.in_use == 6  # its pages come back only for the next call
+    assert s.waiting[0].tokens == [7] and s.waiting[0].preemptions == 1
+    s.update(step, _log(step, [(k, 0, 0, 0, 7) for k in range(4)]))
+    step = s.schedule()  # request 0 takes its 4th page; request 1 does not fit yet
+    assert s.pool.in_use == 4 and [r.id for r in s.waiting] == [1]
+    done = s.update(step, _log(step, [(0, 0, 0, 0, 7)]))
+    assert [r.id for r in done] == [0] and s.pool.in_use == 0
+    step = s.schedule()
+    [again] = s.running
+    assert again.id == 1 and again.tag != old_tag
+    # It is prefilled again from its prompt and the token it had, and samples on from there.
+    assert again.sequence == list(range(10, 18)) + [7]
+    assert step.control["generated0"][again.row] == 1
+    assert _chunks(step) == [(0, again.row, 0, 9)]
+
+
+def test_stop_string_withdraws_and_frees_row_and_pages_after_the_next_call():
+    s = _scheduler(rows=1, stop_check=lambda r: r.tokens[-1] == 9)
+    s.add(_request(0, 2, max_tokens=10, stop=["x"]))
+    first = s.schedule()
+    row = s.running[0].row
+    done = s.update(first, _log(first, [(0, 0, 0, 0, 9)]))
+    assert [r.id for r in done] == [0] and done[0].stopped_by_string
+    assert s.tags[row] == -1 and s.occupant[row] is not None and s.pool.in_use > 0
+    s.add(_request(1, 2))
+    carrier = s.schedule()  # carries the withdrawal; the row is still held
+    assert carrier.control["tag"][row] == -1 and s.waiting
+    s.update(carrier, _log(carrier))
+    s.schedule()  # the next call may reuse the row and its pages
+    assert [r.id for r in s.running] == [1] and s.running[0].row == row
 
 
 def test_tokens_finish_requests_like_the_device_does():
-    s = _scheduler(rows=4, microbatches=1)
+    s = _scheduler(rows=4)
     s.add(_request(0, 2, max_tokens=3))
     s.add(_request(1, 2, max_tokens=5, ignore_eos=False))
     s.add(_request(2, 2, max_tokens=5, stop_token_ids=[7], min_tokens=2))
-    step = s.schedule()
-    columns = {tag: s.layout.locate(s.active[tag].slot)[2] for tag in range(3)}
-    entries = []
-    for t, (a, b, c) in enumerate([(5, 6, 7), (5, 2, 7), (5, 9, 7)]):
-        entries += [(t, 0, columns[0], 0, a), (t, 0, columns[1], 1, b), (t, 0, columns[2], 2, c)]
-    done = s.update(step, _log(step, 3, entries))
+    first = s.schedule()
+    columns = {r.tag: s.layout.locate(r.row)[2] for r in s.running}
+    second = s.schedule()  # 4 rounds: every token left
+    done = []
+    for step, ticks in ((first, [(5, 6, 7)]), (second, [(5, 2, 7), (5, 9, 7)])):
+        entries = []
+        for k, (a, b, c) in enumerate(ticks):
+            entries += [
+                (k, 0, columns[0], 0, a),
+                (k, 0, columns[1], 1, b),
+                (k, 0, columns[2], 2, c),
+            ]
+        done += s.update(step, _log(step, entries))
     # 0: max_tokens 3; 1: EOS at its 2nd token; 2: stop id 7 only once more than min_tokens.
-    assert sorted(r.tag for r in done) == [0, 1, 2]
-    assert s.occupant == [None] * 4
-    got = {r.tag: r.tokens for r in done}
+    assert sorted(r.id for r in done) == [0, 1, 2]
+    got = {r.id: r.tokens for r in done}
     assert got == {0: [5, 5, 5], 1: [6, 2], 2: [7, 7, 7]}
+    assert s.pool.in_use == 0
 
 
-def test_stop_string_withdraws_and_frees_the_slot_after_the_next_call():
-    s = _scheduler(rows=1, microbatches=2, stop_check=lambda r: r.tokens[-1] == 9)
-    s.add(_request(0, 2, max_tokens=10, stop=["x"]))
-    first = s.schedule()
-    slot = s.active[0].slot
-    col = 0
-    done = s.update(first, _log(first, 1, [(0, 0, col, 0, 9)]))
-    assert [r.tag for r in done] == [0] and done[0].stopped_by_string
-    # Withdrawn: tagged -1 for the device, but not free until a call that carried it is back.
-    assert s.tags[slot] == -1 and s.occupant[slot] is not None and not s.active
-    s.add(_request(1, 2))
-    second = s.schedule()  # the first call to carry the withdrawal
-    assert second.tags[slot] == -1
-    assert s.active[1].slot != slot  # request 1 takes the other micro-batch
-    s.update(second, _log(second, 1))
-    assert s.occupant[slot] is None
-
-
-def test_a_withdrawal_alone_still_gets_its_call():
-    s = _scheduler(rows=1, microbatches=1, stop_check=lambda r: True)
-    s.add(_request(0, 2, max_tokens=10, stop=["x"]))
-    first = s.schedule()
-    s.update(first, _log(first, 1, [(0, 0, 0, 0, 9)]))
-    assert not s.active and s.occupant[0] is not None
-    carrier = s.schedule()  # nothing active, but the withdrawal must reach the device
-    assert carrier is not None and carrier.tags[0] == -1
-    s.update(carrier, _log(carrier, 0))
-    assert s.occupant[0] is None and s.schedule() is None
+def test_no_call_once_nothing_is_left_to_write():
+    s = _scheduler(rows=1, rounds=4)
+    s.add(_request(0, 2, max_tokens=5))
+    first = s.schedule()  # prefill: its first token
+    second = s.schedule()  # 4 decode rounds: positions 2..5, its last 4 tokens
+    assert second.kind.rounds == 4
+    assert s.schedule() is None  # both calls already hold every token it will get
+    s.update(first, _log(first, [(0, 0, 0, 0, 5)]))
+    done = s.update(second, _log(second, [(k, 0, 0, 0, 5) for k in range(4)]))
+    assert [r.id for r in done] == [0] and len(done[0].tokens) == 5
 
 
 def test_abort_drops_queued_and_withdraws_running():
-    s = _scheduler(rows=1, microbatches=1)
+    s = _scheduler(rows=1)
     s.add(_request(0, 2))
     s.add(_request(1, 2))
     s.schedule()
     s.abort({0, 1})
-    assert not s.waiting and not s.active and not s.unfinished
-    carrier = s.schedule()  # carries the withdrawal of request 0's slot to the device
-    assert carrier.tags[0] == -1 and not carrier.plan_meta[..., 2].any()
-    s.update(carrier, _log(carrier, 0))
-    assert s.schedule() is None
+    assert not s.waiting and not s.running and not s.unfinished
+    carrier = s.schedule()  # carries the withdrawal of request 0's row to the device
+    assert carrier.control["tag"][0] == -1 and not carrier.blocks[..., 2].any()
+    s.update(carrier, _log(carrier))
+    assert s.schedule() is None and s.pool.in_use == 0
 
 
 def test_run_counters():
-    s = _scheduler(rows=2, microbatches=1, stages=2)
-    s.add(_request(0, 3, max_tokens=2))
-    s.add(_request(1, 3, max_tokens=2))
-    s.add(_request(2, 3, max_tokens=2))  # waits for a slot
+    s = _scheduler(rows=2, stages=1, pages=64)
+    for serial in range(3):
+        s.add(_request(serial, 3, max_tokens=2))
     step = s.schedule()
-    log = _log(step, 1, [(0, 0, 0, 0, 5)])
+    assert len(s.running) == 2 and len(s.waiting) == 1  # two rows
+    log = _log(step, [(0, 0, 0, 0, 5)])
+    log.live[:] = 1
     s.update(step, log)
     stats = s.stats.as_dict()
-    assert stats["ticks"] == 1 and stats["tokens"] == 1 and stats["prompt_tokens"] == 3
+    assert stats["ticks"] == 1 and stats["tokens"] == 1 and stats["prompt_tokens"] == 6
     assert stats["occupancy"] == pytest.approx(1 / 2)  # 1 token of 2 rows
-    assert stats["queued_ticks"] == 1  # request 2 was waiting
-    assert stats["schedule"] == [[0, 0]]  # stage s served micro-batch (t - s) mod 1
+    assert stats["queued_ticks"] == 1 and stats["peak_running"] == 1
+    assert stats["kv_blocks_total"] == 64 and stats["kv_blocks_peak"] == 2
+    assert stats["schedule"] == [[0]]
 
 
-def test_widths_are_powers_of_two_up_to_the_rows():
-    assert _scheduler(rows=6).widths() == [1, 2, 4, 6]
-    assert _scheduler(rows=8).widths() == [1, 2, 4, 8]
+def test_buckets_are_few_and_tight():
+    sizes = sorted({_bucket(n, 1 << 30) for n in range(1, 1025)})
+    assert sizes[:10] == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32] and len(sizes) == 20
+    assert all(_bucket(n, 1 << 30) <= 1.5 * n for n in range(1, 1025))
+    assert _bucket(100, 48) == 48

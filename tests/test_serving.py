@@ -1,17 +1,22 @@
-"""Continuous batching through the ring, end to end on a tiny model: a request's answer does not
-depend on its slot, micro-batch, arrival time or neighbours; slots are reused cleanly (also
-after a stop string or with penalties); the set of compiled programs is fixed; the CPU's and the
-accelerators' ways of reading the cache agree; dead rows and chunk padding are inert; bad input
-is refused."""
+"""Continuous batching over a paged KV cache, end to end on a tiny model: a request's answer does
+not depend on what it shared a tick with, its row, its pages, the page size, the token budget,
+preemption or its arrival time; several prompts share a tick; unused pages, dead rows and
+padding are never read; the compiled programs are a fixed set with no host round trip inside;
+memory is pages; bad input is refused."""
 
+import re
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_fixtures import hf_greedy, random_seqs
 
 import jaxpp
+import jaxpp.attention
 from jaxpp.bench import CompileCounter
 
-LENGTHS = [3, 40, 9, 17, 25, 5, 33, 12, 7, 21]  # some span several chunks of 8
+LENGTHS = [3, 40, 9, 17, 25, 5, 33, 12, 7, 21]  # some span several chunks of a small budget
 BUDGETS = [6, 14, 3, 9, 12, 20, 5, 8, 16, 4]
 
 
@@ -53,6 +58,12 @@ def _staggered(llm, prompts, params):
     return [got[i] for i in range(len(prompts))]
 
 
+def _nan_pools(llm) -> None:
+    """Fill every KV page with NaN: a page read before it is written poisons the answer."""
+    fill = jax.jit(lambda a: jnp.full_like(a, jnp.nan))
+    llm.ring = llm.ring._replace(cache=jax.tree.map(fill, llm.ring.cache))
+
+
 def test_alone_matches_transformers(model_dir, prompts, alone):
     assert alone == [hf_greedy(model_dir, [p], n)[0] for p, n in zip(prompts, BUDGETS, strict=True)]
 
@@ -60,14 +71,19 @@ def test_alone_matches_transformers(model_dir, prompts, alone):
 @pytest.mark.parametrize(
     "layout",
     [
-        dict(max_num_seqs=4, prefill_chunk=8),  # 10 requests through 4 slots: slots reused
-        dict(pp=2, num_microbatches=3, max_num_seqs=6, prefill_chunk=8),
-        dict(pp=2, tp=2, dp=2, max_num_seqs=4, prefill_chunk=16),
+        # 10 requests through 4 rows, 8 tokens a tick, pages of 4: rows and pages reused,
+        # prompts chunked over many ticks, several sharing one
+        dict(max_num_seqs=4, max_num_batched_tokens=8, block_size=4),
+        dict(pp=2, num_microbatches=3, max_num_seqs=6, max_num_batched_tokens=24, block_size=5),
+        dict(pp=2, tp=2, dp=2, max_num_seqs=4, max_num_batched_tokens=32, block_size=16),
     ],
-    ids=["pp1-4slots", "pp2-M3", "dp2-pp2-tp2"],
+    ids=["pp1-budget8-pages4", "pp2-M3-pages5", "dp2-pp2-tp2"],
 )
-def test_answers_do_not_depend_on_slot_arrival_or_neighbours(model_dir, prompts, alone, layout):
+def test_answers_do_not_depend_on_row_pages_budget_or_neighbours(
+    model_dir, prompts, alone, layout
+):
     llm = jaxpp.LLM(str(model_dir), dtype="float32", **layout)
+    _nan_pools(llm)  # and no page is read before it is written
     params = [_greedy(n) for n in BUDGETS]
     assert _staggered(llm, prompts, params) == alone
     # All at once, in another order: the same answers again.
@@ -77,6 +93,7 @@ def test_answers_do_not_depend_on_slot_arrival_or_neighbours(model_dir, prompts,
     stats = llm.last_run_stats
     assert stats["tokens"] == sum(BUDGETS)
     assert stats["prompt_tokens"] == sum(LENGTHS)
+    assert stats["kv_blocks_peak"] <= stats["kv_blocks_total"]
     # The schedule is the ring's: stage s serves micro-batch (t - s) mod M whenever busy.
     M, t0 = llm.microbatches, stats["start_tick"]
     for t, row in enumerate(stats["schedule"]):
@@ -84,7 +101,17 @@ def test_answers_do_not_depend_on_slot_arrival_or_neighbours(model_dir, prompts,
         assert all(m in (-1, expected) for m, expected in zip(row, ring, strict=True)), row
 
 
-def test_seeded_sampling_is_independent_of_slot_arrival_and_layout(model_dir, prompts):
+def test_long_sequences_read_many_attention_items(model_dir, prompts, alone, monkeypatch):
+    """Attention items of 8 positions (2 pages of 4): each sequence reads up to 7 of them, in
+    decode and over its cached prefix, next to shorter ones."""
+    monkeypatch.setattr(jaxpp.attention, "ITEM_POSITIONS", 8)
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", block_size=4, max_num_batched_tokens=24)
+    picked = [1, 6, 0]
+    outs = llm.generate([prompts[i] for i in picked], [_greedy(BUDGETS[i]) for i in picked])
+    assert [o.outputs[0].token_ids for o in outs] == [alone[i] for i in picked]
+
+
+def test_seeded_sampling_is_independent_of_row_arrival_and_layout(model_dir, prompts):
     seeded = jaxpp.SamplingParams(
         max_tokens=10, temperature=0.9, top_p=0.95, top_k=40, seed=77, ignore_eos=True
     )
@@ -93,72 +120,117 @@ def test_seeded_sampling_is_independent_of_slot_arrival_and_layout(model_dir, pr
     want = single.generate([target], seeded)[0].outputs[0].token_ids
     neighbours = prompts[:6]
     others = [jaxpp.SamplingParams(max_tokens=n, temperature=1.0, ignore_eos=True) for n in BUDGETS]
-    for layout in (dict(max_num_seqs=3, prefill_chunk=8), dict(pp=2, num_microbatches=2)):
+    # (Over pp, tp and dp: test_sampling.py.)
+    for layout in (dict(max_num_seqs=3, max_num_batched_tokens=8, block_size=3),):
         llm = jaxpp.LLM(str(model_dir), dtype="float32", **layout)
-        for position in (0, 6):  # first to arrive, last to arrive (after slots were reused)
+        for position in (0, 6):  # first to arrive, last to arrive (after rows were reused)
             batch = neighbours[:position] + [target] + neighbours[position:]
             params = others[:position] + [seeded] + others[position:6]
             assert _staggered(llm, batch, params)[position] == want, (layout, position)
 
 
-def test_compiled_programs_are_fixed(model_dir, prompts):
-    llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=4, prefill_chunk=8)
-    compiled = llm.warm_up(_greedy(1))
-    assert compiled == len(llm.scheduler.widths()) == 3  # widths 1, 2, 4
-    with CompileCounter() as counter:
-        for n in (1, 10):
-            llm.generate(prompts[:n], [_greedy(b) for b in BUDGETS[:n]])
-        llm.generate(prompts[::-1], [_greedy(2 * b) for b in BUDGETS])
+def test_preemption_keeps_every_answer(model_dir, prompts):
+    """Four requests that grow to 26-63 positions each, in a pool of 17 pages of 4 positions
+    (68): rows grow into it until it is full, the newest is preempted and recomputed later,
+    greedy and seeded alike, and every request still gets the tokens it gets alone."""
+    alone = jaxpp.LLM(str(model_dir), dtype="float32")
+    seeded = jaxpp.SamplingParams(max_tokens=24, temperature=1.0, seed=3, ignore_eos=True)
+    params = [_greedy(24)] * 3 + [seeded]
+    pairs = zip(prompts[:4], params, strict=True)
+    want = [alone.generate([p], q)[0].outputs[0].token_ids for p, q in pairs]
+    per_page = alone.kv_bytes_per_page() // 4  # pages of 4 positions instead of 16
+    llm = jaxpp.LLM(
+        str(model_dir), dtype="float32", block_size=4, max_num_seqs=8,
+        kv_cache_memory=17 * per_page,
+    )  # fmt: skip
+    assert llm.kv_pages == 17
+    outs = llm.generate(prompts[:4], params)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    stats = llm.last_run_stats
+    print(f"preemptions {stats['preemptions']}, pages peak {stats['kv_blocks_peak']} of 17")
+    assert stats["preemptions"] > 0 and stats["kv_blocks_peak"] == 17
+
+
+def test_many_prompts_share_a_tick(model_dir):
+    """128 prompts of 64 tokens arriving together enter in 128 * 64 / budget ticks, not 128."""
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=128,
+                    max_num_batched_tokens=1024)  # fmt: skip
+    many = random_seqs([64] * 128, seed=4)
+    llm.generate(many, _greedy(1))
+    stats = llm.last_run_stats
+    assert stats["ticks"] == 128 * 64 // 1024
+    assert stats["tokens_per_busy_stage_tick"] == 1024
+    assert stats["peak_running"] == 0  # one token each: none ever decodes
+
+
+def test_compiled_programs_are_a_fixed_set_without_host_round_trips(model_dir, prompts):
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=4, max_num_batched_tokens=16)
+    params = [_greedy(b) for b in BUDGETS]
+    compiled = llm.warm_up(prompts, params)
+    assert compiled == llm.compiled_programs > 0
+    with CompileCounter() as counter:  # the same workload again
+        llm.generate(prompts, params)
     assert counter.count == 0, counter.names
-    assert llm.compiled_programs == compiled
+    # The optimized HLO of every program: no conditional, no loop whose trip count depends on
+    # data (on a GPU each would be a device-to-host copy and a wait inside the call), and no
+    # copy of a whole KV pool (the pools are updated in place).
+    pool = "f32[{}]".format(
+        ",".join(map(str, llm.ring.cache.k[0].addressable_shards[0].data.shape))
+    )
+    for program, args in llm.pipeline.lowered_programs():
+        text = program.lower(*args).compile().as_text()
+        assert not re.search(r"\bconditional\(", text)
+        whiles = [line for line in text.splitlines() if re.search(r"\bwhile\(", line)]
+        assert all("known_trip_count" in line for line in whiles), whiles
+        assert not re.search(re.escape(pool) + r"\{[0-9,]*\} copy\(", text)
 
 
-def test_cache_read_grouping_changes_nothing(model_dir, prompts, alone):
-    """Decode rows read the cache one at a time, 8 at a time (the CPU's choice) or all at once
-    (the accelerators'): the same tokens, and logits within float32 rounding."""
-    llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=4, prefill_chunk=8)
-    params = [_greedy(n) for n in BUDGETS]
-    reference = llm.logits(prompts)
+def test_page_size_and_budget_change_no_logits(model_dir, prompts):
+    reference = jaxpp.LLM(str(model_dir), dtype="float32").logits(prompts)
     scale = max(float(np.abs(x).max()) for x in reference)
-    for rows_per_read in (1, llm.shape.rows):
-        llm.pipeline.rows_per_read = rows_per_read
-        got = llm.logits(prompts)
+    for layout in (dict(block_size=1, max_num_batched_tokens=5), dict(block_size=7)):
+        got = jaxpp.LLM(str(model_dir), dtype="float32", **layout).logits(prompts)
         worst = max(float(np.abs(a - b).max()) for a, b in zip(reference, got, strict=True))
-        assert worst <= 5e-6 * scale, rows_per_read
-    assert _staggered(llm, prompts, params) == alone  # all rows at once, as on accelerators
+        assert worst <= 5e-6 * scale, layout
 
 
-def test_dead_rows_chunk_padding_and_idle_ticks_are_inert(model_dir, prompts, alone):
-    llm = jaxpp.LLM(str(model_dir), dtype="float32", pp=2, max_num_seqs=4, prefill_chunk=8)
+def test_dead_rows_padding_and_idle_ticks_are_inert(model_dir, prompts, alone):
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", pp=2, max_num_seqs=4,
+                    max_num_batched_tokens=8)  # fmt: skip
     clean = llm.logits(prompts)
-    llm.pipeline.bubble_fill = float("nan")  # what no live row may ever read
+    llm.pipeline.bubble_fill = float("nan")  # what no live token may ever read
+    _nan_pools(llm)
     dirty = llm.logits(prompts)
     for a, b in zip(clean, dirty, strict=True):
         np.testing.assert_array_equal(a, b)
     assert _staggered(llm, prompts, [_greedy(n) for n in BUDGETS]) == alone
 
 
-def test_max_model_len_sets_capacity_not_answers(model_dir, prompts, alone):
-    short = jaxpp.LLM(str(model_dir), dtype="float32", max_model_len=64, max_num_seqs=4)
-    assert short.shape.cache_len < jaxpp.LLM(str(model_dir), dtype="float32").shape.cache_len
+def test_memory_is_pages_not_rows(model_dir, prompts, alone):
+    """Rows cost no KV: max_num_seqs and max_model_len leave the pool as it is."""
+    small = jaxpp.LLM(str(model_dir), dtype="float32", max_model_len=64, max_num_seqs=4)
+    large = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=256)
+    [a], [b] = small.device_memory(), large.device_memory()
+    assert a["kv_cache"] == b["kv_cache"] == large.kv_pages * large.kv_bytes_per_page()
     params = [_greedy(n) for n in BUDGETS]
-    assert [o.outputs[0].token_ids for o in short.generate(prompts, params)] == alone
+    assert [o.outputs[0].token_ids for o in small.generate(prompts, params)] == alone
     # A request that would run past max_model_len stops there.
-    [out] = short.generate([prompts[1]], _greedy(100))
+    [out] = small.generate([prompts[1]], _greedy(100))
     assert len(out.outputs[0].token_ids) == 64 - len(prompts[1]) + 1
     assert out.outputs[0].finish_reason == "length"
 
 
-def test_one_slot_reused_after_stop_string_and_penalties(model_dir, prompts):
-    """One slot only: every request reuses the slot (its KV rows and its penalty counts)."""
-    llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=1, prefill_chunk=8)
+def test_one_row_reused_after_stop_string_and_penalties(model_dir, prompts):
+    """One row only: every request reuses the row (its pages and its penalty counts)."""
+    one_row = dict(dtype="float32", max_num_seqs=1, max_num_batched_tokens=8)
+    llm = jaxpp.LLM(str(model_dir), **one_row)
     text = llm.generate([prompts[1]], _greedy(12))[0].outputs[0].text
     needle = text[4:6]
     penalised = jaxpp.SamplingParams(
         max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.5,
         frequency_penalty=0.5,
     )  # fmt: skip
-    fresh = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=1, prefill_chunk=8)
+    fresh = jaxpp.LLM(str(model_dir), **one_row)
     want = fresh.generate([prompts[2]], penalised)[0].outputs[0].token_ids
     stop = jaxpp.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[needle])
     outs = llm.generate([prompts[1], prompts[2], prompts[2]], [stop, penalised, penalised])
@@ -183,14 +255,15 @@ def test_streaming_api_hands_back_each_request_when_done(model_dir, prompts):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(prefill_chunk=0), r"prefill_chunk=0 is invalid"),
+        (dict(block_size=0), r"block_size=0 is invalid"),
+        (dict(max_num_batched_tokens=0), r"max_num_batched_tokens=0 is invalid"),
         (dict(decode_chunk=0), r"decode_chunk=0 is invalid"),
         (dict(max_num_seqs=0), r"max_num_seqs=0 is invalid"),
         (dict(num_microbatches=0), r"num_microbatches=0 is invalid"),
         (dict(pp=True), r"pp=True is invalid"),
         (dict(seed=-1), r"seed=-1 is invalid"),
         (dict(max_model_len=10**6), r"max_model_len=1000000 is invalid"),
-        (dict(kv_cache_memory=1), r"max_model_len=256 does not fit"),
+        (dict(kv_cache_memory=1), r"kv_cache_memory=1 bytes per device holds no KV page"),
     ],
 )
 def test_bad_engine_arguments_name_the_culprit(model_dir, kwargs, message):
@@ -199,7 +272,7 @@ def test_bad_engine_arguments_name_the_culprit(model_dir, kwargs, message):
 
 
 def test_bad_generate_arguments_name_the_culprit(model_dir):
-    llm = jaxpp.LLM(str(model_dir), max_num_seqs=2)
+    llm = jaxpp.LLM(str(model_dir), max_num_seqs=2, block_size=4)
     with pytest.raises(ValueError, match="sampling_params must be a SamplingParams.*dict"):
         llm.generate([[1, 2]], {"max_tokens": 3})
     with pytest.raises(ValueError, match=r"sampling_params\[1\] must be a SamplingParams"):
@@ -213,3 +286,7 @@ def test_bad_generate_arguments_name_the_culprit(model_dir):
     with pytest.raises(ValueError, match=r"sampling_params\[0\]\.stop_token_ids has 320"):
         llm.generate([[1, 2]], [outside])
     assert not llm.has_unfinished_requests()  # nothing was queued by the failed calls
+    tiny = jaxpp.LLM(str(model_dir), block_size=4, kv_cache_memory=3 * llm.kv_bytes_per_page())
+    with pytest.raises(ValueError, match=r"10 prompt tokens \+ max_tokens=5 needs up to 14 KV "
+                       r"positions but the pool holds 12 \(3 pages of 4\)"):  # fmt: skip
+        tiny.generate([list(range(10))], _greedy(5))

@@ -2,7 +2,7 @@
 
 Subcommands are registered in one place, `_subcommands()`: a subcommand is a function
 `add_parser(subparsers)` that adds its parser and calls `set_defaults(func=run)` with
-`run(args) -> int`. A `jaxpp/bench.py` module exposing `add_parser` is picked up automatically.
+`run(args) -> int`. A `jaxpp/bench` package exposing `add_parser` is picked up automatically.
 
 jax, the engine and tqdm are imported only when a command runs, so `--help` stays cheap.
 """

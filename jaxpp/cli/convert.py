@@ -48,7 +48,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from jaxpp.loading import save_engine_checkpoint  # noqa: PLC0415
     from jaxpp.partition import layer_grid  # noqa: PLC0415
 
-    # The smallest engine that holds the weights: one slot per micro-batch, short slots.
+    # The smallest engine that holds the weights: one row per micro-batch, one KV page.
     llm = LLM(
         hf_dir,
         dtype=args.dtype,
@@ -57,7 +57,9 @@ def run_convert(args: argparse.Namespace) -> int:
         layer_partition=args.layer_partition,
         max_model_len=2,
         max_num_seqs=1,
-        prefill_chunk=1,
+        max_num_batched_tokens=1,
+        block_size=2,
+        kv_cache_memory=1 << 26,  # a few pages of any model
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_engine_checkpoint(llm.state, layer_grid(llm.partition)[0], out_dir)

@@ -254,15 +254,28 @@ def add_generate_parser(subparsers, run, model_dir: Path = DEMO_MODEL) -> None:
         "--max-num-seqs",
         type=_positive_int,
         metavar="N",
-        help="engine slots: sequences decoded at once, rounded up to a multiple of "
-        "dp x micro-batches (default: the engine's, up to 256 as the KV cache allows)",
+        help="sequences decoded at once, rounded up to a multiple of dp x micro-batches "
+        "(default: the engine's, 256)",
     )
     cb.add_argument(
-        "--prefill-chunk",
+        "--max-num-batched-tokens",
         type=_positive_int,
         metavar="N",
-        help="prompt tokens per chunk: prompts enter the decode ring in chunks this long "
-        "(default: the engine's, 256)",
+        help="tokens a micro-batch carries per tick: its decode tokens, then prompt tokens "
+        "of as many requests as fit (default: the engine's, 2048 on a CPU, 8192 on a GPU)",
+    )
+    cb.add_argument(
+        "--block-size",
+        type=_positive_int,
+        metavar="N",
+        help="positions per KV page (default: the engine's, 16)",
+    )
+    cb.add_argument(
+        "--kv-cache-memory",
+        type=_positive_int,
+        metavar="BYTES",
+        help="KV page pool per device (default: the engine's, 90%% of an accelerator's free "
+        "memory, 1 GiB per CPU process)",
     )
 
     s = p.add_argument_group(

@@ -40,8 +40,10 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         "max_model_len": args.max_model_len,
         "seed": args.seed,
         "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "kv_cache_memory": args.kv_cache_memory,
         # LLM takes no None for it: left out, the engine's own default applies.
-        **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}),
+        **({} if args.block_size is None else {"block_size": args.block_size}),
     }
 
 

@@ -42,10 +42,16 @@ def add_parser(subparsers) -> None:
         p.add_argument(f"--{name}", type=int, default=None, help="default 1 (or the cluster's)")
     p.add_argument("--layer-partition", default=None, help="layers per stage, e.g. 10,10,12")
     p.add_argument("--num-microbatches", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None, help="default: what fits (<= 256)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequence rows (default 256)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens a micro-batch carries per tick (default: the engine's for the platform)",
+    )
+    p.add_argument("--block-size", type=int, default=16, help="positions per KV page")
     p.add_argument("--decode-chunk", type=int, default=16)
     p.add_argument(
         "--memory-fraction",
@@ -59,7 +65,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--batch-sizes",
         default=None,
-        help="comma-separated batch sizes of the speed table (default 1 and the slots)",
+        help="comma-separated batch sizes of the speed table (default: 1 and the most at once)",
     )
     p.add_argument("--trace", help="replay an LLMServingSim JSONL trace")
     p.add_argument("--log-interval", type=float, default=5.0, help="modelled seconds per line")
@@ -115,7 +121,8 @@ def _run(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         dtype=args.dtype,
         hardware=hardware,
-        prefill_chunk=args.prefill_chunk,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
         decode_chunk=args.decode_chunk,
     )
     batches = None if args.trace else _batch_sizes(args.batch_sizes, plan)
@@ -148,14 +155,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _batch_sizes(spec: str | None, plan) -> list[int]:
     if spec is None:
-        return sorted({1, plan.max_num_seqs})
+        return sorted({1, plan.sequences_at_once(plan.layout.max_model_len)})
     try:
         sizes = [int(x) for x in spec.split(",")]
     except ValueError:
         raise ValueError(f"--batch-sizes {spec!r}: expected comma-separated integers") from None
     bad = [b for b in sizes if not 1 <= b <= plan.max_num_seqs]
     if bad:
-        raise ValueError(f"--batch-sizes: {bad[0]} is not in 1 .. the {plan.max_num_seqs} slots")
+        raise ValueError(f"--batch-sizes: {bad[0]} is not in 1 .. the {plan.max_num_seqs} rows")
     return sizes
 
 
@@ -174,16 +181,17 @@ def _memory_report(plan) -> dict:
             "dtype": str(lay.dtype.__name__ if hasattr(lay.dtype, "__name__") else lay.dtype),
             "max_num_seqs": plan.max_num_seqs,
             "max_model_len": lay.max_model_len,
-            "cache_len": lay.cache_len,
-            "prefill_chunk": lay.prefill_chunk,
+            "max_num_batched_tokens": lay.token_budget,
+            "block_size": lay.block_size,
+            "kv_pages": plan.pages,
         },
         "device_memory": plan.device_memory(),
         "usable_bytes": plan.usable_bytes,
         "free_bytes": plan.usable_bytes - plan.params_bytes - plan.kv_bytes,
         "overflow_bytes": plan.overflow_bytes,
-        "kv_capacity_tokens": plan.max_num_seqs * lay.cache_len,
+        "kv_capacity_tokens": plan.kv_capacity_tokens,
         "kv_budget_bytes": plan.kv_budget,
-        "sequences_in_budget": plan.slots_in_budget,
+        "sequences_of_max_model_len": plan.sequences_at_once(lay.max_model_len),
     }
 
 
@@ -197,17 +205,17 @@ def _memory_text(plan, r: dict) -> str:
         f"layout: dp={lay.dp} pp={lay.pp} tp={lay.tp}, partition {list(lay.partition)} "
         f"({lay.layers_per_stage} layer slots per stage"
         + (f", {empty} of them empty and skipped" if empty else "")
-        + f"), {lay.microbatches} micro-batches, {plan.max_num_seqs} slots x "
-        f"{lay.cache_len} positions, chunk {lay.prefill_chunk}",
+        + f"), {lay.microbatches} micro-batches, {plan.max_num_seqs} rows, "
+        f"{lay.token_budget} tokens per tick",
         "memory per device (every device holds the same shard shapes):",
         f"  params {plan.params_bytes / GB:.3f} GB, KV cache {plan.kv_bytes / GB:.3f} GB, "
         f"free {r['free_bytes'] / GB:.3f} GB of {r['usable_bytes'] / GB:.3f} GB usable "
         f"({hw.memory_bytes / GB:.1f} GB x {hw.memory_fraction:g})",
-        f"  KV capacity: {plan.max_num_seqs} sequences x {lay.cache_len} positions = "
-        f"{r['kv_capacity_tokens']:,} tokens; the engine's KV budget "
-        f"({r['kv_budget_bytes'] / GB:.2f} GB per device) holds {r['sequences_in_budget']:,} "
-        f"sequences of {lay.cache_len} positions "
-        f"({plan.kv_token_bytes / 1e3:.1f} kB per token per device)",
+        f"  KV capacity: {plan.pages:,} pages of {lay.block_size} positions per replica = "
+        f"{r['kv_capacity_tokens']:,} tokens in {r['kv_budget_bytes'] / GB:.2f} GB per device "
+        f"({plan.kv_token_bytes / 1e3:.1f} kB per token per device): "
+        f"{r['sequences_of_max_model_len']:,} sequences of max_model_len={lay.max_model_len} "
+        "at once, more of shorter ones",
     ]
     if plan.overflow_bytes:
         lines.append(
@@ -235,11 +243,12 @@ def _speed_text(plan, rows: list[dict], input_len: int, output_len: int) -> str:
             f"  {1e3 * row['ttft_s']['mean']:8.1f}  {row['output_tokens_per_s']:10.1f}"
             f"   {row['bubble_fraction']:6.3f}   {split}"
         )
-    chunks = -(-input_len // lay.prefill_chunk)
+    chunks = -(-input_len // lay.token_budget)
     S = lay.pp
     lines.append(
-        f"  prefill of one prompt: {chunks} chunks ride {chunks + S - 1} ticks, bubble "
-        f"(S-1)/(n+S-1) = {(S - 1) / (chunks + S - 1):.3f}; a fresh ring fills in {S - 1} ticks"
+        f"  prefill of one prompt: {chunks} chunks of up to {lay.token_budget} tokens ride "
+        f"{chunks + S - 1} ticks, bubble (S-1)/(n+S-1) = {(S - 1) / (chunks + S - 1):.3f}; a "
+        f"fresh ring fills in {S - 1} ticks"
     )
     return "\n".join(lines)
 
@@ -273,7 +282,7 @@ def _search(args, planner, model, devices: int, hardware) -> int:
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
-        prefill_chunk=args.prefill_chunk,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         decode_chunk=args.decode_chunk,
     )
     if not found:
@@ -285,7 +294,7 @@ def _search(args, planner, model, devices: int, hardware) -> int:
             "tp": c.plan.layout.tp,
             "microbatches": c.plan.layout.microbatches,
             "partition": list(c.plan.layout.partition),
-            "slots": c.plan.max_num_seqs,
+            "rows": c.plan.max_num_seqs,
             "batch": c.batch,
             "meets_bound": c.meets_bound,
             "output_tokens_per_s": c.throughput,
@@ -304,11 +313,11 @@ def _search(args, planner, model, devices: int, hardware) -> int:
         f"jaxpp plan --search: {model} on {devices} x {hardware.name}, {args.input_len} prompt + "
         f"{args.output_len} output tokens{bound}; {len(found)} layouts fit"
     )
-    print("  rank  dp  pp  tp    M  slots  batch  out tok/s   TPOT ms   TTFT ms  bubble  bound")
+    print("  rank  dp  pp  tp    M   rows  batch  out tok/s   TPOT ms   TTFT ms  bubble  bound")
     for i, r in enumerate(rows[: args.top], 1):
         print(
             f"  {i:4d} {r['dp']:3d} {r['pp']:3d} {r['tp']:3d} {r['microbatches']:4d} "
-            f"{r['slots']:6d} {r['batch']:6d} {r['output_tokens_per_s']:10.1f} "
+            f"{r['rows']:6d} {r['batch']:6d} {r['output_tokens_per_s']:10.1f} "
             f"{1e3 * r['tpot_s']:9.2f} {1e3 * r['ttft_s']:9.1f}  {r['bubble_fraction']:.3f}"
             f"  {'met' if r['meets_bound'] else 'MISSED'}"
         )

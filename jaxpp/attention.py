@@ -1,0 +1,195 @@
+"""Attention over a paged KV cache: the one place a GPU kernel will plug in; this is the XLA path
+that is the reference for it.
+
+Every token of a tick attends to its own sequence's keys up to its own position (and inside its
+layer's sliding window): a decode token, a prompt chunk over a cached prefix and a fresh prompt
+are one case. The tick's own keys and values are written into their pages FIRST (`write_kv`),
+so a prompt chunk sees itself causally through the same reads as its prefix.
+
+The KV pool of one layer slot on one device holds `pages` pages of `block` positions:
+
+    K [pages, kv_heads, head_dim, block]     V [pages, kv_heads, block, head_dim]
+
+(K with positions last and V with head_dim last make both dots plain batched matmuls; a page
+is one contiguous run of memory, so gathering pages reads whole cache lines). A sequence's
+block table row lists its pages in position order: position p lives at page
+`table[p // block]`, offset `p % block`.
+
+Queries come in groups, each group from ONE sequence: a decode row is a group of one query, a
+prompt chunk is cut into groups of `QUERY_BLOCK` queries. The keys are read in ITEMS of
+`item_pages` pages; group g reads the items covering positions [first_g, last_g] (from 0, or
+from the start of the window, to its last query). The items of all groups are laid end to end
+and read `items` at a time at most: the work follows the live length of each sequence, never
+the longest in the batch nor `max_model_len`. Each item folds into an online-softmax partial,
+and the partials of a group merge exactly (segment max, then rescaled segment sums).
+
+    groups   g0 (decode, 300 keys)   g1 (decode, 40 keys)   g2 (prompt block, 200 keys)
+    items    [g0:0-127][g0:128-255][g0:256-383][g1:0-127][g2:0-127][g2:128-255][pad][pad]
+
+`items` is static (the host picks it from a few buckets, bounding the total): no loop here has
+a trip count that depends on data, so on a GPU nothing waits for the host.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+QUERY_BLOCK = 16  # prompt tokens per query group: a chunk is padded to a multiple of it
+ITEM_POSITIONS = 128  # positions read per item (rounded to whole pages)
+MASKED = float(np.finfo(np.float32).min)  # score of an invisible key: exp() of it is exactly 0
+# Positions x queries x head_dim read at once at most (an item loop runs above it): keeps the
+# gathered keys and values of one step in cache on a CPU and bounded on an accelerator.
+READ_ELEMENTS = 1 << 24
+
+
+def item_pages(block: int) -> int:
+    """Pages per item: ITEM_POSITIONS positions, at least one page."""
+    return max(1, ITEM_POSITIONS // block)
+
+
+def items_needed(first: int, last: int, block: int) -> int:
+    """Items a group reads for keys at positions [first, last] (0 when last < first): the
+    host's bound, computed with the same rule as `paged_attention`."""
+    span = item_pages(block) * block
+    return 0 if last < first else last // span - first // span + 1
+
+
+class Partial(NamedTuple):
+    """Online-softmax state over SOME keys, per query: the running max of the scores, the sum
+    of exp(score - max) and the exp-weighted sum of the values. Partials over disjoint keys
+    merge exactly; `finish` divides once at the end. top, total [N, H, Q]; acc [N, H, Q, Dh]."""
+
+    top: jax.Array
+    total: jax.Array
+    acc: jax.Array
+
+
+def write_kv(k_pool, v_pool, k, v, page, offset):
+    """Store new keys and values k, v [N, kv_heads, head_dim] at (page[i], offset[i]), in
+    place, one scatter per pool; a token whose page is past the pool (dead, padding) is
+    dropped. Returns the new (k_pool, v_pool)."""
+    if k.shape[0] == 1:
+        # XLA turns a one-index scatter into a dynamic-update-slice whose "drop" is a select
+        # over the whole pool, and inside the ring's loop copies the pool around it (measured:
+        # 4 whole-pool copies per layer per tick at batch 1). A second, dropped, index keeps it
+        # a scatter, in place.
+        k, v = (jnp.concatenate([a, a]) for a in (k, v))
+        page = jnp.concatenate([page, jnp.full_like(page, k_pool.shape[0])])
+        offset = jnp.concatenate([offset, offset])
+    return (
+        k_pool.at[page, :, :, offset].set(k, mode="drop"),
+        v_pool.at[page, :, offset, :].set(v, mode="drop"),
+    )
+
+
+def paged_attention(
+    q: jax.Array,
+    q_pos: jax.Array,
+    seq: jax.Array,
+    k_pool: jax.Array,
+    v_pool: jax.Array,
+    tables: jax.Array,
+    window: jax.Array,
+    *,
+    items: int,
+) -> jax.Array:
+    """Attention of R query groups over their sequences' pages.
+
+    q [R, Q, Hq, Dh]: group r holds Q queries of sequence `seq[r]` (a row of `tables`
+    [rows, pages_per_seq]) at positions q_pos [R, Q], -1 for padding (its output is 0).
+    window: 0 for full attention, else a query at p sees keys in (p - window, p].
+    items (static): at least the total items the groups read (see `items_needed`).
+    Returns [R, Q, Hq, Dh] in q's dtype.
+    """
+    groups, queries, heads, head_dim = q.shape
+    kv_heads, block = k_pool.shape[1], k_pool.shape[3]
+    per_item = item_pages(block)
+    span = per_item * block
+    grouped = _group_queries(q, kv_heads)  # [R, Hkv, Q*G, Dh]
+    rep = grouped.shape[2] // queries
+    qpos = jnp.repeat(q_pos, rep, axis=1)  # [R, Q*G]
+    real = q_pos >= 0
+    last = jnp.max(jnp.where(real, q_pos, -1), axis=1)
+    lowest = jnp.min(jnp.where(real, q_pos, jnp.iinfo(jnp.int32).max), axis=1)
+    first = jnp.where(window > 0, jnp.maximum(lowest - window + 1, 0), 0)
+    first_item = first // span
+    count = jnp.where(last >= 0, last // span - first_item + 1, 0)
+    ends = jnp.cumsum(count)
+    starts = ends - count
+
+    step = max(1, min(items, READ_ELEMENTS // max(1, span * rep * queries * head_dim)))
+    steps = -(-items // step) if items else 0
+    scale = head_dim**-0.5
+
+    def read(i, part: Partial) -> Partial:
+        j = i * step + jnp.arange(step)  # item ids of this step
+        group = jnp.sum(ends[None, :] <= j[:, None], axis=1)  # the group item j belongs to
+        valid = j < ends[-1]
+        g = jnp.minimum(group, groups - 1)
+        index = first_item[g] + j - starts[g]  # which item of its sequence
+        cols = jnp.clip(index[:, None] * per_item + jnp.arange(per_item), 0, tables.shape[1] - 1)
+        pages = tables[seq[g][:, None], cols]  # [step, per_item]
+        keys = k_pool[pages].transpose(0, 2, 3, 1, 4).reshape(step, kv_heads, head_dim, span)
+        values = v_pool[pages].transpose(0, 2, 1, 3, 4).reshape(step, kv_heads, span, head_dim)
+        k_pos = index[:, None] * span + jnp.arange(span)  # [step, span]
+        # Keys past the group's last query were never written for this sequence (or belong to
+        # another one): 0 * their value must not meet a NaN there.
+        written = valid[:, None] & (k_pos <= last[g][:, None])
+        values = jnp.where(written[:, None, :, None], values, 0)
+        qp = qpos[g][:, :, None]  # [step, Q*G, 1]
+        kp = k_pos[:, None, :]
+        visible = written[:, None, :] & (kp <= qp) & ((window == 0) | (kp > qp - window))
+        scores = jnp.einsum("ihqd,ihds->ihqs", grouped[g], keys).astype(jnp.float32) * scale
+        scores = jnp.where(visible[:, None], scores, MASKED)
+        top = jnp.max(scores, axis=-1)
+        probs = jnp.exp(scores - top[..., None])
+        acc = jnp.einsum("ihqs,ihsd->ihqd", probs.astype(values.dtype), values)
+        owner = jnp.where(valid, group, groups)  # invalid items fall outside: dropped
+        return _merge_items(part, top, jnp.sum(probs, axis=-1), acc.astype(jnp.float32), owner)
+
+    part = Partial(
+        jnp.full(grouped.shape[:3], MASKED, jnp.float32),
+        jnp.zeros(grouped.shape[:3], jnp.float32),
+        jnp.zeros(grouped.shape, jnp.float32),
+    )
+    if steps == 1:
+        part = read(0, part)
+    elif steps > 1:
+        part = jax.lax.fori_loop(0, steps, read, part)
+    # A padding query saw no key: its partials hold a uniform mix of whatever it read.
+    seen = (qpos >= 0)[:, None, :, None] & (part.total[..., None] > 0)
+    out = jnp.where(seen, part.acc / part.total[..., None], 0)
+    return _ungroup_queries(out.astype(q.dtype), queries)
+
+
+def _merge_items(part: Partial, top, total, acc, owner) -> Partial:
+    """Fold the partials of some items (top, total [I, H, Q], acc [I, H, Q, Dh]) into the
+    partials of the groups that own them (owner [I]; == groups: dropped)."""
+    groups = part.top.shape[0]
+    new_top = jnp.maximum(part.top, jax.ops.segment_max(top, owner, groups))
+    rescale = jnp.exp(part.top - new_top)
+    weight = jnp.exp(top - new_top[jnp.minimum(owner, groups - 1)])
+    return Partial(
+        new_top,
+        part.total * rescale + jax.ops.segment_sum(total * weight, owner, groups),
+        part.acc * rescale[..., None] + jax.ops.segment_sum(acc * weight[..., None], owner, groups),
+    )
+
+
+def _group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
+    """q [R, T, Hq, Dh] -> [R, Hkv, T*G, Dh]: the G query heads sharing a KV head (GQA: head j
+    reads KV head j // G) side by side, query t*G + g."""
+    r, t, hq, hd = q.shape
+    g = hq // kv_heads
+    return q.reshape(r, t, kv_heads, g, hd).transpose(0, 2, 1, 3, 4).reshape(r, kv_heads, t * g, hd)
+
+
+def _ungroup_queries(out: jax.Array, tokens: int) -> jax.Array:
+    """The inverse of _group_queries: [R, Hkv, T*G, Dh] -> [R, T, Hq, Dh]."""
+    r, hkv, tg, hd = out.shape
+    g = tg // tokens
+    return out.reshape(r, hkv, tokens, g, hd).transpose(0, 2, 1, 3, 4).reshape(r, tokens, -1, hd)
