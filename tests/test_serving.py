@@ -79,9 +79,7 @@ def test_alone_matches_transformers(model_dir, prompts, alone):
     ],
     ids=["pp1-budget8-pages4", "pp2-M3-pages5", "dp2-pp2-tp2"],
 )
-def test_answers_do_not_depend_on_row_pages_budget_or_neighbours(
-    model_dir, prompts, alone, layout
-):
+def test_answers_do_not_depend_on_row_pages_budget_or_neighbours(model_dir, prompts, alone, layout):
     llm = jaxpp.LLM(str(model_dir), dtype="float32", **layout)
     _nan_pools(llm)  # and no page is read before it is written
     params = [_greedy(n) for n in BUDGETS]
