@@ -12,21 +12,23 @@ micro-batch (t - s) mod M. An entry is a flat batch of tokens: the decode tokens
 micro-batch's live rows (w of them, the call's decode width) and C prompt-token slots holding
 chunks of any requests' prompts, each chunk cut into query blocks of QUERY_BLOCK tokens of one
 request. The host fills the prompt slots under the token budget (scheduler.py); a prompt's
-LAST chunk rides with its own row's micro-batch, so that when that micro-batch leaves the last
+LAST token rides with its own row's micro-batch, so that when that micro-batch leaves the last
 stage its first token is sampled with the decode tokens of the rows beside it. S = 3, M = 3,
-prompts a (16 tokens), b (40) and c (24) arriving together, rows a, b in m0 and c in m1:
+prompts a (16 tokens), b (40) and c (24) arriving together, a budget of 40, rows a in m0, b in
+m1, c in m2:
 
-    tick     0             1            2            3          4          5
-    stage 0  m0+a,b[0:24]  m1+b[24:39]  m2           m0'+b[39]  m1'+c      m2'
-    stage 1  .             m0+a,b[0:24] m1+b[24:39]  m2         m0'+b[39]  m1'+c
-    stage 2  .             .            m0+a,b[0:24] m1+b[24:39] m2        m0'+b[39]
-                                        ^ a's first token sampled with m0's decode tokens
+    tick     0         1          2          3          4          5
+    stage 0  m0+a,b1   m1+b2,c1   m2+c2      m0'        m1'        m2'
+    stage 1  .         m0+a,b1    m1+b2,c1   m2+c2      m0'        m1'
+    stage 2  .         .          m0+a,b1    m1+b2,c1   m2+c2      m0'
 
-(' = the micro-batch's next tokens; b's last token waits for m0's turn.) A micro-batch's tokens
-are sampled when it leaves the last stage (every device samples the same token from the
-vocab-parallel head) and its next tokens enter stage 0 at its next turn: with M >= S that is
-never before they exist. The ring never drains between calls; after the S - 1 fill ticks of a
-fresh ring no stage idles while a micro-batch has live rows or a prompt token is planned.
+(b1 = b[0:24], b2 = b[24:40], c1 = c[0:23], c2 = c[23]; ' = that micro-batch's next tokens: a's
+first token is sampled when m0 leaves stage 2 at tick 2, b's at 3, c's at 4; c's last token
+waits for m2's turn.) A micro-batch's tokens are sampled when it leaves the last stage (every
+device samples the same token from the vocab-parallel head) and its next tokens enter stage 0 at
+its next turn: with M >= S that is never before they exist. The ring never drains between calls;
+after the S - 1 fill ticks of a fresh ring no stage idles while a micro-batch has live rows or a
+prompt token is planned.
 
 Each stage runs its layers over its entry: the tick's keys and values are written into their
 pages, then every token attends to its own sequence's pages up to its own position

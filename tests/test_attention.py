@@ -59,11 +59,10 @@ def _case(rng, *, rows, block, hq, hkv, groups, queries, lengths, pages):
     return q, q_pos, seq, keys, values, k_pool, v_pool, tables
 
 
-@pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize(
-    "block,hq,hkv,queries",
-    [(4, 4, 4, 1), (3, 4, 2, 1), (4, 8, 2, 6), (5, 2, 1, 16)],
-    ids=["decode-mha", "decode-gqa2-odd-pages", "prompt-gqa4", "prompt-block16-mqa"],
+    "block,hq,hkv,queries,window",
+    [(4, 4, 4, 1, 0), (3, 4, 2, 1, 5), (4, 8, 2, 6, 5), (5, 2, 1, 16, 0)],
+    ids=["decode-mha", "decode-gqa2-odd-pages-window", "prompt-gqa4-window", "prompt-block16-mqa"],
 )
 def test_matches_dense_reference(block, hq, hkv, queries, window, monkeypatch):
     monkeypatch.setattr(attention, "ITEM_POSITIONS", 8)

@@ -1,6 +1,6 @@
 """Two processes x two CPU devices joined through jax.distributed (gloo) give the answers of
-one process with four devices: pp=4 (the stage axis crosses the processes) and pp=2 x tp=2,
-greedy and seeded sampling, logits within float32 rounding; each process reads only its own
+one process with four devices: pp=4 (the stage axis crosses the processes), greedy and seeded
+sampling, logits within float32 rounding; each process reads only its own
 shards of the checkpoint; an orbax checkpoint from `jaxpp convert` restores bit-identical
 logits, in one process and across two; processes started with different layouts refuse."""
 

@@ -124,9 +124,10 @@ def single_device(models):
 
 @pytest.mark.parametrize(
     "kind,dp,pp,tp",
-    [("dense", 1, 2, 2), ("dense", 1, 4, 2), ("dense", 2, 1, 4), ("moe", 1, 2, 2)]
+    [("dense", 1, 2, 2), ("dense", 2, 1, 4), ("moe", 1, 2, 2)]
     # The remaining layouts add ~1.5 minutes on 2 cores (dp=2 x pp=2 x tp=2 is also checked by
-    # test_serving and test_sampling): run them with `pytest -m slow`.
+    # test_serving and test_sampling, pp=4 by test_pipeline): run them with `pytest -m slow`.
+    + [pytest.param("dense", 1, 4, 2, marks=pytest.mark.slow)]
     + [pytest.param("dense", 2, 2, 2, marks=pytest.mark.slow)]
     + [pytest.param("moe", *layout, marks=pytest.mark.slow) for layout in LAYOUTS[1:]],
 )

@@ -147,59 +147,51 @@ def test_seeded_request_is_independent_of_batch_position_and_layout(model_dir):
 def test_penalties_logprobs_and_stops(model_dir):
     llm = jaxpp.LLM(model_dir, dtype="float32")
     prompt = random_seqs([6], seed=21)[0]
-    greedy = jaxpp.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=3)
-    [plain] = llm.generate([prompt], greedy)
+    greedy = jaxpp.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    # One batch (one sampler mode, penalties and logprobs, for all three rows): logprobs of a
+    # greedy request, a strong frequency penalty, and plain greedy.
+    logprobs = jaxpp.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=3)
+    penalised = jaxpp.SamplingParams(
+        max_tokens=16, temperature=0.0, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0
+    )
+    plain, pen, text_out = llm.generate([prompt] * 3, [logprobs, penalised, greedy])
     out = plain.outputs[0]
+    assert out.token_ids == text_out.outputs[0].token_ids  # the mode changes no greedy token
     assert len(out.logprobs) == 16
     for token, entry in zip(out.token_ids, out.logprobs, strict=True):
         assert token in entry and entry[token].rank == 1  # greedy picks the top token
         assert len(entry) == 3 and all(lp.logprob <= 0 for lp in entry.values())
-
-    # A strong frequency penalty forbids repeating the greedy tokens.
-    penalised = jaxpp.SamplingParams(
-        max_tokens=16, temperature=0.0, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0
-    )
-    tokens = llm.generate([prompt], penalised)[0].outputs[0].token_ids
+    # The penalty forbids repeating the greedy tokens.
+    tokens = pen.outputs[0].token_ids
     assert len(set(tokens)) > len(set(out.token_ids)) or len(set(tokens)) == 16
 
-    # stop_token_ids end a request with finish_reason "stop", the stop token included.
+    # A second batch: stop_token_ids end a request with finish_reason "stop", the stop token
+    # included; min_tokens holds the stop token back until enough tokens were generated; a
+    # stop string ends the text before the string, the tokens where it was completed.
     stop_at = out.token_ids[5]
     first = out.token_ids.index(stop_at)
-    stopped = llm.generate(
-        [prompt],
-        jaxpp.SamplingParams(
-            max_tokens=16, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_at]
-        ),
-    )[0].outputs[0]
+    text = text_out.outputs[0].text
+    needle = text[len(text) // 2 : len(text) // 2 + 2]
+    stopped, held, cut = llm.generate(
+        [prompt] * 3,
+        [
+            jaxpp.SamplingParams(
+                max_tokens=16, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_at]
+            ),
+            jaxpp.SamplingParams(
+                max_tokens=16, min_tokens=first + 2, temperature=0.0, ignore_eos=True,
+                stop_token_ids=[stop_at],
+            ),
+            jaxpp.SamplingParams(
+                max_tokens=16, temperature=0.0, ignore_eos=True, stop=[needle or "x"]
+            ),
+        ],
+    )  # fmt: skip
+    stopped, held, cut = stopped.outputs[0], held.outputs[0], cut.outputs[0]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_at
     assert stopped.token_ids == out.token_ids[: first + 1]
-    # min_tokens holds the stop token back until enough tokens were generated.
-    held = llm.generate(
-        [prompt],
-        jaxpp.SamplingParams(
-            max_tokens=16,
-            min_tokens=first + 2,
-            temperature=0.0,
-            ignore_eos=True,
-            stop_token_ids=[stop_at],
-        ),
-    )[0].outputs[0]
     assert len(held.token_ids) >= first + 2
-
-    # A stop string ends the text before the string; the tokens stop where it was completed.
-    text = (
-        llm.generate(
-            [prompt], jaxpp.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-        )[0]
-        .outputs[0]
-        .text
-    )
-    needle = text[len(text) // 2 : len(text) // 2 + 2]
     if needle.strip():
-        cut = llm.generate(
-            [prompt],
-            jaxpp.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, stop=[needle]),
-        )[0].outputs[0]
         assert cut.finish_reason == "stop" and cut.stop_reason == needle
         assert cut.text == text[: text.find(needle)]
 

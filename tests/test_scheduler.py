@@ -248,3 +248,21 @@ def test_buckets_are_few_and_tight():
     assert sizes[:10] == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32] and len(sizes) == 20
     assert all(_bucket(n, 1 << 30) <= 1.5 * n for n in range(1, 1025))
     assert _bucket(100, 48) == 48
+
+
+def test_the_tick_table_of_the_pipeline_docs():
+    """docs/pipeline.md and pipeline.py draw this schedule: prompts of 16, 40 and 24 tokens,
+    a budget of 40, three micro-batches."""
+    s = _scheduler(microbatches=3, rows=2, budget=40, stages=3)
+    for serial, length in enumerate((16, 40, 24)):
+        s.add(_request(serial, length))
+    step = s.schedule()
+    rows = {r.id: r.row for r in s.running}
+    assert [s.layout.locate(rows[i])[1] for i in range(3)] == [0, 1, 2]  # a, b, c
+    assert _chunks(step) == [
+        (0, rows[0], 0, 16),  # a
+        (0, rows[1], 0, 24),  # b1
+        (1, rows[1], 24, 16),  # b2: b's last token rides with its micro-batch, m1
+        (1, rows[2], 0, 23),  # c1
+        (2, rows[2], 23, 1),  # c2 at m2's turn
+    ]
