@@ -170,13 +170,17 @@ def _merge_items(part: Partial, top, total, acc, owner) -> Partial:
     """Fold the partials of some items (top, total [I, H, Q], acc [I, H, Q, Dh]) into the
     partials of the groups that own them (owner [I]; == groups: dropped)."""
     groups = part.top.shape[0]
-    new_top = jnp.maximum(part.top, jax.ops.segment_max(top, owner, groups, indices_are_sorted=True))
+    new_top = jnp.maximum(
+        part.top, jax.ops.segment_max(top, owner, groups, indices_are_sorted=True)
+    )
     rescale = jnp.exp(part.top - new_top)
     weight = jnp.exp(top - new_top[jnp.minimum(owner, groups - 1)])
     return Partial(
         new_top,
-        part.total * rescale + jax.ops.segment_sum(total * weight, owner, groups, indices_are_sorted=True),
-        part.acc * rescale[..., None] + jax.ops.segment_sum(acc * weight[..., None], owner, groups, indices_are_sorted=True),
+        part.total * rescale
+        + jax.ops.segment_sum(total * weight, owner, groups, indices_are_sorted=True),
+        part.acc * rescale[..., None]
+        + jax.ops.segment_sum(acc * weight[..., None], owner, groups, indices_are_sorted=True),
     )
 
 

@@ -28,6 +28,8 @@ if _cache_dir != "0":
 
         _cache_dir = tempfile.mkdtemp(prefix="jaxpp-test-xla-cache-")
         atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+        # pytest-xdist's workers start after this: they inherit the directory, not a new one.
+        os.environ["JAXPP_TEST_COMPILATION_CACHE"] = _cache_dir
     jax.config.update("jax_compilation_cache_dir", _cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -159,9 +159,9 @@ def test_a_killed_process_ends_the_job_and_resume_completes_it(model, tmp_path):
     out = tmp_path / "out.jsonl"
     command = [
         sys.executable, "-m", "jaxpp.cli", "launch", "--nproc", "2", "--devices-per-process",
-        "2", "--", "generate", "--model", str(model), "--pp", "4", "--max-num-seqs", "4",
-        "--max-model-len", "64", "--temperature", "0", "--input", str(tmp_path / "in.jsonl"),
-        "--output", str(out), "--quiet",
+        "2", "--grace", "1", "--", "generate", "--model", str(model), "--pp", "4",
+        "--max-num-seqs", "4", "--max-model-len", "64", "--temperature", "0",
+        "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--quiet",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     launcher = subprocess.Popen(

@@ -5,10 +5,11 @@ devices, joined through JAX's distributed runtime (for tests, and to try multi-h
 
 Each child is `python -m jaxpp.cli COMMAND...` with JAXPP_COORDINATOR=127.0.0.1:<a free port>,
 JAXPP_NUM_PROCESSES, JAXPP_PROCESS_ID and JAX_NUM_CPU_DEVICES set (gloo collectives on CPU).
-SIGINT and SIGTERM are forwarded to every child. When a child fails the others get
-`GRACE_S` to finish on their own (they run the same work, so they usually fail the same way),
-then are stopped; the launcher exits with the first failing child's status (128 + signal for a
-child killed by a signal), naming it on stderr.
+SIGINT and SIGTERM are forwarded to every child. When a child fails the others get `--grace`
+seconds (default GRACE_S) to finish on their own (they run the same work, so they usually fail
+the same way), then are stopped (SIGTERM, and SIGKILL after as long again); the launcher exits
+with the first failing child's status (128 + signal for a child killed by a signal), naming it
+on stderr.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ def add_parser(subparsers) -> None:
         metavar="D",
         help="CPU devices each process simulates (default: 1)",
     )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=GRACE_S,
+        metavar="SECONDS",
+        help=f"after a child fails, how long the others may run on (default: {GRACE_S:.0f})",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then a jaxpp command")
     p.set_defaults(func=run_launch)
 
@@ -62,6 +70,8 @@ def run_launch(args: argparse.Namespace) -> int:
         raise UsageError("launch needs a command after '--', e.g. -- generate --pp 2 ...")
     if args.nproc < 1 or args.devices_per_process < 1:
         raise UsageError("--nproc and --devices-per-process must be positive")
+    if not args.grace >= 0:
+        raise UsageError(f"--grace={args.grace} is invalid: expected seconds >= 0")
     coordinator = f"127.0.0.1:{_free_port()}"
     children = []
     for i in range(args.nproc):
@@ -87,28 +97,28 @@ def run_launch(args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, forward)
-    return _wait(children)
+    return _wait(children, args.grace)
 
 
-def _wait(children: list[subprocess.Popen]) -> int:
-    """Wait for every child; after the first failure, stop the stragglers after GRACE_S."""
+def _wait(children: list[subprocess.Popen], grace: float) -> int:
+    """Wait for every child; after the first failure, stop the stragglers after `grace` s."""
     failed: tuple[int, int] | None = None  # (process, code) of the first failure
     deadline = None
     while any(child.poll() is None for child in children):
         for i, child in enumerate(children):
             code = child.poll()
             if code not in (None, 0) and failed is None:
-                failed, deadline = (i, code), time.monotonic() + GRACE_S
+                failed, deadline = (i, code), time.monotonic() + grace
                 print(
                     f"jaxpp launch: process {i} exited with {_status(code)}; the others get "
-                    f"{GRACE_S:.0f} s to finish",
+                    f"{grace:g} s to finish",
                     file=sys.stderr,
                 )
         if deadline is not None and time.monotonic() > deadline:
             for child in children:
                 if child.poll() is None:
                     child.terminate()
-            deadline = time.monotonic() + GRACE_S
+            deadline = time.monotonic() + grace
             for child in children:
                 if child.poll() is None:
                     try:
