@@ -8,8 +8,9 @@ is a function of the call's `StepKind` alone. Every tick, on every device:
 1. the vocab-parallel embedding of the entering tokens: one psum over ("stage", "tensor") of
    [w + C, D];
 2. its stage's layer slots over those w + C tokens, each: the weight GEMMs, the new keys and
-   values written into their pages, attention over `decode_items + prompt_items` items of
-   ITEM_POSITIONS positions (attention.py), and two psums over "tensor" of [w + C, D];
+   values written into their pages, attention over `decode_items` and `prompt_items` items
+   (of ITEM_POSITIONS["decode"] and ["prompt"] positions, attention.py), and two psums over
+   "tensor" of [w + C, D];
 3. a psum over "stage" of the last stage's [w, D] rows (all w + C when collecting logits), then
    its vocab shard of the LM head over them and the sharded argmax (a pmax and a pmin over the
    vocab devices);
@@ -84,7 +85,10 @@ class CostModel:
         self.kv_position_bytes = kv_bytes_per_page(layout) / (
             layout.layers_per_stage * layout.block_size
         )
-        self.item_positions = item_pages(layout.block_size) * layout.block_size
+        self.item_positions = {
+            kind: item_pages(layout.block_size, kind) * layout.block_size
+            for kind in ("decode", "prompt")
+        }
         self.attention_flops = 4 * (cfg.num_heads // layout.tp) * cfg.head_dim  # per query-key
         self.hidden_bytes = cfg.hidden_size * self.itemsize
         # Every slot is computed on every stage (an empty one is masked): the MoE kind of a
@@ -102,12 +106,11 @@ class CostModel:
         compute = 0.0
         for is_moe in self.slot_kinds:
             weight_bytes, macs = self._layer_gemms(is_moe, tokens)
-            positions = (kind.decode_items + kind.prompt_items) * self.item_positions
-            queries = kind.decode_items + kind.prompt_items * QUERY_BLOCK
-            kv_bytes = (
-                positions + tokens
-            ) * self.kv_position_bytes  # read, and this tick's written
-            score_flops = queries * self.item_positions * self.attention_flops
+            decode = kind.decode_items * self.item_positions["decode"]
+            prompt = kind.prompt_items * self.item_positions["prompt"]
+            # Keys read, and this tick's written; each read by 1 or QUERY_BLOCK queries.
+            kv_bytes = (decode + prompt + tokens) * self.kv_position_bytes
+            score_flops = (decode + prompt * QUERY_BLOCK) * self.attention_flops
             compute += max(weight_bytes / self.bandwidth, 2 * macs / self.peak)
             compute += max(kv_bytes / self.bandwidth, score_flops / self.peak)
         tensor = 2 * len(self.slot_kinds) * self._all_reduce("tensor", tokens * self.hidden_bytes)

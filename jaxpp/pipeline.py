@@ -347,14 +347,14 @@ class Pipeline:
                     if w:
                         dec = paged_attention(
                             q[:w, None], dec_pos[:, None], dec_rows, k_pool, v_pool, tables,
-                            window, items=kind.decode_items,
+                            window, items=kind.decode_items, kind="decode",
                         )  # fmt: skip
                         parts.append(dec[:, 0])
                     if C:
                         blocks = q[w:].reshape((NB, QB) + q.shape[1:])
                         pre = paged_attention(
                             blocks, p_pos, b_row, k_pool, v_pool, tables, window,
-                            items=kind.prompt_items,
+                            items=kind.prompt_items, kind="prompt",
                         )  # fmt: skip
                         parts.append(pre.reshape((C,) + q.shape[1:]))
                     return jnp.concatenate(parts)

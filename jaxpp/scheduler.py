@@ -486,7 +486,8 @@ class Scheduler:
             length = min(QUERY_BLOCK, n - i)
             row = request.row - replica * plan.per_replica
             plan.blocks[replica, k, (slot + i) // QUERY_BLOCK] = (row, start + i, length)
-            plan.items[replica, k] += items_needed(0, start + i + length - 1, self.pool.block_size)
+            last = start + i + length - 1
+            plan.items[replica, k] += items_needed(0, last, self.pool.block_size, "prompt")
         plan.slots[replica, k] += _padded(n)
         self._entry_prompt[self.tick + k] = self._entry_prompt.get(self.tick + k, 0) + n
         request.planned = request.bound = start + n
@@ -508,7 +509,7 @@ class Scheduler:
         for request in self.running:
             if request.decoding and request.row is not None:
                 key = self.layout.locate(request.row)[:2]
-                need = items_needed(0, request.bound - 1, self.pool.block_size)
+                need = items_needed(0, request.bound - 1, self.pool.block_size, "decode")
                 per_microbatch[key] = per_microbatch.get(key, 0) + need
         return max(per_microbatch.values(), default=0)
 

@@ -65,7 +65,8 @@ def _case(rng, *, rows, block, hq, hkv, groups, queries, lengths, pages):
     ids=["decode-mha", "decode-gqa2-odd-pages-window", "prompt-gqa4-window", "prompt-block16-mqa"],
 )
 def test_matches_dense_reference(block, hq, hkv, queries, window, monkeypatch):
-    monkeypatch.setattr(attention, "ITEM_POSITIONS", 8)
+    kind = "decode" if queries == 1 else "prompt"
+    monkeypatch.setitem(attention.ITEM_POSITIONS, kind, 8)
     rng = np.random.default_rng(block * 100 + queries + window)
     lengths = rng.integers(1, 40, size=6).tolist()
     q, q_pos, seq, keys, values, k_pool, v_pool, tables = _case(
@@ -76,14 +77,14 @@ def test_matches_dense_reference(block, hq, hkv, queries, window, monkeypatch):
     for g in range(len(seq)):
         real = q_pos[g][q_pos[g] >= 0]
         if len(real):
-            need += items_needed(0, int(real.max()), block)
+            need += items_needed(0, int(real.max()), block, kind)
     want = _reference(q, q_pos, seq, keys, values, window)
     for items in (need, need + 5):  # the exact bound, and padding items
         # A tiny read bound forces several loop steps over the items.
         monkeypatch.setattr(attention, "READ_ELEMENTS", 3 * 8 * 8 * queries * (hq // hkv))
         got = paged_attention(
             jnp.asarray(q), jnp.asarray(q_pos), jnp.asarray(seq), jnp.asarray(k_pool),
-            jnp.asarray(v_pool), jnp.asarray(tables), jnp.int32(window), items=items,
+            jnp.asarray(v_pool), jnp.asarray(tables), jnp.int32(window), items=items, kind=kind,
         )  # fmt: skip
         got = np.asarray(got)
         assert np.isfinite(got).all()

@@ -102,7 +102,8 @@ def test_answers_do_not_depend_on_row_pages_budget_or_neighbours(model_dir, prom
 def test_long_sequences_read_many_attention_items(model_dir, prompts, alone, monkeypatch):
     """Attention items of 8 positions (2 pages of 4): each sequence reads up to 7 of them, in
     decode and over its cached prefix, next to shorter ones."""
-    monkeypatch.setattr(jaxpp.attention, "ITEM_POSITIONS", 8)
+    monkeypatch.setitem(jaxpp.attention.ITEM_POSITIONS, "decode", 8)
+    monkeypatch.setitem(jaxpp.attention.ITEM_POSITIONS, "prompt", 8)
     llm = jaxpp.LLM(str(model_dir), dtype="float32", block_size=4, max_num_batched_tokens=24)
     picked = [1, 6, 0]
     outs = llm.generate([prompts[i] for i in picked], [_greedy(BUDGETS[i]) for i in picked])
