@@ -312,6 +312,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
+    n: int = 1  # completions of the prompt (sample j seeded seed + j when a seed is given)
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -357,6 +358,7 @@ class SamplingParams:
                 "> 0",
             ),
             ("skip_special_tokens", isinstance(self.skip_special_tokens, bool), "a bool"),
+            ("n", _is_int(self.n) and 1 <= self.n < 2**16, "an integer in [1, 65536)"),
         ]
         for name, ok, expected in checks:
             if not ok:

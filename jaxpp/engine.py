@@ -65,7 +65,9 @@ class LLM:
     to `max_model_len` positions (default: the model's). Each tick a micro-batch carries at most
     `max_num_batched_tokens` tokens (default 2048 on a CPU, 8192 on accelerators): its decode
     tokens, then prompt tokens of as many requests as fit. While nothing waits, a call runs
-    `decode_chunk` rounds of the ring (one token per decoding sequence each).
+    `decode_chunk` rounds of the ring (one token per decoding sequence each). With
+    `enable_prefix_caching` (the default, as in vLLM) a prompt that starts like an earlier
+    one reuses the KV pages of their common full pages instead of computing them again.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class LLM:
         block_size: int = DEFAULT_BLOCK_SIZE,
         decode_chunk: int = 16,
         kv_cache_memory: int | None = None,
+        enable_prefix_caching: bool = True,
     ):
         for name, value in (
             ("pp", pp),
@@ -103,6 +106,11 @@ class LLM:
         ):
             if value is not None:
                 _check_positive_int(name, value)
+        if not isinstance(enable_prefix_caching, bool):
+            raise ValueError(
+                f"enable_prefix_caching={enable_prefix_caching!r} is invalid: "
+                "expected True or False"
+            )
         if not _is_int(seed) or seed < 0:
             raise ValueError(f"seed={seed!r} is invalid: expected an integer >= 0")
         self.model_dir = Path(model)
@@ -143,6 +151,7 @@ class LLM:
         self.microbatches = lay.microbatches
         self.max_model_len = lay.max_model_len
         self.block_size = lay.block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.max_num_batched_tokens = lay.token_budget
         self.decode_chunk = decode_chunk
         self._seed_rng = np.random.default_rng(seed)
@@ -176,7 +185,12 @@ class LLM:
         )
         self.ring = self._empty_ring(penalties=False)
         pool = PagePool(
-            dp, pages, lay.block_size, self.microbatches * self.shape.rows, lay.pages_per_seq
+            dp,
+            pages,
+            lay.block_size,
+            self.microbatches * self.shape.rows,
+            lay.pages_per_seq,
+            prefix_caching=enable_prefix_caching,
         )
         self.scheduler = Scheduler(
             self.layout,
@@ -199,6 +213,9 @@ class LLM:
         self._tokenizer = None
         self.generation_defaults = generation_defaults(self.model_dir)
         self.last_run_stats: dict = {}
+        # Prompts asked for n > 1 samples: first sample's serial -> each sample's output.
+        self._groups: dict[int, dict[int, RequestOutput | None]] = {}
+        self._group_of: dict[int, int] = {}  # a sample's serial -> its group
 
     @property
     def tokenizer(self):
@@ -241,7 +258,22 @@ class LLM:
         its request id."""
         params = self._params_list(sampling_params, 1)[0]
         text, ids = self._encode(prompt, 0)
-        return str(self._add(ids, params, text).id)
+        return str(self._add_samples(ids, params, text))
+
+    def _add_samples(self, ids: list[int], params: SamplingParams, text: str | None) -> int:
+        """Queue params.n samples of one prompt (one request each: they share the prompt's
+        pages through the prefix cache); returns the serial their joint output comes under."""
+        if params.n == 1:
+            return self._add(ids, params, text).id
+        samples = [
+            self._add(ids, dataclasses.replace(params, n=1, seed=_nth_seed(params.seed, j)), text)
+            for j in range(params.n)
+        ]
+        group = samples[0].id
+        self._groups[group] = {r.id: None for r in samples}
+        for r in samples:
+            self._group_of[r.id] = group
+        return group
 
     def _add(
         self, ids: list[int], params: SamplingParams, text: str | None, score: bool = False
@@ -361,12 +393,19 @@ class LLM:
         """Requests queued for a row and pages (not yet admitted, or preempted)."""
         return len(self.scheduler.waiting)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (the pages no request holds become blank)."""
+        self.scheduler.pool.forget_prefixes()
+
     def abort_request(self, request_id: str) -> None:
         """Forget a request: dropped if queued, withdrawn from its slot if running; no output
         comes back for it. Unknown or finished ids are ignored."""
         serial = int(request_id)
-        self.scheduler.abort({serial})
-        self._requests.pop(serial, None)
+        serials = set(self._groups.pop(serial, None) or {serial})
+        self.scheduler.abort(serials)
+        for s in serials:
+            self._requests.pop(s, None)
+            self._group_of.pop(s, None)
 
     def step(self) -> list[RequestOutput]:
         """Plan and dispatch the next ring call, then read the previous call's log: returns the
@@ -385,7 +424,7 @@ class LLM:
             finished = self.scheduler.update(previous, to_host(previous_log))
         self._in_flight = (step, log) if step is not None else None
         stats = self.scheduler.stats.as_dict() if finished else {}
-        outputs = [self._output(r, stats) for r in finished]
+        outputs = self._join_samples([self._output(r, stats) for r in finished])
         if log is not None:
             self._poll(log)
         return outputs
@@ -476,7 +515,7 @@ class LLM:
         params = self._params_list(sampling_params, len(prompts))
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
         serials = [
-            self._add(ids, p, text).id for (text, ids), p in zip(encoded, params, strict=True)
+            self._add_samples(ids, p, text) for (text, ids), p in zip(encoded, params, strict=True)
         ]
         done = self._run(serials, on_finish)
         return [done[serial] for serial in serials]
@@ -555,6 +594,22 @@ class LLM:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=p.skip_special_tokens)
 
+    def _join_samples(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Outputs as the caller sees them: the n samples of one prompt come back together,
+        once the last of them is done, as one output of n completions."""
+        ready = []
+        for out in outputs:
+            group = self._group_of.pop(int(out.request_id), None)
+            if group is None:
+                ready.append(out)
+                continue
+            parts = self._groups[group]
+            parts[int(out.request_id)] = out
+            if all(p is not None for p in parts.values()):
+                del self._groups[group]
+                ready.append(_joined(list(parts.values())))
+        return ready
+
     def _completion(self, request: Request) -> CompletionOutput:
         p = request.params
         token_ids = list(request.tokens)
@@ -614,6 +669,29 @@ class LLM:
                 for shard in leaf.addressable_shards:
                     usage[shard.device.id][key] += shard.data.nbytes
         return list(usage.values())
+
+
+def _nth_seed(seed: int | None, j: int) -> int | None:
+    return None if seed is None else seed + j
+
+
+def _joined(parts: list[RequestOutput]) -> RequestOutput:
+    """One output of the samples' completions (index j: sample j); its times span them all."""
+    first, metrics = parts[0], [p.metrics for p in parts]
+    completions = [dataclasses.replace(p.outputs[0], index=j) for j, p in enumerate(parts)]
+    start = min(m.first_token_time for m in metrics)
+    end = max(m.finished_time for m in metrics)
+    later = sum(len(c.token_ids) - 1 for c in completions)
+    joint = RequestMetrics(
+        arrival_time=first.metrics.arrival_time,
+        first_token_time=start,
+        finished_time=end,
+        time_to_first_token=start - first.metrics.arrival_time,
+        decode_time=end - start,
+        decode_tokens_per_s=later / (end - start) if end > start else 0.0,
+        pipeline=metrics[-1].pipeline,
+    )
+    return dataclasses.replace(first, outputs=completions, metrics=joint)
 
 
 def _is_int(x) -> bool:

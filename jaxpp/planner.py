@@ -19,6 +19,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from flax import nnx
 
 from jaxpp.bench import Request as BenchRequest
@@ -57,6 +58,7 @@ class Plan:
     kv_bytes: int  # per device
     kv_budget: int  # what the engine gives the KV pool per device
     state: nnx.State  # the abstract parameter state
+    enable_prefix_caching: bool = True  # as the engine: replays reuse cached prompt pages
 
     @property
     def shape(self):
@@ -115,6 +117,7 @@ class Plan:
             kv_bytes_per_page(lay) / 1e9,
             log_interval,
             log,
+            prefix_caching=self.enable_prefix_caching,
         )
 
     def speed(self, batch_sizes: Sequence[int], input_len: int, output_len: int) -> list[dict]:
@@ -122,7 +125,13 @@ class Plan:
         by an engine with B rows (and the pages of this plan)."""
         rows = []
         for batch in batch_sizes:
-            requests = [BenchRequest([0] * input_len, output_len) for _ in range(batch)]
+            # Distinct prompts: no request finds another's pages in the prefix cache.
+            rng = np.random.default_rng(batch)
+            vocab = self.layout.config.vocab_size
+            requests = [
+                BenchRequest(rng.integers(0, vocab, size=input_len).tolist(), output_len)
+                for _ in range(batch)
+            ]
             sized = dataclasses.replace(self, max_num_seqs=row_count(self.layout, batch))
             result = sized.serve(requests)
             rows.append({"batch": batch, **result.summary(requests)})
@@ -160,6 +169,7 @@ def plan(
     block_size: int = DEFAULT_BLOCK_SIZE,
     decode_chunk: int = 16,
     kv_cache_memory: int | None = None,
+    enable_prefix_caching: bool = True,
 ) -> Plan:
     """The memory plan of a layout, as `LLM(model, pp=..., ...)` would allocate it on
     `hardware`. A layout whose weights do not fit is planned all the same (with one KV page)
@@ -199,6 +209,7 @@ def plan(
         kv_bytes=0,
         kv_budget=budget,
         state=state,
+        enable_prefix_caching=enable_prefix_caching,
     )
     result.kv_bytes = cache_device_bytes(lay, result.shape, lay.mesh)
     return result

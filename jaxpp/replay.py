@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from jaxpp.bench import Request as BenchRequest
-from jaxpp.bench import format_interval, latency, serving_figures
+from jaxpp.bench import format_interval, latency, prompt_rates, serving_figures
 from jaxpp.config import SamplingParams
 from jaxpp.costmodel import CostModel
 from jaxpp.kv_pages import PagePool
@@ -174,6 +174,7 @@ def replay(
     page_gb: float,
     log_interval: float = 5.0,
     log: Callable[[str], None] = lambda line: None,
+    prefix_caching: bool = True,
 ) -> ReplayResult:
     """Serve `requests` (arrivals in seconds) in modelled time; LLM.step's loop, device
     calls priced by `cost`."""
@@ -181,7 +182,7 @@ def replay(
     layout = SlotLayout(replicas, shape.microbatches, shape.rows)
     pool = PagePool(
         replicas, shape.pages, shape.block_size, shape.microbatches * shape.rows,
-        shape.pages_per_seq,
+        shape.pages_per_seq, prefix_caching,
     )  # fmt: skip
     scheduler = Scheduler(
         layout, pool, token_budget, shape.stages, decode_chunk, eos_token_ids,
@@ -193,7 +194,7 @@ def replay(
     device_free = busy = 0.0
     in_flight: tuple[Step, SimpleNamespace, float] | None = None
     intervals: list[dict] = []
-    mark = {"t": 0.0, "tokens": 0, "prompt_tokens": 0}
+    mark = {"t": 0.0, "tokens": 0, "prompt_tokens": 0, "hits": 0}
 
     def interval() -> None:
         stats = scheduler.stats
@@ -203,12 +204,12 @@ def replay(
             "step": stats.calls,
             "batch": scheduler.decoding,
             "queue": len(scheduler.waiting),
-            "prompt_t": (stats.prompt_tokens - mark["prompt_tokens"]) / span,
+            **prompt_rates(stats, mark, span),
             "decode_t": (stats.tokens - mark["tokens"]) / span,
             "npu_mem": params_gb
             + page_gb * max(pool.pages - pool.free_pages(r) for r in range(pool.replicas)),
         }
-        mark.update(t=clock.now, tokens=stats.tokens, prompt_tokens=stats.prompt_tokens)
+        mark.update(t=clock.now, tokens=stats.tokens)
         intervals.append(line)
         log(format_interval(line))
 

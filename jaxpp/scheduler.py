@@ -11,9 +11,11 @@ the scheduler
 - fills each tick's token budget (`max_num_batched_tokens`) for the micro-batch entering at
   that tick: its decode rows first, then the unfinished prompts (oldest first), then new
   requests from the queue (first come, first served) into that micro-batch's free rows, as long
-  as their pages fit. A prompt longer than what is left of a tick continues over the next ticks;
-  its LAST chunk waits for its own micro-batch's tick (pipeline.py samples the first token
-  there);
+  as their pages fit. An admitted request first takes the cached pages of its longest prefix
+  (kv_pages.py: the prefix cache) and plans only the rest; the pages of every prompt planned
+  become findable at once, those of an answer when its request finishes. A prompt longer than
+  what is left of a tick continues over the next ticks; its LAST chunk waits for its own
+  micro-batch's tick (pipeline.py samples the first token there);
 - picks the call's static shape from a few buckets (decode width, prompt slots, attention
   items, rounds: `StepKind`), so the compiled programs are a fixed set;
 - reads each call's log: appends every sampled token to its request (found by its tag),
@@ -154,7 +156,9 @@ class RunStats:
     busy: int = 0  # stage-ticks that did work, summed over stages and replicas
     work: int = 0  # tokens computed over those stage-ticks
     tokens: int = 0  # tokens sampled (decode tokens and first tokens)
-    prompt_tokens: int = 0  # prompt tokens that entered the ring (recomputed ones included)
+    prompt_tokens: int = 0  # prompt tokens admitted (recomputed ones included)
+    prefix_cache_hit_tokens: int = 0  # of those, found in the prefix cache (not computed)
+    prefix_cache_evictions: int = 0  # cached pages given to other sequences
     peak_running: int = 0  # most rows decoding at once
     kv_blocks_peak: int = 0  # most KV pages in use at once
     preemptions: int = 0
@@ -185,6 +189,11 @@ class RunStats:
             "tokens_per_busy_stage_tick": self.work / self.busy if self.busy else 0.0,
             "tokens": self.tokens,
             "prompt_tokens": self.prompt_tokens,
+            "prefix_cache_hit_tokens": self.prefix_cache_hit_tokens,
+            "prefix_cache_hit_rate": (
+                self.prefix_cache_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+            ),
+            "prefix_cache_evictions": self.prefix_cache_evictions,
             "peak_running": self.peak_running,
             "kv_blocks_total": self.kv_blocks_total,
             "kv_blocks_peak": self.kv_blocks_peak,
@@ -359,6 +368,7 @@ class Scheduler:
             pages_in_use=self.pool.in_use,
         )
         self.stats.kv_blocks_peak = max(self.stats.kv_blocks_peak, self.pool.in_use)
+        self.stats.prefix_cache_evictions = self.pool.evictions - self._evictions_before
         self.calls += 1
         self.tick += rounds * M
         return step
@@ -423,14 +433,20 @@ class Scheduler:
             replica, own = self.layout.locate(row)[0], self.layout.locate(row)[1] == microbatch
             request = self.waiting[0]
             sequence = request.prompt + request.tokens
-            n = min(len(sequence), rooms[replica], plan.free_slots(replica, k))
-            n -= n == len(sequence) and not own
+            # Its last token is always computed: the first token is sampled from its logits.
+            cached = (
+                self.pool.lookup(replica, sequence, len(sequence) - 1) if _reuses(request) else []
+            )
+            self.pool.share(row, cached)
+            done = len(cached) * self.pool.block_size
+            n = min(len(sequence) - done, rooms[replica], plan.free_slots(replica, k))
+            n -= done + n == len(sequence) and not own
             ahead = min(len(sequence) + self.max_rounds, request.last_position)
-            if not self.pool.grow(row, ahead if n == len(sequence) else n):
+            if not self.pool.grow(row, ahead if done + n == len(sequence) else done + n):
                 self.pool.release(row)
                 return  # the head of the queue waits for pages, and so does the rest
             self.waiting.popleft()
-            self._seat(request, row, sequence)
+            self._seat(request, row, sequence, done)
             if n:
                 self._place(request, plan, k, n)
             rooms[replica] -= n
@@ -456,12 +472,16 @@ class Scheduler:
                         best, best_key = free[0], key
         return best
 
-    def _seat(self, request: Request, row: int, sequence: list[int]) -> None:
+    def _seat(self, request: Request, row: int, sequence: list[int], cached: int) -> None:
+        """Seat an admitted request in `row`, whose first `cached` positions hold the KV of a
+        cached prefix already."""
         request.tag = self._next_tag
         self._next_tag += 1
         request.row = row
         request.sequence = sequence
-        request.planned = request.bound = 0
+        request.planned = request.bound = cached
+        self.stats.prompt_tokens += len(sequence)
+        self.stats.prefix_cache_hit_tokens += cached
         request.decoding = request.feeds = False
         request.admitted = request.admitted or self.clock()
         self.occupant[row] = request
@@ -491,10 +511,10 @@ class Scheduler:
         plan.slots[replica, k] += _padded(n)
         self._entry_prompt[self.tick + k] = self._entry_prompt.get(self.tick + k, 0) + n
         request.planned = request.bound = start + n
+        self.pool.publish(request.row, request.sequence, request.planned)
         if request.planned == len(request.sequence):
             plan.finish[replica, k, local] = slot + n - 1
             request.decoding, request.feeds = True, False
-        self.stats.prompt_tokens += n
 
     def _decode_rows(self, replica: int, microbatch: int) -> int:
         """Rows of that micro-batch that may feed a decode token at its tick."""
@@ -619,6 +639,9 @@ class Scheduler:
             self.releasing[row] = self.calls
             self.pool.release(row, after=self.calls)
         else:
+            # Finished on the device: every position but the last token's holds its KV.
+            sequence = request.prompt + request.tokens
+            self.pool.publish(row, sequence, len(sequence) - 1)
             self.occupant[row] = None
             self.pool.release(row)
 
@@ -651,6 +674,7 @@ class Scheduler:
 
     def _fresh_stats(self, start_tick: int) -> RunStats:
         lay = self.layout
+        self._evictions_before = self.pool.evictions
         return RunStats(
             self.stages,
             lay.microbatches,
@@ -662,6 +686,15 @@ class Scheduler:
 
     def reset_stats(self) -> None:
         self.stats = self._fresh_stats(self.tick)
+
+
+def _reuses(request: Request) -> bool:
+    """Whether a request may start from a cached prefix: not one that asks for the logits of
+    every prompt position (LLM.logits), nor one whose penalties count the prompt's tokens as
+    they enter the ring."""
+    p = request.params
+    penalties = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+    return not (request.score or penalties)
 
 
 def _padded(n: int) -> int:

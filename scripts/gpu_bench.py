@@ -242,7 +242,7 @@ def main() -> int:
             (run_pass(llm, requests, 1e9, lambda *a: None) for _ in range(2)),
             key=lambda r: r.duration,
         )
-        row["jaxpp"] = summarize(requests, best)
+        row["jaxpp"] = summarize(best)
         row["jaxpp"]["compilations_timed"] = best.compilations
         row["jaxpp"]["ticks"] = best.stats["ticks"]
         row["jaxpp"]["calls"] = best.stats["calls"]

@@ -154,7 +154,9 @@ def fake(tmp_path, monkeypatch):
 
 
 def test_sampling_fields_match_sampling_params():
-    assert set(formats.SAMPLING_FIELDS) == {
+    """Every SamplingParams field but `n`: a plain line has one answer (an OpenAI batch line
+    takes `n`)."""
+    assert set(formats.SAMPLING_FIELDS) | {"n"} == {
         f.name for f in dataclasses.fields(jaxpp.SamplingParams)
     }
 

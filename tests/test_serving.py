@@ -62,6 +62,7 @@ def _nan_pools(llm) -> None:
     """Fill every KV page with NaN: a page read before it is written poisons the answer."""
     fill = jax.jit(lambda a: jnp.full_like(a, jnp.nan))
     llm.ring = llm.ring._replace(cache=jax.tree.map(fill, llm.ring.cache))
+    llm.reset_prefix_cache()  # what the cached pages held is gone
 
 
 def test_alone_matches_transformers(model_dir, prompts, alone):

@@ -66,11 +66,20 @@ from jaxpp.bench.serving import (
     format_interval,
     greedy_params,
     latency,
+    prompt_rates,
     run_pass,
     serving_figures,
     summarize,
 )
-from jaxpp.bench.workloads import Request, preset_dir, preset_path, random_requests, read_trace
+from jaxpp.bench.workloads import (
+    Request,
+    multi_turn_requests,
+    preset_dir,
+    preset_path,
+    random_requests,
+    read_trace,
+    shared_prefix_requests,
+)
 
 # --------------------------------------------------------------------------------------------
 # command line
@@ -110,6 +119,22 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="random requests arrive as a Poisson process of this rate (req/s; default: all at"
         " once)",
     )
+    p.add_argument(
+        "--shared-prefix-len",
+        type=int,
+        default=0,
+        help="random requests start with one of --num-prefixes common prefixes of this many "
+        "tokens (default 0: none)",
+    )
+    p.add_argument("--num-prefixes", type=int, default=1, help="common prefixes to draw from")
+    p.add_argument(
+        "--multi-turn",
+        type=int,
+        default=0,
+        metavar="TURNS",
+        help="--num-prompts conversations of TURNS turns: each turn's prompt is the previous "
+        "prompt + its answer + a new question of --input-len tokens (default 0: off)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--batch-size",
@@ -131,6 +156,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="tokens a micro-batch carries per tick (default: the engine's)",
     )
     p.add_argument("--block-size", type=int, default=None, help="positions per KV page")
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV pages of cached prompt prefixes (default: on; the cache is emptied "
+        "before each timed pass)",
+    )
     p.add_argument(
         "--kv-cache-memory", type=int, default=None, help="KV page pool per device, bytes"
     )
@@ -252,8 +284,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         model_dir = Path(args.model) if args.model else preset_dir(args.preset, args.cache_dir)
         cfg = ModelConfig.from_dir(model_dir)
+        lengths = (args.input_len, args.output_len, args.range_ratio, cfg.vocab_size, args.seed)
         if args.trace:
             requests = read_trace(args.trace, cfg.vocab_size, args.seed, args.scale_lengths)
+        elif args.multi_turn:
+            requests = multi_turn_requests(args.num_prompts, args.multi_turn, *lengths)
+        elif args.shared_prefix_len:
+            requests = shared_prefix_requests(
+                args.num_prompts, args.shared_prefix_len, args.num_prefixes, *lengths,
+                args.request_rate,
+            )  # fmt: skip
         else:
             requests = random_requests(
                 args.num_prompts,
@@ -278,8 +318,11 @@ def run(args: argparse.Namespace) -> int:
             kv_cache_memory=args.kv_cache_memory,
             decode_chunk=args.decode_chunk,
             seed=args.seed,
+            enable_prefix_caching=args.enable_prefix_caching,
             **({} if args.block_size is None else {"block_size": args.block_size}),
         )
+        if args.multi_turn and args.compare_hf:
+            raise ValueError("--compare-hf runs static batches: not with --multi-turn")
         load_s = time.perf_counter() - t
         longest = max(len(r.prompt) for r in requests)
         if longest > llm.max_model_len:
@@ -303,7 +346,10 @@ def run(args: argparse.Namespace) -> int:
     )
     t = time.perf_counter()
     with CompileCounter() as counter:
-        llm.warm_up([r.prompt for r in requests], [greedy_params(r) for r in requests])
+        if args.multi_turn:  # later turns are longer: serve the whole conversations once
+            run_pass(llm, requests, math.inf, lambda *a: None)
+        else:
+            llm.warm_up([r.prompt for r in requests], [greedy_params(r) for r in requests])
     warm_s = time.perf_counter() - t
     log(
         f"warm-up: {llm.compiled_programs} step programs, {counter.count} compilations, "
@@ -351,6 +397,7 @@ def run(args: argparse.Namespace) -> int:
             "max_num_seqs": llm.max_num_seqs,
             "max_num_batched_tokens": llm.max_num_batched_tokens,
             "block_size": llm.block_size,
+            "enable_prefix_caching": llm.enable_prefix_caching,
             "kv_pages": llm.kv_pages,
             "decode_chunk": llm.decode_chunk,
             "max_model_len": llm.max_model_len,
@@ -363,14 +410,14 @@ def run(args: argparse.Namespace) -> int:
         "compilations_timed": sum(r.compilations for r in results),
         "compiled_timed": sorted(set(n for r in results for n in r.compiled)),
         "repeats": [r.duration for r in results],
-        **summarize(requests, best),
+        **summarize(best),
         "pipeline": {k: v for k, v in best.stats.items() if not k.endswith("schedule")},
         "intervals": best.intervals,
         "device_memory": llm.device_memory(),
-        "decode_bandwidth": decode_bandwidth(llm, requests, best),
+        "decode_bandwidth": decode_bandwidth(llm, best),
     }
     peak = peak_flops(dtype_name, args.peak_tflops)
-    flops = prefill_flops(cfg, [len(r.prompt) for r in requests])
+    flops = prefill_flops(cfg, [len(r.prompt) for r in best.requests])
     report["prefill"] = {
         "flops": flops,
         # Over the whole pass: a prefill figure for runs of one-token outputs.
@@ -435,6 +482,7 @@ __all__ = [
     "main",
     "preset_dir",
     "preset_path",
+    "prompt_rates",
     "random_requests",
     "read_trace",
     "run",

@@ -8,7 +8,6 @@ import time
 import numpy as np
 
 from jaxpp.bench.serving import PassResult
-from jaxpp.bench.workloads import Request
 
 # Peak dense bf16 FLOP/s (no sparsity) by device kind substring.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
@@ -85,7 +84,7 @@ def peak_flops(dtype_name: str, override_tflops: float | None) -> float | None:
     return None
 
 
-def decode_bandwidth(llm, requests: list[Request], result: PassResult) -> dict:
+def decode_bandwidth(llm, result: PassResult) -> dict:
     """Bytes one device reads per tick on average (its weight shard, its vocab shard of the LM
     head, the live KV of the rows it serves: each token attends to its position's worth of
     cache), divided by the measured tick time. Prefill chunks count as ticks too: this is a
@@ -99,7 +98,7 @@ def decode_bandwidth(llm, requests: list[Request], result: PassResult) -> dict:
     weights = (nums["layer_params"] + nums["head_params"]) / devices * dtype_bytes
     kv_read = sum(
         sum(len(r.prompt) + i for i in range(len(o.outputs[0].token_ids)))
-        for r, o in zip(requests, result.outputs, strict=True)
+        for r, o in zip(result.requests, result.outputs, strict=True)
     )
     kv = kv_read * nums["kv_elems_per_token"] * dtype_bytes / devices / llm.dp
     per_tick = weights + kv / ticks

@@ -60,6 +60,7 @@ def greedy_params(r: Request):
 @dataclasses.dataclass
 class PassResult:
     duration: float
+    requests: list[Request]  # every request served, in order: later turns after the first
     outputs: list  # RequestOutput per request, in request order
     latencies: list[dict]  # per request: ttft, tpot, e2e seconds, measured from its arrival
     stats: dict  # the ring's counters over the pass (scheduler.RunStats.as_dict)
@@ -70,46 +71,57 @@ class PassResult:
 
 
 def run_pass(
-    llm, requests: list[Request], log_interval: float = 5.0, log: Callable = print
+    llm,
+    requests: list[Request],
+    log_interval: float = 5.0,
+    log: Callable = print,
+    sampling: Callable = greedy_params,
 ) -> PassResult:
     """Admit each request at its arrival time and step the engine until every one is done,
-    logging an interval line every `log_interval` seconds."""
-    order = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
-    outputs: list = [None] * len(requests)
-    latencies: list = [None] * len(requests)
+    logging an interval line every `log_interval` seconds; `sampling(request)` gives its
+    SamplingParams (default: greedy, exactly `output_len` tokens). A conversation's next turn is
+    admitted as soon as its previous turn is answered. The prefix cache starts empty: a pass
+    finds only what it computed itself."""
+    llm.reset_prefix_cache()
+    served = sorted(requests, key=lambda r: r.arrival)
+    outputs: list = [None] * len(served)
+    latencies: list = [None] * len(served)
+    arrived: list[float] = []  # perf_counter time of each admitted request
     owner: dict[str, int] = {}
     llm.scheduler.reset_stats()
     idle_before = llm.device_idle_s
     intervals: list[dict] = []
     with CompileCounter() as counter:
         start = time.perf_counter()
-        mark = {"t": start, "calls": 0, "tokens": 0, "prompt_tokens": 0}
-        added = 0
-        while added < len(order) or llm.has_unfinished_requests():
+        mark = {"t": start, "calls": 0, "tokens": 0, "prompt_tokens": 0, "hits": 0}
+        while len(arrived) < len(served) or llm.has_unfinished_requests():
             now = time.perf_counter()
-            while added < len(order) and start + requests[order[added]].arrival <= now:
-                i = order[added]
-                owner[llm.add_request(requests[i].prompt, greedy_params(requests[i]))] = i
-                added += 1
+            while len(arrived) < len(served) and start + served[len(arrived)].arrival <= now:
+                r = served[len(arrived)]
+                owner[llm.add_request(r.prompt, sampling(r))] = len(arrived)
+                arrived.append(start + r.arrival)
             if not llm.has_unfinished_requests():
-                time.sleep(max(0.0, start + requests[order[added]].arrival - now))
+                time.sleep(max(0.0, start + served[len(arrived)].arrival - now))
                 continue
             for out in llm.step():
                 i = owner.pop(out.request_id)
                 outputs[i] = out
                 m = out.metrics
-                latencies[i] = latency(
-                    start + requests[i].arrival,
-                    m.first_token_time,
-                    m.finished_time,
-                    len(out.outputs[0].token_ids),
-                )
+                answer = list(out.outputs[0].token_ids)
+                latencies[i] = latency(arrived[i], m.first_token_time, m.finished_time, len(answer))
+                follow = served[i].next_turn(answer, m.finished_time - start)
+                if follow is not None:  # arrives now: before any request still to come
+                    at = len(arrived)
+                    served.insert(at, follow)
+                    outputs.insert(at, None)
+                    latencies.insert(at, None)
             if time.perf_counter() - mark["t"] >= log_interval:
                 intervals.append(_interval(llm, start, mark, log))
         duration = time.perf_counter() - start
     intervals.append(_interval(llm, start, mark, log))
     return PassResult(
         duration,
+        served,
         outputs,
         latencies,
         llm.scheduler.stats.as_dict(),
@@ -144,13 +156,22 @@ def _interval(llm, start: float, mark: dict, log: Callable) -> dict:
         "step": stats.calls,
         "batch": llm.scheduler.decoding,
         "queue": len(llm.scheduler.waiting),
-        "prompt_t": (stats.prompt_tokens - mark["prompt_tokens"]) / span,
+        **prompt_rates(stats, mark, span),
         "decode_t": (stats.tokens - mark["tokens"]) / span,
         "npu_mem": memory / 1e9,
     }
-    mark.update(t=now, calls=stats.calls, tokens=stats.tokens, prompt_tokens=stats.prompt_tokens)
+    mark.update(t=now, calls=stats.calls, tokens=stats.tokens)
     log(format_interval(line))
     return line
+
+
+def prompt_rates(stats, mark: dict, span: float) -> dict:
+    """Prompt tokens computed per second since `mark` and the share of admitted prompt tokens
+    the prefix cache held (None when none was admitted); moves the mark on."""
+    admitted = stats.prompt_tokens - mark["prompt_tokens"]
+    hits = stats.prefix_cache_hit_tokens - mark["hits"]
+    mark.update(prompt_tokens=stats.prompt_tokens, hits=stats.prefix_cache_hit_tokens)
+    return {"prompt_t": (admitted - hits) / span, "hit": hits / admitted if admitted else None}
 
 
 def format_interval(line: dict) -> str:
@@ -159,6 +180,7 @@ def format_interval(line: dict) -> str:
         f"[{line['t']:7.1f}s] step={line['step']} batch={line['batch']} "
         f"prompt_t={line['prompt_t']:.1f} tok/s decode_t={line['decode_t']:.1f} tok/s "
         f"npu_mem={line['npu_mem']:.2f} GB queue={line['queue']}"
+        + ("" if line.get("hit") is None else f" prefix_hit={line['hit']:.0%}")
     )
 
 
@@ -194,9 +216,10 @@ def serving_figures(
     }
 
 
-def summarize(requests: list[Request], result: PassResult) -> dict:
+def summarize(result: PassResult) -> dict:
     stats = result.stats
     d = result.duration
+    requests = result.requests
     return {
         **serving_figures(
             len(requests),

@@ -22,6 +22,15 @@ class Request:
     prompt: list[int]
     output_len: int
     arrival: float = 0.0  # seconds after the start of the run
+    # The following turns of its conversation, (question, output_len) each: the next turn
+    # arrives when this one is answered, its prompt this prompt + the answer + the question.
+    then: list[tuple[list[int], int]] = dataclasses.field(default_factory=list)
+
+    def next_turn(self, answer: list[int], arrival: float) -> Request | None:
+        if not self.then:
+            return None
+        (question, output_len), *rest = self.then
+        return Request(self.prompt + answer + question, output_len, arrival, rest)
 
 
 def random_requests(
@@ -53,6 +62,59 @@ def random_requests(
         Request(rng.integers(0, vocab_size, size=int(i)).tolist(), int(o), float(a))
         for i, o, a in zip(ins, outs, arrivals, strict=True)
     ]
+
+
+def shared_prefix_requests(
+    num_prompts: int,
+    prefix_len: int,
+    num_prefixes: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    vocab_size: int,
+    seed: int = 0,
+    request_rate: float = math.inf,
+) -> list[Request]:
+    """Random requests (`random_requests`: their own suffix) each after one of `num_prefixes`
+    common prefixes of `prefix_len` tokens, drawn uniformly: a system prompt or few-shot
+    examples in front of every question."""
+    if prefix_len < 1 or num_prefixes < 1:
+        raise ValueError(
+            f"--shared-prefix-len={prefix_len} and --num-prefixes={num_prefixes}: expected >= 1"
+        )
+    suffixes = random_requests(
+        num_prompts, input_len, output_len, range_ratio, vocab_size, seed, request_rate
+    )
+    rng = np.random.default_rng([seed, 1])
+    prefixes = [rng.integers(0, vocab_size, size=prefix_len).tolist() for _ in range(num_prefixes)]
+    picks = rng.integers(0, num_prefixes, size=num_prompts)
+    return [
+        dataclasses.replace(r, prompt=prefixes[k] + r.prompt)
+        for r, k in zip(suffixes, picks, strict=True)
+    ]
+
+
+def multi_turn_requests(
+    conversations: int,
+    turns: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    vocab_size: int,
+    seed: int = 0,
+) -> list[Request]:
+    """The first turns of `conversations` conversations of `turns` turns; each turn asks a
+    new random question (`random_requests` lengths) after the whole conversation so far."""
+    if turns < 1:
+        raise ValueError(f"--multi-turn={turns} is invalid: expected >= 1")
+    asked = random_requests(
+        conversations * turns, input_len, output_len, range_ratio, vocab_size, seed
+    )
+    firsts = []
+    for c in range(conversations):
+        first, *later = asked[c * turns : (c + 1) * turns]
+        firsts.append(dataclasses.replace(first, then=[(q.prompt, q.output_len) for q in later]))
+    return firsts
 
 
 def read_trace(

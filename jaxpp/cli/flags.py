@@ -271,6 +271,12 @@ def add_generate_parser(subparsers, run, model_dir: Path = DEMO_MODEL) -> None:
         help="positions per KV page (default: the engine's, 16)",
     )
     cb.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV pages of a prompt's longest cached prefix (default: on)",
+    )
+    cb.add_argument(
         "--kv-cache-memory",
         type=_positive_int,
         metavar="BYTES",

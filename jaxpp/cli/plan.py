@@ -54,6 +54,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--block-size", type=int, default=16, help="positions per KV page")
     p.add_argument("--decode-chunk", type=int, default=16)
     p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the replay reuses cached prompt pages, as the engine (default: on)",
+    )
+    p.add_argument(
         "--memory-fraction",
         type=float,
         default=None,
@@ -124,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
         decode_chunk=args.decode_chunk,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
     batches = None if args.trace else _batch_sizes(args.batch_sizes, plan)
     report = {"plan": _memory_report(plan)}
