@@ -39,7 +39,7 @@ def serve(model_dir, requests, kv_cache_memory: int | None, args) -> tuple[list,
     outputs = llm.generate([r.prompt for r in requests], [greedy_params(r) for r in requests])
     seconds = time.perf_counter() - t
     stats = dict(llm.last_run_stats, kv_pages=llm.kv_pages, page_bytes=llm.kv_bytes_per_page())
-    return [o.token_ids for o in outputs], stats, seconds
+    return [o.outputs[0].token_ids for o in outputs], stats, seconds
 
 
 def page_bytes_of(cfg: ModelConfig, args) -> int:
