@@ -375,6 +375,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalized(self) -> bool:
+        """Presence, frequency or repetition penalties: the device counts the row's tokens."""
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
+
 
 # generation_config.json key -> SamplingParams field (vLLM's --generation-config auto).
 GENERATION_CONFIG_FIELDS = {

@@ -51,9 +51,7 @@ class SamplerMode:
 
     @staticmethod
     def of(params: list[SamplingParams]) -> SamplerMode:
-        penalties = any(
-            p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params
-        )
+        penalties = any(p.penalized for p in params)
         wants_logprobs = any(p.logprobs is not None for p in params)
         return SamplerMode(
             full_vocab=penalties or wants_logprobs or any(not p.greedy for p in params),

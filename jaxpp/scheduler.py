@@ -692,9 +692,7 @@ def _reuses(request: Request) -> bool:
     """Whether a request may start from a cached prefix: not one that asks for the logits of
     every prompt position (LLM.logits), nor one whose penalties count the prompt's tokens as
     they enter the ring."""
-    p = request.params
-    penalties = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-    return not (request.score or penalties)
+    return not (request.score or request.params.penalized)
 
 
 def _padded(n: int) -> int:
