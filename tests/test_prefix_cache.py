@@ -69,10 +69,22 @@ def test_pool_shares_full_pages_and_evicts_the_least_recently_released():
 @pytest.mark.parametrize(
     "layout",
     [
-        dict(block_size=4, max_num_batched_tokens=16),
-        dict(pp=2, dp=2, num_microbatches=2, block_size=4, max_num_batched_tokens=16),
+        pytest.param(dict(block_size=4, max_num_batched_tokens=16, max_num_seqs=8), id="pp1"),
+        # Slow: test_serving's dp2-pp2-tp2 layout serves its prompts twice, the second time
+        # from the cache, against the answers alone.
+        pytest.param(
+            dict(
+                pp=2,
+                dp=2,
+                num_microbatches=2,
+                block_size=4,
+                max_num_batched_tokens=16,
+                max_num_seqs=8,
+            ),
+            marks=pytest.mark.slow,
+            id="pp2-dp2",
+        ),
     ],
-    ids=["pp1", "pp2-dp2"],
 )
 def test_shared_prefix_is_computed_once_with_the_same_answers(model_dir, layout):
     """Five prompts after one 40-token prefix (ten pages of 4), arriving together: the first
@@ -107,8 +119,10 @@ def test_next_turn_reuses_the_answer_pages(model_dir):
     the answer (written while decoding) are found too."""
     first = random_seqs([13], seed=11)[0]
     question = random_seqs([6], seed=12)[0]
-    off = jaxpp.LLM(str(model_dir), dtype="float32", block_size=4, enable_prefix_caching=False)
-    llm = jaxpp.LLM(str(model_dir), dtype="float32", block_size=4)
+    off = jaxpp.LLM(
+        str(model_dir), dtype="float32", block_size=4, max_num_seqs=4, enable_prefix_caching=False
+    )
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", block_size=4, max_num_seqs=4)
     answer = _tokens(llm.generate([first], _greedy(12)))[0]
     assert answer == _tokens(off.generate([first], _greedy(12)))[0]
     second = first + answer + question
@@ -121,9 +135,11 @@ def test_next_turn_reuses_the_answer_pages(model_dir):
 def test_logits_never_come_from_the_cache(model_dir):
     """LLM.logits asks for every position: a cached prefix is computed again, not skipped."""
     seq = random_seqs([30], seed=13)[0]
-    off = jaxpp.LLM(str(model_dir), dtype="float32", block_size=4, enable_prefix_caching=False)
+    off = jaxpp.LLM(
+        str(model_dir), dtype="float32", block_size=4, max_num_seqs=4, enable_prefix_caching=False
+    )
     want = off.logits([seq])[0]
-    llm = jaxpp.LLM(str(model_dir), dtype="float32", block_size=4)
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", block_size=4, max_num_seqs=4)
     llm.generate([seq + [3]], _greedy(2))
     got = llm.logits([seq])[0]
     assert got.shape == want.shape
@@ -143,7 +159,9 @@ def test_pages_shared_evicted_and_preempted_keep_every_answer(model_dir):
         _seeded(int(n), i) if i % 3 == 0 else _greedy(int(n))
         for i, n in enumerate(rng.integers(4, 16, size=len(prompts)))
     ]
-    off = jaxpp.LLM(str(model_dir), dtype="float32", block_size=4, enable_prefix_caching=False)
+    off = jaxpp.LLM(
+        str(model_dir), dtype="float32", block_size=4, max_num_seqs=4, enable_prefix_caching=False
+    )
     want = [_tokens(off.generate([p], q))[0] for p, q in zip(prompts, params, strict=True)]
     llm = jaxpp.LLM(
         str(model_dir), dtype="float32", block_size=4, max_num_seqs=6,
@@ -178,11 +196,13 @@ def test_n_samples_share_the_prompt_pages(model_dir):
     prompt's full pages computed once."""
     prompt = random_seqs([21], seed=31)[0]
     params = jaxpp.SamplingParams(max_tokens=5, temperature=1.0, seed=40, n=3, ignore_eos=True)
-    llm = jaxpp.LLM(str(model_dir), dtype="float32", block_size=4)
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", block_size=4, max_num_seqs=4)
     out = llm.generate([prompt], params)
     assert len(out) == 1 and [c.index for c in out[0].outputs] == [0, 1, 2]
     assert llm.last_run_stats["prefix_cache_hit_tokens"] == 2 * 20
-    off = jaxpp.LLM(str(model_dir), dtype="float32", block_size=4, enable_prefix_caching=False)
+    off = jaxpp.LLM(
+        str(model_dir), dtype="float32", block_size=4, max_num_seqs=4, enable_prefix_caching=False
+    )
     for j, completion in enumerate(out[0].outputs):
         alone = off.generate([prompt], dataclasses.replace(params, n=1, seed=40 + j))
         assert completion.token_ids == alone[0].outputs[0].token_ids

@@ -74,7 +74,11 @@ def test_alone_matches_transformers(model_dir, prompts, alone):
     [
         # 10 requests through 4 rows, 8 tokens a tick, pages of 4: rows and pages reused,
         # prompts chunked over many ticks, several sharing one
-        dict(max_num_seqs=4, max_num_batched_tokens=8, block_size=4),
+        # (slow: test_prefix_cache.py's pressure test is pp=1, budget 12, pages of 4, rows
+        # reused, NaN pools, against each request alone)
+        pytest.param(
+            dict(max_num_seqs=4, max_num_batched_tokens=8, block_size=4), marks=pytest.mark.slow
+        ),
         dict(pp=2, num_microbatches=3, max_num_seqs=6, max_num_batched_tokens=24, block_size=5),
         dict(pp=2, tp=2, dp=2, max_num_seqs=4, max_num_batched_tokens=32, block_size=16),
     ],
@@ -111,6 +115,8 @@ def test_long_sequences_read_many_attention_items(model_dir, prompts, alone, mon
     assert [o.outputs[0].token_ids for o in outs] == [alone[i] for i in picked]
 
 
+@pytest.mark.slow  # test_sampling.py (batch position, layouts) and test_prefix_cache.py's
+# pressure test (seeded requests arriving after rows were reused) cover it
 def test_seeded_sampling_is_independent_of_row_arrival_and_layout(model_dir, prompts):
     seeded = jaxpp.SamplingParams(
         max_tokens=10, temperature=0.9, top_p=0.95, top_k=40, seed=77, ignore_eos=True
@@ -129,6 +135,7 @@ def test_seeded_sampling_is_independent_of_row_arrival_and_layout(model_dir, pro
             assert _staggered(llm, batch, params)[position] == want, (layout, position)
 
 
+@pytest.mark.slow  # test_prefix_cache.py's pressure test preempts too, greedy and seeded
 def test_preemption_keeps_every_answer(model_dir, prompts):
     """Four requests that grow to 26-63 positions each, in a pool of 17 pages of 4 positions
     (68): rows grow into it until it is full, the newest is preempted and recomputed later,
