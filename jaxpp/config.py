@@ -325,7 +325,12 @@ class SamplingParams:
         checks = [
             ("max_tokens", _is_int(self.max_tokens) and 1 <= self.max_tokens < 2**31, ">= 1"),
             ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens, ">= 0"),
-            ("temperature", _is_num(self.temperature) and self.temperature >= 0, ">= 0"),
+            (
+                "temperature",
+                _is_num(self.temperature)
+                and (self.temperature == 0 or _in_scale_range(self.temperature)),
+                f"0 (greedy) or in [{_SCALE_RANGE[0]:g}, {_SCALE_RANGE[1]:g}]",
+            ),
             ("top_k", _is_int(self.top_k) and -1 <= self.top_k < 2**31, "-1, 0 (off) or >= 1"),
             ("top_p", _is_num(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
             ("min_p", _is_num(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
@@ -354,8 +359,8 @@ class SamplingParams:
             ),
             (
                 "repetition_penalty",
-                _is_num(self.repetition_penalty) and self.repetition_penalty > 0,
-                "> 0",
+                _is_num(self.repetition_penalty) and _in_scale_range(self.repetition_penalty),
+                f"in [{_SCALE_RANGE[0]:g}, {_SCALE_RANGE[1]:g}]",
             ),
             ("skip_special_tokens", isinstance(self.skip_special_tokens, bool), "a bool"),
             ("n", _is_int(self.n) and 1 <= self.n < 2**16, "an integer in [1, 65536)"),
@@ -428,6 +433,15 @@ def _as_tuple(value: Any, name: str, expected: str) -> tuple:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+# Temperature and repetition penalty divide float32 logits (|logit| < ~100): within this range
+# the quotient stays finite; 1e-40 would make it inf and the softmax NaN.
+_SCALE_RANGE = (1e-6, 1e6)
+
+
+def _in_scale_range(x: float) -> bool:
+    return _SCALE_RANGE[0] <= x <= _SCALE_RANGE[1]
 
 
 def _is_num(x: Any) -> bool:

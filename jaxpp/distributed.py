@@ -19,6 +19,7 @@ messages of its own between processes, only three rules, all kept here:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import jax
@@ -35,12 +36,23 @@ class MismatchError(ValueError):
     """Processes of one job were started with different models, layouts or inputs."""
 
 
-def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+def initialize(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     """Join the processes of one job. `coordinator` HOST:PORT (process 0 serves there) with
     `num_processes` and this `process_id`, or `AUTO` to let JAX read them from the cluster
-    environment. On CPU the processes talk through gloo."""
+    environment. Without arguments they come from the environment `jaxpp launch` sets
+    (`environment_settings`), as torchrun's do for PyTorch. On CPU the processes talk through
+    gloo."""
     if jax.distributed.is_initialized():
         return
+    if coordinator is None:
+        coordinator, num_processes, process_id = environment_settings()
+        if coordinator is None:
+            raise ValueError(
+                "jaxpp.distributed.initialize() without arguments reads JAXPP_COORDINATOR, "
+                "JAXPP_NUM_PROCESSES and JAXPP_PROCESS_ID (set by `jaxpp launch`): none is set"
+            )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     explicit = (
         {}
@@ -96,6 +108,22 @@ def check_same(**fields: str) -> None:
             f"the {jax.process_count()} processes of this job were not started alike "
             f"(compared with process 0): {what}"
         )
+
+
+def broadcast_json(value=None):
+    """Process 0's JSON-able `value`, on every process (the others pass nothing): how a server's
+    requests reach every process's engine in the same order. JSON, never pickle. Two small
+    collectives (the length, then the bytes padded to a power of two, so that few shapes
+    compile). A no-op in a single process."""
+    if not jax.distributed.is_initialized():
+        return value
+    leader = jax.process_index() == 0
+    data = json.dumps(value).encode() if leader else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.array(len(data), np.int64)))
+    padded = np.zeros(max(256, 1 << (size - 1).bit_length()), np.uint8)
+    padded[: len(data)] = np.frombuffer(data, np.uint8)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(padded))[:size].tobytes()
+    return value if leader else json.loads(data)
 
 
 def smallest(value: int) -> int:

@@ -393,6 +393,13 @@ class LLM:
         """Requests queued for a row and pages (not yet admitted, or preempted)."""
         return len(self.scheduler.waiting)
 
+    def running_tokens(self) -> dict[str, list[int]]:
+        """Tokens each unfinished request has sampled so far, as far as the logs have told the
+        host (a preempted request keeps its own): what a server streams before the end. The
+        lists are the engine's own; read them, do not change them."""
+        scheduler = self.scheduler
+        return {str(r.id): r.tokens for r in (*scheduler.running, *scheduler.waiting)}
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (the pages no request holds become blank)."""
         self.scheduler.pool.forget_prefixes()
@@ -586,10 +593,11 @@ class LLM:
         return RequestOutput(str(request.id), text, ids, completion, True, metrics)
 
     def _stop_string_hit(self, request: Request) -> bool:
-        text = self._decode_text(request.tokens, request.params)
+        text = self.detokenize(request.tokens, request.params)
         return any(s in text for s in request.params.stop)
 
-    def _decode_text(self, token_ids: list[int], p: SamplingParams) -> str:
+    def detokenize(self, token_ids: Sequence[int], p: SamplingParams) -> str:
+        """The text of `token_ids` as a completion of `p` shows it (before stop strings)."""
         if self.tokenizer is None:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=p.skip_special_tokens)
@@ -620,18 +628,16 @@ class LLM:
         if token_ids and token_ids[-1] in stop_ids and len(token_ids) > p.min_tokens:
             # EOS / a stop token ended it: vLLM keeps the token in token_ids.
             finish, reason = "stop", token_ids[-1]
-        text = self._decode_text(token_ids, p)
+        text = self.detokenize(token_ids, p)
         hits = [(text.find(s), s) for s in p.stop if s in text]
         if hits:
             _, stop = min(hits)
             # Keep the tokens up to the one that completed the stop string, as vLLM does.
             n = next(
-                n
-                for n in range(1, len(token_ids) + 1)
-                if stop in self._decode_text(token_ids[:n], p)
+                n for n in range(1, len(token_ids) + 1) if stop in self.detokenize(token_ids[:n], p)
             )
             token_ids = token_ids[:n]
-            text = self._decode_text(token_ids, p)
+            text = self.detokenize(token_ids, p)
             text, finish, reason = text[: text.find(stop)], "stop", stop
         logprobs = cumulative = None
         if p.logprobs is not None:

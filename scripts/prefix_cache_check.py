@@ -1,6 +1,10 @@
 """Prefix caching on against off, the same engine build, one sitting: three workloads.
 
-    HF_HUB_OFFLINE=1 JAX_NUM_CPU_DEVICES=1 python scripts/prefix_cache_check.py --json
+    HF_HUB_OFFLINE=1 JAX_NUM_CPU_DEVICES=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxpp-xla \
+        python scripts/prefix_cache_check.py --json
+
+(The compilation cache lets the second engine of each pair reuse the first one's programs:
+without it the run spends most of its ~25 minutes compiling.)
 
 - shared: 64 requests after one common 512-token prefix, each with its own 32-token suffix,
   64 new tokens, all at once;
@@ -129,6 +133,7 @@ def main() -> int:
             continue
         rows.append(measure(model_dir, name, requests, max_rows, args.repeats, clock))
         r = rows[-1]
+        print(json.dumps(r), file=sys.stderr, flush=True)  # kept should a later one fail
         if not args.json:
             print(
                 f"{name}: on {r['on']['output_tokens_per_s']:.1f} vs off "

@@ -189,3 +189,33 @@ def test_a_killed_process_ends_the_job_and_resume_completes_it(model, tmp_path):
     assert after[: len(before)] == before  # nothing written before the kill changed
     assert sorted(a["id"] for a in after) == sorted(f"q{i}" for i in range(n))
     assert all("error" not in a or a["error"] is None for a in after)
+
+
+def test_launch_starts_a_users_own_program(tmp_path):
+    """`jaxpp launch -- python job.py`: the program joins with jaxpp.distributed.initialize()
+    (no arguments: the launcher's environment) and sees both processes' devices; process 0's
+    JSON reaches process 1 through broadcast_json. A program that does not exist: exit 2."""
+    job = tmp_path / "job.py"
+    job.write_text(
+        "import sys, json, jax\n"
+        "from jaxpp import distributed\n"
+        "distributed.initialize()\n"
+        "got = distributed.broadcast_json({'from': jax.process_index()} if jax.process_index() "
+        "== 0 else None)\n"
+        "print('RESULT', json.dumps([jax.process_index(), jax.process_count(), jax.device_count(), "
+        "got]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxpp.cli", "launch", "--nproc", "2", "--devices-per-process",
+         "2", "--", sys.executable, str(job)],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(json.loads(x[7:]) for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    assert lines == [[0, 2, 4, {"from": 0}], [1, 2, 4, {"from": 0}]]
+    missing = subprocess.run(
+        [sys.executable, "-m", "jaxpp.cli", "launch", "--", "no-such-program-xyz"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "cannot start 'no-such-program-xyz'" in missing.stderr

@@ -218,6 +218,24 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="peak dense FLOP/s of one device in TFLOP/s, for prefill MFU",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
+    client = p.add_argument_group(
+        "as a client of a running server (jaxpp/bench/client.py; --model/--preset give only "
+        "the vocabulary for the prompts)"
+    )
+    client.add_argument(
+        "--base-url",
+        default=None,
+        metavar="URL",
+        help="send the requests to this OpenAI-compatible server (e.g. http://127.0.0.1:8000) "
+        "instead of running the engine here",
+    )
+    client.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        metavar="N",
+        help="requests in flight at most (default: no limit)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -261,6 +279,45 @@ def ensure_cpu_devices(needed: int) -> None:
             jax.config.update("jax_num_cpu_devices", needed)
 
 
+def _requests(args: argparse.Namespace, vocab_size: int) -> list[Request]:
+    lengths = (args.input_len, args.output_len, args.range_ratio, vocab_size, args.seed)
+    if args.trace:
+        return read_trace(args.trace, vocab_size, args.seed, args.scale_lengths)
+    if args.multi_turn:
+        return multi_turn_requests(args.num_prompts, args.multi_turn, *lengths)
+    if args.shared_prefix_len:
+        return shared_prefix_requests(
+            args.num_prompts, args.shared_prefix_len, args.num_prefixes, *lengths,
+            args.request_rate,
+        )  # fmt: skip
+    return random_requests(args.num_prompts, *lengths, args.request_rate)
+
+
+def _run_client(args: argparse.Namespace, requests: list[Request], vocab: int, log) -> int:
+    """--base-url: the same requests sent to a running server (jaxpp/bench/client.py)."""
+    from jaxpp.bench.client import print_client_report, run_client  # noqa: PLC0415
+
+    if args.multi_turn or args.compare_hf:
+        raise ValueError("--base-url sends requests to a server: not with --multi-turn or "
+                         "--compare-hf")  # fmt: skip
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency={args.max_concurrency} is invalid: expected >= 1")
+    # Other token ids, the same lengths: the server compiles the same shapes and caches none
+    # of the timed prompts' pages.
+    warm_up = [dataclasses.replace(r, prompt=[(t + 1) % vocab for t in r.prompt]) for r in requests]
+    try:
+        report = run_client(args.base_url, requests, warm_up, args.max_concurrency, log)
+    except (OSError, RuntimeError) as e:
+        print(f"error: {args.base_url}: {e}", file=sys.stderr)
+        return 1
+    report.update(date=time.strftime("%Y-%m-%d"), commit=_git_commit(), base_url=args.base_url)
+    if args.json:
+        print(json.dumps(report, default=jsonable))
+    else:
+        print_client_report(report)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     for name in ("input_len", "output_len", "num_prompts", "repeats"):
         if getattr(args, name) < 1:
@@ -284,26 +341,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         model_dir = Path(args.model) if args.model else preset_dir(args.preset, args.cache_dir)
         cfg = ModelConfig.from_dir(model_dir)
-        lengths = (args.input_len, args.output_len, args.range_ratio, cfg.vocab_size, args.seed)
-        if args.trace:
-            requests = read_trace(args.trace, cfg.vocab_size, args.seed, args.scale_lengths)
-        elif args.multi_turn:
-            requests = multi_turn_requests(args.num_prompts, args.multi_turn, *lengths)
-        elif args.shared_prefix_len:
-            requests = shared_prefix_requests(
-                args.num_prompts, args.shared_prefix_len, args.num_prefixes, *lengths,
-                args.request_rate,
-            )  # fmt: skip
-        else:
-            requests = random_requests(
-                args.num_prompts,
-                args.input_len,
-                args.output_len,
-                args.range_ratio,
-                cfg.vocab_size,
-                args.seed,
-                args.request_rate,
-            )
+        requests = _requests(args, cfg.vocab_size)
+        if args.base_url is not None:
+            return _run_client(args, requests, cfg.vocab_size, log)
         t = time.perf_counter()
         llm = LLM(
             model_dir,

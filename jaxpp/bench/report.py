@@ -50,6 +50,10 @@ def print_report(r: dict) -> None:
         f"{p['kv_blocks_total']}, preemptions {p['preemptions']}, prompt tokens "
         f"{p['prompt_tokens']}, {p['tokens_per_busy_stage_tick']:.1f} tokens per busy stage-tick"
     )
+    print(
+        f"prefix cache: {p['prefix_cache_hit_tokens']} of {p['prompt_tokens']} prompt tokens found "
+        f"({p['prefix_cache_hit_rate']:.1%}), {p['prefix_cache_evictions']} pages evicted"
+    )
     print(f"device idle between calls <= {100 * r['device_idle_fraction']:.2f}% of the run")
     print(
         f"step programs {r['step_programs']}; XLA compilations: warm-up "

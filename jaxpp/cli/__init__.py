@@ -3,12 +3,14 @@ no input can sink.
 
     jaxpp generate --input prompts.jsonl --output answers.jsonl [--resume [--retry-errors]]
     jaxpp generate --prompt "def fibonacci(n):" --max-tokens 64
+    jaxpp serve --port 8000          (an OpenAI-compatible server: docs/serve.md)
 
 One module per job:
 
     app.py             main(): the parser, subcommands, and how each kind of failure ends a run
     flags.py           the flags and help of `generate`
     generate.py        `generate`: checks before loading, the model, sinks, summary, exit status
+    serve.py           `serve`: the OpenAI-compatible HTTP server (jaxpp/server)
     processes.py       a job run by several processes: the flags that join them, same-job checks
     launch.py          `launch`: a command as several local processes (CPU devices, gloo)
     convert.py         `convert`: a HF model as an orbax checkpoint in the engine's layout

@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
-from jaxpp.cli import convert, generate, launch, plan
+from jaxpp.cli import convert, generate, launch, plan, serve
 from jaxpp.cli.engine_adapter import EngineFailure
 from jaxpp.cli.errorlog import TracebackLog, log_path_for
 from jaxpp.cli.errors import (
@@ -53,6 +53,7 @@ def _subcommands(argv: list[str]) -> Iterator[Callable]:
     yield functools.partial(
         add_generate_parser, run=generate.run_generate, model_dir=model_in_argv(argv)
     )
+    yield functools.partial(serve.add_parser, argv=argv)
     yield launch.add_parser
     yield convert.add_parser
     yield from _optional_subcommands()

@@ -167,6 +167,41 @@ def add_generate_parser(subparsers, run, model_dir: Path = DEMO_MODEL) -> None:
         help="with --resume: answer again the lines whose stored answer is an error line "
         "(after fixing them), keeping every other answer",
     )
+    io.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress and no summary on stderr"
+    )
+    io.add_argument(
+        "--progress-interval",
+        type=_positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="when stderr is not a terminal (nohup, CI): one progress line this often, "
+        "instead of a bar (default: 5)",
+    )
+
+    add_limit_flags(p)
+    add_model_flags(p)
+    cb = p.add_argument_group(
+        "continuous batching (lines stream into the engine; a slot refills as soon as its "
+        "request finishes, and each answer is written then)"
+    )
+    cb.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="sequences kept queued in the engine beyond its slots: input is read this far "
+        "ahead so the slots never wait for it, and no further, so memory stays bounded "
+        "(default: 256)",
+    )
+    add_engine_flags(cb)
+    add_sampling_flags(p, model_dir)
+    add_process_flags(p)
+    p.set_defaults(func=run)
+
+
+def add_limit_flags(p: argparse.ArgumentParser) -> None:
+    """What one request may ask for (generate and serve)."""
     lim = p.add_argument_group(
         "limits (a request over one gets an error line with code limit_exceeded)"
     )
@@ -193,18 +228,10 @@ def add_generate_parser(subparsers, run, model_dir: Path = DEMO_MODEL) -> None:
         help=f"largest logprobs / top_logprobs a request may ask for (default: "
         f"{DEFAULT_MAX_LOGPROBS})",
     )
-    io.add_argument(
-        "--quiet", "-q", action="store_true", help="no progress and no summary on stderr"
-    )
-    io.add_argument(
-        "--progress-interval",
-        type=_positive_float,
-        default=5.0,
-        metavar="SECONDS",
-        help="when stderr is not a terminal (nohup, CI): one progress line this often, "
-        "instead of a bar (default: 5)",
-    )
 
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The model and its layout over devices (generate and serve)."""
     m = p.add_argument_group("model and parallelism")
     m.add_argument(
         "--model",
@@ -237,46 +264,36 @@ def add_generate_parser(subparsers, run, model_dir: Path = DEMO_MODEL) -> None:
         help="longest prompt + completion (default: the model's max positions)",
     )
 
-    cb = p.add_argument_group(
-        "continuous batching (lines stream into the engine; a slot refills as soon as its "
-        "request finishes, and each answer is written then)"
-    )
-    cb.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=256,
-        metavar="N",
-        help="sequences kept queued in the engine beyond its slots: input is read this far "
-        "ahead so the slots never wait for it, and no further, so memory stays bounded "
-        "(default: 256)",
-    )
-    cb.add_argument(
+
+def add_engine_flags(group) -> None:
+    """The engine's batching and KV-cache flags (generate and serve), into `group`."""
+    group.add_argument(
         "--max-num-seqs",
         type=_positive_int,
         metavar="N",
         help="sequences decoded at once, rounded up to a multiple of dp x micro-batches "
         "(default: the engine's, 256)",
     )
-    cb.add_argument(
+    group.add_argument(
         "--max-num-batched-tokens",
         type=_positive_int,
         metavar="N",
         help="tokens a micro-batch carries per tick: its decode tokens, then prompt tokens "
         "of as many requests as fit (default: the engine's, 2048 on a CPU, 8192 on a GPU)",
     )
-    cb.add_argument(
+    group.add_argument(
         "--block-size",
         type=_positive_int,
         metavar="N",
         help="positions per KV page (default: the engine's, 16)",
     )
-    cb.add_argument(
+    group.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="reuse the KV pages of a prompt's longest cached prefix (default: on)",
     )
-    cb.add_argument(
+    group.add_argument(
         "--kv-cache-memory",
         type=_positive_int,
         metavar="BYTES",
@@ -284,6 +301,9 @@ def add_generate_parser(subparsers, run, model_dir: Path = DEMO_MODEL) -> None:
         "memory, 1 GiB per CPU process)",
     )
 
+
+def add_sampling_flags(p: argparse.ArgumentParser, model_dir: Path) -> None:
+    """Sampling defaults: a request's own fields override them (generate and serve)."""
     s = p.add_argument_group(
         "sampling defaults (a line's own fields override them; where a flag is not given, "
         "the model's generation_config.json, then vLLM's defaults, decide)"
@@ -327,5 +347,3 @@ def add_generate_parser(subparsers, run, model_dir: Path = DEMO_MODEL) -> None:
         default=True,
         help="drop special tokens from the text (default: yes)",
     )
-    add_process_flags(p)
-    p.set_defaults(func=run)

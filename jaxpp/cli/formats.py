@@ -72,6 +72,7 @@ _OPENAI_BODY = {
         "logprobs",
         "echo",
         "stream",
+        "stream_options",
         *_OPENAI_SAMPLING,
         *_OPENAI_IGNORED,
     },
@@ -82,6 +83,7 @@ _OPENAI_BODY = {
         "top_logprobs",
         "max_completion_tokens",
         "stream",
+        "stream_options",
         *_OPENAI_SAMPLING,
         *_OPENAI_IGNORED,
     },
@@ -110,6 +112,8 @@ class Job:
     prompt_tokens: int = 0
     model: str = ""
     logprobs: Any = None  # OpenAI: ("completion", n) or ("chat", n)
+    stream: bool = False  # the server answers with server-sent events (never a batch line)
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
     results: list = dataclasses.field(default_factory=list)
     left: int = 0
 
@@ -162,9 +166,19 @@ class RequestBuilder:
     """Turns parsed input lines into Jobs against one loaded LLM (its tokenizer, chat template,
     vocabulary and max_model_len)."""
 
-    def __init__(self, llm, defaults: dict, base_seed: int, model_name: str, limits: Limits):
+    def __init__(
+        self,
+        llm,
+        defaults: dict,
+        base_seed: int,
+        model_name: str,
+        limits: Limits,
+        streaming: bool = False,
+    ):
+        """`streaming`: requests may ask for `stream: true` (the server; a batch line may not)."""
         from jaxpp import SamplingParams  # noqa: PLC0415
 
+        self.streaming = streaming
         self.llm = llm
         self.sampling_params = SamplingParams
         self.defaults = defaults
@@ -312,8 +326,26 @@ class RequestBuilder:
         unknown = sorted(k for k in set(body) - _OPENAI_BODY[kind] if body[k] is not None)
         if unknown:
             raise RequestError(f"unsupported body field {short_repr(unknown[0])} for {url}")
-        if body.get("stream"):
+        stream = body.get("stream") or False
+        if not isinstance(stream, bool):
+            raise RequestError(f"stream must be a boolean, got {short_repr(stream)}")
+        if stream and not self.streaming:
             raise RequestError("stream=true is not supported in a batch")
+        options = body.get("stream_options")
+        include_usage = False
+        if options is not None:
+            if not stream:
+                raise RequestError("stream_options goes with stream=true")
+            if not isinstance(options, dict) or set(options) - {"include_usage"}:
+                raise RequestError(
+                    f"stream_options must be {{'include_usage': bool}}, got {short_repr(options)}"
+                )
+            include_usage = options.get("include_usage", False)
+            if not isinstance(include_usage, bool):
+                raise RequestError(
+                    "stream_options.include_usage must be a boolean, got "
+                    f"{short_repr(include_usage)}"
+                )
         if kind == "completion" and body.get("echo"):
             raise RequestError("echo=true is not supported")
         n = body.get("n", 1)
@@ -323,6 +355,7 @@ class RequestBuilder:
         overrides = {k: body[k] for k in _OPENAI_SAMPLING if k in body}
         # The echoed model name is cut: an answer never grows with a hostile field.
         job = Job(line, job_id, kind, model=str(body.get("model") or self.model_name)[:200])
+        job.stream, job.include_usage = stream, include_usage
         if kind == "chat":
             if body.get("max_completion_tokens") is not None:
                 overrides["max_tokens"] = body["max_completion_tokens"]

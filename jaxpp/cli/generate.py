@@ -72,7 +72,7 @@ def load_llm(args: argparse.Namespace):
     return LLM(args.model, **llm_kwargs(args))
 
 
-def _loaded(args: argparse.Namespace):
+def loaded_llm(args: argparse.Namespace):
     """The LLM and its tokenizer, loaded before any line runs: a broken checkpoint or tokenizer
     is the model dir's problem (exit 2), not every request's."""
     try:
@@ -210,7 +210,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     log = TracebackLog(log_path_for(args.output))
     try:
-        llm = _loaded(args)
+        llm = loaded_llm(args)
         builder = RequestBuilder(llm, defaults, args.seed, model.name, limits)
         progress = Progress(
             _progress_mode(args) if primary else None,

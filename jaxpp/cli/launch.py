@@ -1,10 +1,14 @@
-"""`jaxpp launch`: run one jaxpp command as several local processes, each with its own CPU
-devices, joined through JAX's distributed runtime (for tests, and to try multi-host on a laptop).
+"""`jaxpp launch`: run one jaxpp command, or a program of your own, as several local processes,
+each with its own CPU devices, joined through JAX's distributed runtime (for tests, and to try
+multi-host on a laptop).
 
     jaxpp launch --nproc 2 --devices-per-process 2 -- generate --pp 4 --input q.jsonl ...
+    jaxpp launch --nproc 2 --devices-per-process 2 -- python my_job.py
 
-Each child is `python -m jaxpp.cli COMMAND...` with JAXPP_COORDINATOR=127.0.0.1:<a free port>,
-JAXPP_NUM_PROCESSES, JAXPP_PROCESS_ID and JAX_NUM_CPU_DEVICES set (gloo collectives on CPU).
+Each child is `python -m jaxpp.cli COMMAND...` (COMMAND a jaxpp command) or the command line
+as given, with JAXPP_COORDINATOR=127.0.0.1:<a free port>, JAXPP_NUM_PROCESSES, JAXPP_PROCESS_ID
+and JAX_NUM_CPU_DEVICES set (gloo collectives on CPU): what `jaxpp.distributed.initialize()`
+reads, as torchrun's variables are for PyTorch.
 SIGINT and SIGTERM are forwarded to every child. When a child fails the others get `--grace`
 seconds (default GRACE_S) to finish on their own (they run the same work, so they usually fail
 the same way), then are stopped (SIGTERM, and SIGKILL after as long again); the launcher exits
@@ -15,6 +19,7 @@ on stderr.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import socket
@@ -29,8 +34,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "launch",
         help="run a command as several local processes (CPU devices, gloo)",
-        description="Run COMMAND as N local processes joined into one job, e.g.\n"
-        "  jaxpp launch --nproc 2 --devices-per-process 2 -- generate --pp 4 --input q.jsonl",
+        description="Run COMMAND (a jaxpp command, or any program) as N local processes joined "
+        "into one job, e.g.\n"
+        "  jaxpp launch --nproc 2 --devices-per-process 2 -- generate --pp 4 --input q.jsonl\n"
+        "  jaxpp launch --nproc 2 --devices-per-process 2 -- python my_job.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--nproc", type=int, default=2, metavar="N", help="processes (default: 2)")
@@ -48,8 +55,9 @@ def add_parser(subparsers) -> None:
         metavar="SECONDS",
         help=f"after a child fails, how long the others may run on (default: {GRACE_S:.0f})",
     )
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then a jaxpp command")
-    p.set_defaults(func=run_launch)
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then a jaxpp command or a program")
+    # The jaxpp commands, read when launch runs (by then every one is registered).
+    p.set_defaults(func=functools.partial(run_launch, jaxpp_commands=subparsers.choices))
 
 
 def _free_port() -> int:
@@ -62,12 +70,14 @@ def _status(code: int) -> str:
     return f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
 
 
-def run_launch(args: argparse.Namespace) -> int:
+def run_launch(args: argparse.Namespace, jaxpp_commands=()) -> int:
     from jaxpp.cli.errors import UsageError  # noqa: PLC0415
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise UsageError("launch needs a command after '--', e.g. -- generate --pp 2 ...")
+    if command[0] in jaxpp_commands:
+        command = [sys.executable, "-m", "jaxpp.cli", *command]
     if args.nproc < 1 or args.devices_per_process < 1:
         raise UsageError("--nproc and --devices-per-process must be positive")
     if not args.grace >= 0:
@@ -84,11 +94,12 @@ def run_launch(args: argparse.Namespace) -> int:
             JAX_PLATFORMS="cpu",
         )
         # A session of its own: a Ctrl-C reaches the children once, through the launcher.
-        children.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "jaxpp.cli", *command], env=env, start_new_session=True
-            )
-        )
+        try:
+            children.append(subprocess.Popen(command, env=env, start_new_session=True))
+        except OSError as e:  # no such program, not executable
+            for child in children:
+                child.kill()
+            raise UsageError(f"cannot start {command[0]!r}: {e.strerror}") from None
 
     def forward(signum, _frame):
         for child in children:

@@ -80,9 +80,10 @@ def check_flags(
         raise UsageError(f"{_flag_named_in(str(e))}: {one_line(e)}") from None
     tokenizer_config = _tokenizer_config(model)
     has_tokenizer = tokenizer_config is not None or (model / "tokenizer.json").is_file()
-    if args.prompt is not None and not has_tokenizer:
+    # `generate` has --prompt and --chat; `serve` reads token ids or text from each request.
+    if getattr(args, "prompt", None) is not None and not has_tokenizer:
         raise UsageError(f"model dir {model} has no tokenizer files: --prompt needs one")
-    if args.chat and not has_chat_template(model, tokenizer_config or {}):
+    if getattr(args, "chat", False) and not has_chat_template(model, tokenizer_config or {}):
         raise UsageError(
             f"--chat needs a chat template, and the tokenizer of {model} has none "
             "(tokenizer_config.json 'chat_template' or chat_template.jinja)"

@@ -49,7 +49,7 @@ def join(args: argparse.Namespace) -> int:
             f"--coordinator {coordinator} needs --num-processes N and --process-id I "
             f"(0 <= I < N), got N={num}, I={pid}"
         )
-    if args.input == "-":
+    if getattr(args, "input", None) == "-":
         raise UsageError("several processes cannot share stdin: pass --input FILE")
     distributed.initialize(coordinator, num, pid)
     import jax  # noqa: PLC0415
@@ -68,7 +68,7 @@ def check_same_job(args: argparse.Namespace, answered_ids: set) -> None:
 
     flags = {k: v for k, v in vars(args).items() if k not in ("process_id", "func")}
     digest = hashlib.sha256()
-    if args.input is not None:
+    if getattr(args, "input", None) is not None:
         digest.update(Path(args.input).read_bytes())
     distributed.check_same(
         flags=repr(sorted(flags.items())),

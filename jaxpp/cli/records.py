@@ -55,7 +55,7 @@ def result_record(job: Job) -> dict:
             choice["message"] = {"role": "assistant", "content": c.text}
         else:
             choice["text"] = c.text
-        choice["logprobs"] = _openai_logprobs(job.logprobs, c)
+        choice["logprobs"] = openai_logprobs(job.logprobs, c)
         choice["finish_reason"] = c.finish_reason
         choices.append(choice)
     completion_tokens = sum(len(c.token_ids) for c in job.results)
@@ -79,7 +79,7 @@ def result_record(job: Job) -> dict:
     }
 
 
-def _openai_logprobs(spec, c) -> dict | None:
+def openai_logprobs(spec, c) -> dict | None:
     if spec is None:
         return None
     kind, top = spec
