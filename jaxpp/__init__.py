@@ -11,7 +11,12 @@ from jaxpp.partition import layer_partition
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 
 # Names whose modules import JAX: loaded on first use, so `jaxpp --help` starts instantly.
-_LAZY = {"LLM": "jaxpp.engine", "CheckpointError": "jaxpp.checkpoint", "plan": "jaxpp.planner"}
+_LAZY = {
+    "LLM": "jaxpp.engine",
+    "CheckpointError": "jaxpp.checkpoint",
+    "plan": "jaxpp.planner",
+    "pipeline_value_and_grad": "jaxpp.training",
+}
 
 
 def __getattr__(name: str):
@@ -32,5 +37,6 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "layer_partition",
+    "pipeline_value_and_grad",
     "plan",
 ]

@@ -19,11 +19,13 @@ bytes on disk and the seconds it took.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -169,6 +171,25 @@ def save_engine_checkpoint(state: nnx.State, grid: np.ndarray, out_dir: Path) ->
         saver.save((out_dir / PARAMS).resolve(), flat)
     if jax.process_index() == 0:
         (out_dir / ENGINE_LAYOUT).write_text(json.dumps(layout_record(state, grid)) + "\n")
+
+
+def save_engine_dir(llm, out_dir: Path) -> None:
+    """`llm`'s weights as a model dir `jaxpp.LLM` loads: the orbax checkpoint in its layout,
+    and the model dir's other files (config with the engine's dtype, tokenizer, ...)."""
+    from jaxpp.partition import layer_grid  # noqa: PLC0415
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_engine_checkpoint(llm.state, layer_grid(llm.partition)[0], out_dir)
+    source = Path(llm.model_dir)
+    for f in source.iterdir():
+        if f.is_file() and not f.name.endswith(
+            (".safetensors", ".safetensors.index.json", ENGINE_LAYOUT)
+        ):
+            shutil.copy(f, out_dir / f.name)
+    config = json.loads((source / "config.json").read_text())
+    config["dtype"] = jnp.dtype(llm.dtype).name  # read before torch_dtype (config.py)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _restore(model_dir: Path, abstract: nnx.State, mesh, grid: np.ndarray):

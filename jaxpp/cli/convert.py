@@ -10,8 +10,6 @@ the converted one), generation config and tokenizer files.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 from pathlib import Path
 
 from jaxpp.cli.errors import UsageError
@@ -42,11 +40,8 @@ def run_convert(args: argparse.Namespace) -> int:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UsageError(f"{out_dir} exists and is not empty")
     provide_cpu_devices(args.pp * args.tp)
-    import jax.numpy as jnp  # noqa: PLC0415 - imports jax
-
     from jaxpp import LLM  # noqa: PLC0415
-    from jaxpp.loading import save_engine_checkpoint  # noqa: PLC0415
-    from jaxpp.partition import layer_grid  # noqa: PLC0415
+    from jaxpp.loading import save_engine_dir  # noqa: PLC0415
 
     # The smallest engine that holds the weights: one row per micro-batch, one KV page.
     llm = LLM(
@@ -61,13 +56,6 @@ def run_convert(args: argparse.Namespace) -> int:
         block_size=2,
         kv_cache_memory=1 << 26,  # a few pages of any model
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_engine_checkpoint(llm.state, layer_grid(llm.partition)[0], out_dir)
-    for f in hf_dir.iterdir():
-        if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")):
-            shutil.copy(f, out_dir / f.name)
-    config = json.loads((hf_dir / "config.json").read_text())
-    config["dtype"] = jnp.dtype(llm.dtype).name  # read before torch_dtype (config.py)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_engine_dir(llm, out_dir)
     print(f"jaxpp convert: {out_dir} ({llm.load_stats['seconds']:.1f} s to read {hf_dir})")
     return 0
