@@ -28,6 +28,7 @@ from jaxpp.server.text import TextStream
 
 MODEL = jaxpp.DEMO_MODEL.name
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:", "# sort a list\n"]
+KV = str(64 << 20)  # bytes of KV pages per device for every server here (default: 1 GiB)
 
 
 def _free_socket() -> socket.socket:
@@ -95,7 +96,17 @@ def served():
     """The server as `jaxpp serve` builds it, and what its own engine answers by LLM.generate
     (same defaults: the model's generation_config.json), taken before the loop owns it."""
     args = build_parser().parse_args(
-        ["serve", "--max-num-seqs", "16", "--max-waiting", "200", "--max-line-bytes", "65536"]
+        [
+            "serve",
+            "--max-num-seqs",
+            "16",
+            "--max-waiting",
+            "200",
+            "--max-line-bytes",
+            "65536",
+            "--kv-cache-memory",
+            KV,
+        ]  # fmt: skip
     )
     prepared = prepare(args)
     cases = sorted(set(GREEDY))
@@ -296,7 +307,7 @@ FUZZ_FIELDS = ["prompt", "messages", "max_tokens", "n", "temperature", "top_p", 
 
 
 def test_fuzzed_requests_never_break_the_server(served, client, reference):
-    """300 good bodies with one to three fields set to values of any type, or cut short: each
+    """200 good bodies with one to three fields set to values of any type, or cut short: each
     gets 200 (a complete answer or stream) or an OpenAI error body with 400/404/413, never a
     500 or a dropped connection; good requests between them get their usual answer."""
     import random  # noqa: PLC0415
@@ -304,7 +315,7 @@ def test_fuzzed_requests_never_break_the_server(served, client, reference):
     url = served[0].url
     rng = random.Random(0)
     statuses: dict[int, int] = {}
-    for i in range(300):
+    for i in range(200):
         route = rng.choice(["/v1/completions", "/v1/chat/completions"])
         body = {"model": MODEL, "max_tokens": 3}
         if route.endswith("chat/completions"):
@@ -329,7 +340,7 @@ def test_fuzzed_requests_never_break_the_server(served, client, reference):
             out = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=4,
                                             temperature=0)  # fmt: skip
             assert out.choices[0].text == reference(PROMPTS[1], 4)
-    assert statuses.get(200, 0) > 20 and statuses.get(400, 0) > 100, statuses
+    assert statuses.get(200, 0) > 15 and statuses.get(400, 0) > 60, statuses
     assert _idle(url)
 
 
@@ -370,7 +381,9 @@ def test_jaxpp_serve_starts_answers_and_stops_on_sigterm(tmp_path):
     then SIGTERM while a stream runs: the stream still ends with [DONE], the exit code is 0."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxpp.cli", "serve", "--port", str(port), "--max-num-seqs", "4"],
+        # The fixture's engine flags: its compiled programs come from the persistent cache.
+        [sys.executable, "-m", "jaxpp.cli", "serve", "--port", str(port), "--max-num-seqs", "16",
+         "--kv-cache-memory", KV],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -422,7 +435,8 @@ def test_two_processes_serve_one_engine(served, reference):
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "jaxpp.cli", "launch", "--nproc", "2", "--devices-per-process",
-         "2", "--", "serve", "--pp", "2", "--tp", "2", "--port", str(port), "--max-num-seqs",
+         "2", "--", "serve", "--pp", "2", "--tp", "2", "--kv-cache-memory", KV, "--port", str(port),
+         "--max-num-seqs",
          "8"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ},
     )  # fmt: skip

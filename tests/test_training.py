@@ -21,6 +21,7 @@ from jaxpp.training import (
 )
 
 RTOL = 1e-5
+KV = 1 << 22  # bytes of KV pages per device: these engines serve nothing but a score
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def model(hf_model):
 @pytest.fixture(scope="module")
 def batch(model):
     rng = np.random.default_rng(0)
-    vocab = jaxpp.LLM(model, max_num_seqs=2).config.vocab_size
+    vocab = jaxpp.LLM(model, max_num_seqs=2, kv_cache_memory=KV).config.vocab_size
     tokens = rng.integers(0, vocab, (8, 12))
     mask = np.ones(tokens.shape, np.float32)
     mask[:, -1] = 0
@@ -88,7 +89,7 @@ def per_layer(llm, grads) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def reference(model, batch):
-    llm = jaxpp.LLM(model, max_num_seqs=2)
+    llm = jaxpp.LLM(model, max_num_seqs=2, kv_cache_memory=KV)
     loss, grads = dense_value_and_grad(llm, *batch)
     return float(loss), per_layer(llm, grads)
 
@@ -114,7 +115,7 @@ LAYOUTS = [
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()))
 def test_pipelined_gradients_equal_the_unpipelined(model, batch, reference, schedule, layout):
-    llm = jaxpp.LLM(model, max_num_seqs=4, **layout)
+    llm = jaxpp.LLM(model, max_num_seqs=4, kv_cache_memory=KV, **layout)
     microbatches = 4 if layout.get("dp", 1) == 1 else 2
     loss, grads = pipeline_value_and_grad(llm, *batch, schedule=schedule, microbatches=microbatches)
     assert abs(float(loss) - reference[0]) <= RTOL * abs(reference[0])
@@ -123,7 +124,7 @@ def test_pipelined_gradients_equal_the_unpipelined(model, batch, reference, sche
 
 def test_loss_equals_transformers_cross_entropy(model, batch):
     tokens, _ = batch
-    llm = jaxpp.LLM(model, pp=2, max_num_seqs=2)
+    llm = jaxpp.LLM(model, pp=2, max_num_seqs=2, kv_cache_memory=KV)
     loss, _ = pipeline_value_and_grad(llm, tokens)
     hf = transformers.AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32)
     with torch.no_grad():
@@ -150,13 +151,13 @@ def test_a_gradient_step_is_served_and_saved(model, batch, tmp_path):
     from jaxpp.training import parameters, set_parameters  # noqa: PLC0415
 
     tokens, _ = batch
-    llm = jaxpp.LLM(model, pp=2, max_num_seqs=2)
+    llm = jaxpp.LLM(model, pp=2, max_num_seqs=2, kv_cache_memory=KV)
     before, grads = pipeline_value_and_grad(llm, tokens)
     stepped = jax.tree.map(lambda p, g: p - 0.5 * g, parameters(llm), grads)
     set_parameters(llm, stepped)
     after, _ = pipeline_value_and_grad(llm, tokens)
     assert float(after) < float(before)
     save_engine_dir(llm, tmp_path / "tuned")
-    loaded = jaxpp.LLM(tmp_path / "tuned", pp=2, max_num_seqs=2)
+    loaded = jaxpp.LLM(tmp_path / "tuned", pp=2, max_num_seqs=2, kv_cache_memory=KV)
     want, got = llm.logits([tokens[0]])[0], loaded.logits([tokens[0]])[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=5e-6 * np.abs(want).max())
