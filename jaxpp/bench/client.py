@@ -98,12 +98,12 @@ def served_model(base_url: str) -> str:
 
 
 def scrape(base_url: str) -> dict[str, float]:
-    """The server's gauges from /metrics (vLLM's names; the model label dropped)."""
+    """The server's gauges from /metrics (vLLM's names and jaxpp's; the model label dropped)."""
     with urllib.request.urlopen(base_url + "/metrics", timeout=30) as r:
         text = r.read().decode()
     values = {}
     for line in text.splitlines():
-        if line.startswith("vllm:") and not line.startswith("#"):
+        if line.startswith(("vllm:", "jaxpp:")):
             name, value = line.split("{")[0].split(" ")[0], line.rsplit(" ", 1)[1]
             values[name] = values.get(name, 0.0) + float(value)
     return values
