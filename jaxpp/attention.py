@@ -30,15 +30,23 @@ and the partials of a group merge exactly (segment max, then rescaled segment su
 
 `items` is static (the host picks it from a few buckets, bounding the total): no loop here has
 a trip count that depends on data, so on a GPU nothing waits for the host.
+
+On a GPU the same call runs paged_kernel.py instead (a Pallas kernel walking each group's pages
+itself); JAXPP_ATTENTION chooses: "auto" (the kernel on GPUs where its tiles fit, this path
+elsewhere), "xla" (this path everywhere) or "pallas" (the kernel everywhere: in Pallas'
+interpreter off a GPU, which is how the CPU tests run the engine through it).
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxpp import paged_kernel
 
 QUERY_BLOCK = 16  # prompt tokens per query group: a chunk is padded to a multiple of it
 # Positions read per item (rounded to whole pages), per kind of query group. A group reads
@@ -52,6 +60,23 @@ MASKED = float(np.finfo(np.float32).min)  # score of an invisible key: exp() of 
 # Positions x queries x head_dim read at once at most (an item loop runs above it): keeps the
 # gathered keys and values of one step in cache on a CPU and bounded on an accelerator.
 READ_ELEMENTS = 1 << 24
+ATTENTION_CHOICES = ("auto", "xla", "pallas")
+
+
+def attention_backend(head_dim: int, block: int) -> str:
+    """ "xla", "pallas" (the kernel on a GPU) or "pallas-interpret", from JAXPP_ATTENTION and the
+    platform; read when a step program is traced."""
+    choice = os.environ.get("JAXPP_ATTENTION", "auto")
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"JAXPP_ATTENTION={choice!r}: expected one of {ATTENTION_CHOICES}")
+    on_gpu = jax.default_backend() == "gpu"
+    if choice == "pallas":
+        if paged_kernel.plgpu is None:
+            raise ValueError(f"JAXPP_ATTENTION=pallas: JAX {jax.__version__} has no Pallas Triton")
+        return "pallas" if on_gpu else "pallas-interpret"
+    if choice == "auto" and on_gpu and paged_kernel.supported(head_dim, block):
+        return "pallas"
+    return "xla"
 
 
 def item_pages(block: int, kind: str) -> int:
@@ -114,15 +139,29 @@ def paged_attention(
     window: 0 for full attention, else a query at p sees keys in (p - window, p].
     items (static): at least the total items the groups read (see `items_needed`).
     kind (static): "decode" or "prompt", the item size (ITEM_POSITIONS).
+    (The kernel reads neither: it walks each group's pages with bounds it reads on the device.)
     Returns [R, Q, Hq, Dh] in q's dtype.
     """
     groups, queries, heads, head_dim = q.shape
     kv_heads, block = k_pool.shape[1], k_pool.shape[3]
-    per_item = item_pages(block, kind)
-    span = per_item * block
     grouped = _group_queries(q, kv_heads)  # [R, Hkv, Q*G, Dh]
     rep = grouped.shape[2] // queries
     qpos = jnp.repeat(q_pos, rep, axis=1)  # [R, Q*G]
+    backend = attention_backend(head_dim, block)
+    if backend != "xla":
+        out = paged_kernel.paged_attention_kernel(
+            grouped,
+            qpos,
+            seq,
+            k_pool,
+            v_pool,
+            tables,
+            window,
+            interpret=backend == "pallas-interpret",
+        )
+        return _ungroup_queries(out, queries)
+    per_item = item_pages(block, kind)
+    span = per_item * block
     real = q_pos >= 0
     last = jnp.max(jnp.where(real, q_pos, -1), axis=1)
     lowest = jnp.min(jnp.where(real, q_pos, jnp.iinfo(jnp.int32).max), axis=1)

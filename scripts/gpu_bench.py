@@ -10,6 +10,10 @@ Rows (greedy, ignore_eos, all requests at t=0):
     prefill_1x2048   1 x 2,048 -> 1  (TFLOP/s and MFU of the pass)
     prefill_4x2048   4 x 2,048 -> 1
     float32          logits of the demo model in float32 against transformers float32 (eager)
+    attention        one layer's paged attention alone, the XLA path against the Pallas kernel
+                     (paged_kernel.py) on the rows' shapes: which backend wins where
+
+--attention {auto,xla,pallas} sets JAXPP_ATTENTION for the engine rows (auto: the kernel on a GPU).
 
 Decode rows report the whole run's tick and the steady decode tick (calls during which no prompt
 token rode the ring), the bytes one steady tick must read (weights + live KV) and their rate
@@ -160,6 +164,67 @@ def profile_decode(llm, requests: list[Request], out: Path, calls: int = 6) -> l
     return [{"op": k, "us_per_call": v / calls, "share": v / whole} for k, v in top]
 
 
+# name: (query groups, queries per group, context positions, all groups of one sequence)
+ATTENTION_SHAPES = {
+    "decode_b1_ctx384": (1, 1, 384, False),
+    "decode_b64_ctx384": (64, 1, 384, False),
+    "decode_b256_ctx256": (256, 1, 256, False),
+    "decode_b8_ctx4096": (8, 1, 4096, False),
+    "prompt_1x2048": (128, 16, 2048, True),
+}
+SMALL_ATTENTION_SHAPES = {"decode_b8_ctx64": (8, 1, 64, False), "prompt_1x64": (4, 16, 64, True)}
+
+
+def attention_rows(shapes: dict, heads: int, kv_heads: int, head_dim: int, dtype) -> dict:
+    """Time `attention.paged_attention` under each backend on random pools and tables: per
+    shape the ms of one call (median of 20) and the faster backend."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from jaxpp import attention  # noqa: PLC0415
+
+    block = 16
+    rows = {}
+    for name, (groups, queries, context, one_sequence) in shapes.items():
+        rng = np.random.default_rng(0)
+        per_seq = context // block
+        sequences = 1 if one_sequence else groups
+        pages = sequences * per_seq + 1
+        tables = rng.permutation(pages)[: sequences * per_seq].reshape(sequences, per_seq)
+        seq = np.zeros(groups, np.int32) if one_sequence else np.arange(groups, dtype=np.int32)
+        if one_sequence:  # a prompt: group g holds positions [16 g, 16 g + 16)
+            q_pos = np.arange(groups * queries, dtype=np.int32).reshape(groups, queries)
+        else:  # decode rows at the end of their context
+            q_pos = np.full((groups, 1), context - 1, np.int32)
+        kind = "prompt" if queries > 1 else "decode"
+        items = sum(attention.items_needed(0, int(r.max()), block, kind) for r in q_pos)
+        key = jax.random.key(1)
+        q = jax.random.normal(key, (groups, queries, heads, head_dim), dtype)
+        k_pool = jax.random.normal(key, (pages, kv_heads, head_dim, block), dtype)
+        v_pool = jax.random.normal(key, (pages, kv_heads, block, head_dim), dtype)
+        args = (q, jnp.asarray(q_pos), jnp.asarray(seq), k_pool, v_pool, jnp.asarray(tables))
+        row = {}
+        for backend in ("xla", "pallas"):
+            os.environ["JAXPP_ATTENTION"] = backend
+            f = jax.jit(lambda *a, k=kind, n=items: attention.paged_attention(
+                *a, jnp.int32(0), items=n, kind=k))  # fmt: skip
+            try:
+                f(*args).block_until_ready()
+                times = []
+                for _ in range(20):
+                    t = time.perf_counter()
+                    f(*args).block_until_ready()
+                    times.append(time.perf_counter() - t)
+                row[f"{backend}_ms"] = 1e3 * float(np.median(times))
+            except Exception as e:  # a kernel that does not compile loses its column only
+                row[f"{backend}_error"] = repr(e)[:300]
+        timed = [b for b in ("xla", "pallas") if f"{b}_ms" in row]
+        row["faster"] = min(timed, key=lambda b: row[f"{b}_ms"]) if timed else None
+        rows[name] = row
+        log(f"attention {name}: {row}")
+    os.environ.pop("JAXPP_ATTENTION")
+    return rows
+
+
 def float32_parity(hf_device: str) -> dict:
     """The demo model in float32: jaxpp logits against transformers float32 eager logits."""
     import torch  # noqa: PLC0415
@@ -185,6 +250,8 @@ def main() -> int:
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--rows", default=None, help="comma-separated subset of the rows")
     p.add_argument("--no-float32", action="store_true", help="skip the float32 parity row")
+    p.add_argument("--attention", choices=("auto", "xla", "pallas"), default="auto")
+    p.add_argument("--no-attention-row", action="store_true", help="skip the attention row")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,6 +268,7 @@ def main() -> int:
         "jax": jax.__version__,
         "device_kind": jax.devices()[0].device_kind,
         "torch": torch.__version__,
+        "attention_backend": args.attention,
         "rows": {},
     }
 
@@ -216,7 +284,16 @@ def main() -> int:
     if not args.no_float32:
         report["float32"] = float32_parity(hf_device)
         log(f"float32 logits vs transformers: {report['float32']['relative_max_diff']:.2e}")
+    if not args.no_attention_row:
+        shape = json.loads((Path(ckpt) / "config.json").read_text())
+        heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
+        head_dim = shape.get("head_dim") or shape["hidden_size"] // heads
+        report["attention"] = attention_rows(
+            SMALL_ATTENTION_SHAPES if args.small else ATTENTION_SHAPES,
+            heads, kv_heads, head_dim, "float32" if args.small else "bfloat16",
+        )  # fmt: skip
     save()
+    os.environ["JAXPP_ATTENTION"] = args.attention
 
     t = time.perf_counter()
     hf = HFRunner(ckpt, "bfloat16", "sdpa", hf_device)
@@ -319,6 +396,13 @@ def print_table(report: dict) -> None:
         )
     if "float32" in report:
         print(f"float32 logits vs transformers: {report['float32']['relative_max_diff']:.1e}")
+    print(f"engine rows with JAXPP_ATTENTION={report['attention_backend']}")
+    for name, r in report.get("attention", {}).items():
+        cols = "  ".join(
+            f"{b} {r[b + '_ms']:.3f} ms" if b + "_ms" in r else f"{b} failed"
+            for b in ("xla", "pallas")
+        )
+        print(f"  attention {name}: {cols}  -> {r['faster']}")
     for name, r in report["rows"].items():
         for op in r.get("profile", [])[:12]:
             print(

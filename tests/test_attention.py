@@ -1,14 +1,16 @@
 """Attention over pages (attention.py) against a dense numpy reference: random ragged batches of
 query groups over sequences scattered into random pages, decode groups and prompt blocks, with
 and without sliding windows, GQA ratios 1, 2 and 4, page sizes that do and do not divide an
-item, an item bound that forces the item loop; unused pages hold NaN and never matter."""
+item, an item bound that forces the item loop; unused pages hold NaN and never matter. The GPU
+kernel (paged_kernel.py) answers the same cases in Pallas' interpreter, and lowers to Triton for
+the model families' shapes (the lowering runs on the CPU; only Triton's own compile needs a GPU)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpp import attention
+from jaxpp import attention, paged_kernel
 from jaxpp.attention import items_needed, paged_attention, write_kv
 
 
@@ -64,7 +66,9 @@ def _case(rng, *, rows, block, hq, hkv, groups, queries, lengths, pages):
     [(4, 4, 4, 1, 0), (3, 4, 2, 1, 5), (4, 8, 2, 6, 5), (5, 2, 1, 16, 0)],
     ids=["decode-mha", "decode-gqa2-odd-pages-window", "prompt-gqa4-window", "prompt-block16-mqa"],
 )
-def test_matches_dense_reference(block, hq, hkv, queries, window, monkeypatch):
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_matches_dense_reference(block, hq, hkv, queries, window, backend, monkeypatch):
+    monkeypatch.setenv("JAXPP_ATTENTION", backend)
     kind = "decode" if queries == 1 else "prompt"
     monkeypatch.setitem(attention.ITEM_POSITIONS, kind, 8)
     rng = np.random.default_rng(block * 100 + queries + window)
@@ -79,7 +83,7 @@ def test_matches_dense_reference(block, hq, hkv, queries, window, monkeypatch):
         if len(real):
             need += items_needed(0, int(real.max()), block, kind)
     want = _reference(q, q_pos, seq, keys, values, window)
-    for items in (need, need + 5):  # the exact bound, and padding items
+    for items in (need, need + 5) if backend == "xla" else (need,):  # exact bound, padding items
         # A tiny read bound forces several loop steps over the items.
         monkeypatch.setattr(attention, "READ_ELEMENTS", 3 * 8 * 8 * queries * (hq // hkv))
         got = paged_attention(
@@ -100,3 +104,63 @@ def test_write_kv_drops_tokens_past_the_pool():
     k_new, v_new = jax.jit(write_kv)(k_pool, v_pool, k, 2 * k, page, offset)
     assert float(k_new.sum()) == 2 * 8 and float(v_new.sum()) == 2 * 2 * 8
     assert float(k_new[1, :, :, 4].sum()) == 8 and float(v_new[2, :, 1].sum()) == 16
+
+
+def test_kernel_agrees_with_the_xla_path_on_random_ragged_batches(monkeypatch):
+    """Random mixes of decode rows and prompt blocks, head_dim 16, pages of 16 (the kernel's
+    GPU tiles), GQA ratios 8, 2 and 2, windows on and off: kernel and XLA path to float32
+    rounding. (Two draws per shape: one compiled program each per backend.)"""
+    attend = {  # one jitted function per backend: the choice is read when tracing
+        backend: jax.jit(
+            lambda *a, **k: paged_attention(*a, **k), static_argnames=("items", "kind")
+        )
+        for backend in ("xla", "pallas")
+    }
+    for trial, (hkv, hq, queries) in enumerate([(1, 8, 1), (2, 4, 16), (4, 8, 16)] * 2):
+        rng = np.random.default_rng(1000 + trial)
+        window = 0 if trial < 3 else int(rng.choice([9, 40]))
+        lengths = [119, *rng.integers(1, 120, size=4).tolist()]  # one table width
+        q, q_pos, seq, _, _, k_pool, v_pool, tables = _case(
+            rng, rows=5, block=16, hq=hq, hkv=hkv, groups=9, queries=queries,
+            lengths=lengths, pages=64,
+        )  # fmt: skip
+        args = [jnp.asarray(a) for a in (q, q_pos, seq, k_pool, v_pool, tables)]
+        kind = "decode" if queries == 1 else "prompt"
+        out = {}
+        for backend in ("xla", "pallas"):
+            monkeypatch.setenv("JAXPP_ATTENTION", backend)
+            got = attend[backend](*args, jnp.int32(window), items=64, kind=kind)
+            out[backend] = np.asarray(got)
+            if trial == 0:  # the choice took: the kernel is in one program only
+                traced = attend[backend].trace(*args, jnp.int32(window), items=64, kind=kind)
+                assert ("pallas_call" in str(traced.jaxpr)) == (backend == "pallas")
+        scale = np.abs(out["xla"]).max()
+        np.testing.assert_allclose(out["pallas"], out["xla"], rtol=0, atol=2e-6 * scale)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("head_dim,hq,hkv", [(64, 32, 8), (128, 32, 8), (128, 16, 2)])
+def test_kernel_lowers_to_triton(dtype, head_dim, hq, hkv):
+    """Pallas -> Triton IR for CUDA, on this machine: what the GPU will compile."""
+    shape = jax.ShapeDtypeStruct
+    args = (
+        shape((7, hkv, 16 * hq // hkv, head_dim), dtype), shape((7, 16 * hq // hkv), jnp.int32),
+        shape((7,), jnp.int32), shape((300, hkv, head_dim, 16), dtype),
+        shape((300, hkv, 16, head_dim), dtype), shape((6, 257), jnp.int32),
+        shape((), jnp.int32),
+    )  # fmt: skip
+    assert paged_kernel.supported(head_dim, 16)
+    lowered = jax.jit(paged_kernel.paged_attention_kernel).trace(*args)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert "jaxpp_paged_attention" in text and "triton" in text
+
+
+def test_attention_backend_choice(monkeypatch):
+    monkeypatch.setenv("JAXPP_ATTENTION", "auto")
+    assert attention.attention_backend(128, 16) == "xla"  # no GPU here
+    monkeypatch.setenv("JAXPP_ATTENTION", "pallas")
+    assert attention.attention_backend(8, 3) == "pallas-interpret"
+    assert not paged_kernel.supported(80, 16) and not paged_kernel.supported(128, 8)
+    monkeypatch.setenv("JAXPP_ATTENTION", "cudnn")
+    with pytest.raises(ValueError, match="JAXPP_ATTENTION='cudnn'"):
+        attention.attention_backend(128, 16)

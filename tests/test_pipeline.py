@@ -123,3 +123,18 @@ def test_bad_layouts_are_rejected(model_dir):
         jaxpp.LLM(model_dir, pp=3, tp=3)
     with pytest.raises(ValueError, match=r"'2,2,1'.*sums to 5"):
         jaxpp.LLM(model_dir, pp=3, layer_partition="2,2,1")
+
+
+def test_the_gpu_attention_kernel_gives_the_same_answer(model_dir, prompts, reference, monkeypatch):
+    """The whole engine with paged_kernel.py in place of the XLA attention (in Pallas'
+    interpreter here, as the GPU runs it compiled): prompts in chunks beside decode rows, pp=2.
+    A small pool: the interpreter copies the whole pool into every kernel program."""
+    monkeypatch.setenv("JAXPP_ATTENTION", "pallas")
+    llm = jaxpp.LLM(
+        model_dir, dtype="float32", pp=2, max_num_batched_tokens=16, kv_cache_memory=1 << 20
+    )
+    logits, tokens = _run(llm, prompts)
+    scale = max(float(np.abs(r).max()) for r in reference[0])
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(logits, reference[0], strict=True))
+    assert worst <= 5e-6 * scale
+    assert tokens == reference[1]
