@@ -144,6 +144,9 @@ def _answered(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
+# Slow (81 s: two jobs of two processes): resuming a killed job is test_cli.py's SIGKILL test on
+# one process (the same resume path), and the launcher's other tests start and end processes.
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
 def test_a_killed_process_ends_the_job_and_resume_completes_it(model, tmp_path):
     """`jaxpp launch` of a pp=4 job over 2 processes; process 1 is SIGKILLed once answers

@@ -92,7 +92,8 @@ def test_shared_prefix_is_computed_once_with_the_same_answers(model_dir, layout)
     with penalties computes its own; all answers equal caching off, NaN in unwritten pages."""
     shared = random_seqs([40], seed=5)[0]
     prompts = [shared + s for s in random_seqs([3, 9, 17, 1], seed=6)] + [shared, shared + [1]]
-    params = [_greedy(6), _seeded(7, 1), _greedy(5), _seeded(4, 2), _greedy(3)]
+    # Greedy and penalised only: seeded sampling over shared pages is the pressure test's.
+    params = [_greedy(6), _greedy(7), _greedy(5), _greedy(4), _greedy(3)]
     params.append(jaxpp.SamplingParams(max_tokens=4, temperature=0.0, repetition_penalty=1.3))
     off = jaxpp.LLM(str(model_dir), dtype="float32", enable_prefix_caching=False, **layout)
     want = _tokens(off.generate(prompts, params))

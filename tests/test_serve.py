@@ -426,6 +426,9 @@ def _readme_server_blocks() -> tuple[str, str]:
     return curl, python.split("```")[0]
 
 
+# Slow (49 s: two processes compile pp2 x tp2): run with `pytest -m slow tests/test_serve.py`;
+# test_multihost.py keeps two processes running one engine in CI.
+@pytest.mark.slow
 def test_two_processes_serve_one_engine(served, reference):
     """`jaxpp launch --nproc 2 --devices-per-process 2 -- serve --pp 2 --tp 2`: process 0 serves
     HTTP, both step the same engine (the commands broadcast before each step). 16 concurrent
