@@ -1,5 +1,5 @@
-"""Attention over a paged KV cache: the one place a GPU kernel will plug in; this is the XLA path
-that is the reference for it.
+"""Attention over a paged KV cache: the XLA path, and the switch to the GPU kernel
+(paged_kernel.py) that this path is the reference for.
 
 Every token of a tick attends to its own sequence's keys up to its own position (and inside its
 layer's sliding window): a decode token, a prompt chunk over a cached prefix and a fresh prompt
