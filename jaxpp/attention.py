@@ -147,25 +147,20 @@ def paged_attention(
     grouped = _group_queries(q, kv_heads)  # [R, Hkv, Q*G, Dh]
     rep = grouped.shape[2] // queries
     qpos = jnp.repeat(q_pos, rep, axis=1)  # [R, Q*G]
-    backend = attention_backend(head_dim, block)
-    if backend != "xla":
-        out = paged_kernel.paged_attention_kernel(
-            grouped,
-            qpos,
-            seq,
-            k_pool,
-            v_pool,
-            tables,
-            window,
-            interpret=backend == "pallas-interpret",
-        )
-        return _ungroup_queries(out, queries)
-    per_item = item_pages(block, kind)
-    span = per_item * block
+    # Each group's key range [first, last]: from 0 (or its window's start) to its last query.
     real = q_pos >= 0
     last = jnp.max(jnp.where(real, q_pos, -1), axis=1)
     lowest = jnp.min(jnp.where(real, q_pos, jnp.iinfo(jnp.int32).max), axis=1)
     first = jnp.where(window > 0, jnp.maximum(lowest - window + 1, 0), 0)
+    backend = attention_backend(head_dim, block)
+    if backend != "xla":
+        out = paged_kernel.paged_attention_kernel(
+            grouped, qpos, first, last, seq, k_pool, v_pool, tables, window,
+            interpret=backend == "pallas-interpret",
+        )  # fmt: skip
+        return _ungroup_queries(out, queries)
+    per_item = item_pages(block, kind)
+    span = per_item * block
     first_item = first // span
     count = jnp.where(last >= 0, last // span - first_item + 1, 0)
     ends = jnp.cumsum(count)

@@ -10,7 +10,8 @@ bucket of items, no gather of pages into a staging array and no merge of partial
         online softmax: top, total, acc [QG, Dh]                            from the host
       out    acc / total (0 for a padding query)
 
-The bounds (first page, end page, last position, window) are computed per group in XLA and
+The bounds (first page, end page, last position, window) are computed per group in XLA (from
+attention.paged_attention's key ranges) and
 read by the kernel: a loop whose trip count is data never waits for the host, because the
 kernel runs it. The masks are the XLA path's (attention.py), in the same order of operations up
 to the order the positions of one sequence are summed in: both paths agree to float32 rounding,
@@ -97,6 +98,8 @@ def _kernel(q_ref, qpos_ref, bounds_ref, row_ref, k_ref, v_ref, o_ref, *, block:
 def paged_attention_kernel(
     grouped: jax.Array,
     qpos: jax.Array,
+    first: jax.Array,
+    last: jax.Array,
     seq: jax.Array,
     k_pool: jax.Array,
     v_pool: jax.Array,
@@ -106,17 +109,14 @@ def paged_attention_kernel(
     interpret: bool = False,
 ) -> jax.Array:
     """Attention of grouped queries [R, Hkv, QG, Dh] at positions qpos [R, QG] (-1: padding)
-    over the pages of their sequences `seq` [R] (rows of `tables`); window as in
-    `attention.paged_attention`. Returns [R, Hkv, QG, Dh] in the queries' dtype."""
+    over the pages of their sequences `seq` [R] (rows of `tables`), group r reading keys at
+    positions [first[r], last[r]] (attention.paged_attention's ranges); window as there.
+    Returns [R, Hkv, QG, Dh] in the queries' dtype."""
     groups, kv_heads, width, head_dim = grouped.shape
     block = k_pool.shape[3]
     padded = max(MIN_TILE, pl.next_power_of_2(width))
     grouped = jnp.pad(grouped, ((0, 0), (0, 0), (0, padded - width), (0, 0)))
     qpos = jnp.pad(qpos, ((0, 0), (0, padded - width)), constant_values=-1)
-    real = qpos >= 0
-    last = jnp.max(jnp.where(real, qpos, -1), axis=1)
-    lowest = jnp.min(jnp.where(real, qpos, jnp.iinfo(jnp.int32).max), axis=1)
-    first = jnp.where(window > 0, jnp.maximum(lowest - window + 1, 0), 0)
     first_page = first // block
     end_page = jnp.where(last >= 0, last // block + 1, first_page)
     bounds = jnp.stack(

@@ -145,7 +145,8 @@ def test_kernel_lowers_to_triton(dtype, head_dim, hq, hkv):
     shape = jax.ShapeDtypeStruct
     args = (
         shape((7, hkv, 16 * hq // hkv, head_dim), dtype), shape((7, 16 * hq // hkv), jnp.int32),
-        shape((7,), jnp.int32), shape((300, hkv, head_dim, 16), dtype),
+        shape((7,), jnp.int32), shape((7,), jnp.int32), shape((7,), jnp.int32),
+        shape((300, hkv, head_dim, 16), dtype),
         shape((300, hkv, 16, head_dim), dtype), shape((6, 257), jnp.int32),
         shape((), jnp.int32),
     )  # fmt: skip
