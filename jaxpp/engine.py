@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxpp.attention import QUERY_BLOCK
 from jaxpp.config import ModelConfig, SamplingParams, generation_defaults
 from jaxpp.distributed import check_same, smallest, to_host
 from jaxpp.kv_pages import PagePool
@@ -68,6 +69,9 @@ class LLM:
     `decode_chunk` rounds of the ring (one token per decoding sequence each). With
     `enable_prefix_caching` (the default, as in vLLM) a prompt that starts like an earlier
     one reuses the KV pages of their common full pages instead of computing them again.
+    `compile_in_background` (a server's choice, one process only): a call whose step program
+    is not compiled yet runs on a compiled one that covers it (padded) while its own compiles
+    in a background thread, so that no request waits seconds for a compilation.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class LLM:
         decode_chunk: int = 16,
         kv_cache_memory: int | None = None,
         enable_prefix_caching: bool = True,
+        compile_in_background: bool = False,
     ):
         for name, value in (
             ("pp", pp),
@@ -106,11 +111,12 @@ class LLM:
         ):
             if value is not None:
                 _check_positive_int(name, value)
-        if not isinstance(enable_prefix_caching, bool):
-            raise ValueError(
-                f"enable_prefix_caching={enable_prefix_caching!r} is invalid: "
-                "expected True or False"
-            )
+        for name, value in (
+            ("enable_prefix_caching", enable_prefix_caching),
+            ("compile_in_background", compile_in_background),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} is invalid: expected True or False")
         if not _is_int(seed) or seed < 0:
             raise ValueError(f"seed={seed!r} is invalid: expected an integer >= 0")
         self.model_dir = Path(model)
@@ -183,6 +189,9 @@ class LLM:
             self.shape,
             filled=lay.grid >= 0,
         )
+        # Every process must run the same programs in the same order (their collectives meet):
+        # a choice that depends on when a background compilation ends is one process's alone.
+        self.pipeline.compile_in_background = compile_in_background and jax.process_count() == 1
         self.ring = self._empty_ring(penalties=False)
         pool = PagePool(
             dp,
@@ -221,8 +230,10 @@ class LLM:
     def tokenizer(self):
         """The model dir's tokenizer (transformers), loaded on first use; None if it has none."""
         if self._tokenizer is None:
-            self._tokenizer = _load_tokenizer(self.model_dir)
-        return self._tokenizer
+            # False: looked and found none (a server asks for every token it streams).
+            found = _load_tokenizer(self.model_dir)
+            self._tokenizer = False if found is None else found
+        return None if self._tokenizer is False else self._tokenizer
 
     @property
     def kv_pages(self) -> int:
@@ -461,9 +472,19 @@ class LLM:
         if step.kind.mode.penalties and self.ring.counts.shape[1] == 0:
             fresh = self._empty_ring(penalties=True)
             self.ring = self.ring._replace(counts=fresh.counts, seen=fresh.seen)
-        plan = PromptPlan(put(step.tokens), put(step.blocks), put(step.finish))
+        plan = PromptPlan(step.tokens, step.blocks, step.finish)
+        kind = self.pipeline.serving_kind(
+            step.kind, self.state, self.ring, self._control, self._tables, plan
+        )
+        # A wider program (compile_in_background) takes the plan padded with empty slots.
+        blocks = kind.prompt // QUERY_BLOCK - step.blocks.shape[2]
+        plan = PromptPlan(
+            put(np.pad(step.tokens, ((0, 0), (0, 0), (0, kind.prompt - step.tokens.shape[2])))),
+            put(np.pad(step.blocks, ((0, 0), (0, 0), (0, blocks), (0, 0)))),
+            put(step.finish),
+        )
         self.ring, log = self.pipeline.step(
-            self.state, self.ring, self._control, self._tables, plan, step.kind
+            self.state, self.ring, self._control, self._tables, plan, kind
         )
         return log
 

@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -164,6 +166,62 @@ class PipelineShape:
         return self.prompt_slots // QUERY_BLOCK
 
 
+@dataclasses.dataclass
+class _Program:
+    """One step program: built, and compiled (or being compiled in the background)."""
+
+    kind: StepKind
+    jitted: Callable
+    shapes: tuple  # of its arguments
+    executable: Future  # the compiled program
+
+    def ready(self) -> bool:
+        return self.executable.done()
+
+
+def _covers(big: StepKind, small: StepKind) -> bool:
+    """A program of kind `big` can run a call planned as `small` (with its prompt arrays padded
+    to big.prompt slots): the same rounds and sampler, room for all of its rows and items."""
+    return (
+        (big.rounds, big.mode, big.collect) == (small.rounds, small.mode, small.collect)
+        and big.width >= small.width
+        and big.prompt >= small.prompt
+        and big.decode_items >= small.decode_items
+        and big.prompt_items >= small.prompt_items
+    )
+
+
+def _tokens(kind: StepKind) -> int:
+    """Tokens a tick of `kind` runs through the layers (real or padding)."""
+    return kind.width + kind.prompt
+
+
+class _Pace:
+    """The ring's seconds per token-tick, a moving average over the time between consecutive
+    calls (the engine dispatches a call once the one before the last is done, so that is about
+    one call's time); a gap far longer than the pace (the engine waited for requests, or
+    compiled) counts as 4x the pace."""
+
+    def __init__(self):
+        self.seconds_per_token_tick = 0.0
+        self._last: tuple[float, int] | None = None  # (when, token-ticks) of the last call
+
+    def call(self, token_ticks: int) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            sample = (now - self._last[0]) / self._last[1]
+            pace = self.seconds_per_token_tick
+            self.seconds_per_token_tick = (
+                sample if not pace else 0.8 * pace + 0.2 * min(sample, 4 * pace)
+            )
+        self._last = (now, token_ticks)
+
+
+def _cost(kind: StepKind) -> tuple[int, int]:
+    """Which covering program is cheapest: tokens through the layers, then attention items."""
+    return (_tokens(kind), kind.decode_items + kind.prompt_items)
+
+
 class Pipeline:
     """Builds and runs the jitted step programs for one model on one mesh."""
 
@@ -200,29 +258,97 @@ class Pipeline:
         # Tests set this to NaN: what a stage reads for a dead row, a prompt slot's padding or
         # an idle tick must never matter.
         self.bubble_fill: float | None = None
-        self._compiled: dict[tuple, Callable] = {}
+        # LLM(compile_in_background=True): see serving_kind.
+        self.compile_in_background = False
+        self._programs: dict[tuple, _Program] = {}
+        self._compiler: ThreadPoolExecutor | None = None
+        self.covered_calls = 0  # calls that ran on a covering program (serving_kind)
+        self._padding_s: dict[tuple, float] = {}  # per uncompiled program: padding paid so far
+        self._compile_s = 0.0  # the last compilation's seconds
+        self._pace = _Pace()
+
+    def serving_kind(
+        self, kind: StepKind, state, ring: RingState, control: SlotControl, tables, plan
+    ) -> StepKind:
+        """The kind of program that runs a call planned as `kind`: its own, unless that is not
+        compiled yet, `compile_in_background` is on and a compiled program covers the call
+        (as wide or wider, as many prompt slots and attention items or more: it only pads
+        more, tests/test_serving.py). Then the cheapest of those runs it, so that a server
+        never holds its requests for a compilation once its first programs exist (seconds
+        each on a CPU, and on a CPU the compilation takes cores from the ring too).
+
+        Rent or buy: the call's own program is compiled, in a background thread, once the
+        padding its covering programs cost (their extra tokens x ticks x the ring's measured
+        seconds per token-tick) adds up to what the last compilation took. A shape met once
+        or twice is padded for good; one met all the time gets its own program soon.
+        `plan` may be the host's arrays: only their shapes are read."""
+        key = self._key(kind, ring)
+        own = self._programs.get(key)
+        if not self.compile_in_background or (own is not None and own.ready()):
+            return kind
+        covering = [
+            p for k, p in self._programs.items() if k[1:] == key[1:] and p.ready()
+            and _covers(p.kind, kind)
+        ]  # fmt: skip
+        if not covering:
+            return kind  # step() compiles it now (or waits for its compilation)
+        cover = min(covering, key=lambda p: _cost(p.kind)).kind
+        if own is None:
+            extra = (_tokens(cover) - _tokens(kind)) * kind.rounds * self.shape.microbatches
+            paid = self._padding_s.get(key, 0.0) + extra * self._pace.seconds_per_token_tick
+            self._padding_s[key] = paid
+            if paid >= self._compile_s:
+                args = (state, ring, control, tables, plan)
+                self._programs[key] = self._program(kind, args, background=True)
+        self.covered_calls += 1
+        return cover
 
     def step(
         self, state, ring: RingState, control: SlotControl, tables, plan: PromptPlan, kind: StepKind
     ) -> tuple[RingState, StepLog]:
         """Run the ring for kind.rounds x M ticks."""
         args = (state, ring, control, tables, plan)
-        key = (kind, ring.counts.shape, self.bubble_fill)
-        if key not in self._compiled:
-            shapes = jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), args
-            )
-            self._compiled[key] = (self._build(kind, self.bubble_fill), shapes)
-        return self._compiled[key][0](*args)
+        key = self._key(kind, ring)
+        if key not in self._programs:
+            self._programs[key] = self._program(kind, args, background=False)
+        executable = self._programs[key].executable.result()
+        self._pace.call(_tokens(kind) * kind.rounds * self.shape.microbatches)
+        return executable(*args)
+
+    def _key(self, kind: StepKind, ring: RingState) -> tuple:
+        return (kind, ring.counts.shape, self.bubble_fill)
+
+    def _program(self, kind: StepKind, args: tuple, background: bool) -> _Program:
+        row = jax.sharding.NamedSharding(self.mesh, ROW)
+        shapes = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", row)),
+            args,
+        )
+        jitted = self._build(kind, self.bubble_fill)
+
+        def compile_it():
+            start = time.perf_counter()
+            executable = jitted.lower(*shapes).compile()
+            self._compile_s = time.perf_counter() - start
+            return executable
+
+        executable: Future = Future()
+        if background:
+            if self._compiler is None:
+                self._compiler = ThreadPoolExecutor(1, thread_name_prefix="jaxpp-compile")
+            executable = self._compiler.submit(compile_it)
+        else:
+            executable.set_result(compile_it())
+        return _Program(kind, jitted, shapes, executable)
 
     @property
     def compiled_programs(self) -> int:
-        return len(self._compiled)
+        return len(self._programs)
 
     def lowered_programs(self) -> list[tuple[Callable, tuple]]:
         """(jitted program, the shapes of its arguments) of every program built so far: what a
         test lowers to read the optimized HLO."""
-        return list(self._compiled.values())
+        return [(p.jitted, p.shapes) for p in self._programs.values()]
 
     # --- one stage: its layers, one after another -------------------------------------------
 
@@ -452,7 +578,14 @@ class Pipeline:
             out_specs=(ring_spec, log_spec),
             check_vma=False,
         )
-        return jax.jit(fn, donate_argnums=(1,))
+        # Outputs placed as the specs say, empty ones too (XLA would call a [rows, 0] array
+        # replicated): the next call's compiled program takes exactly these shardings.
+        out_shardings = jax.tree.map(
+            lambda spec: jax.sharding.NamedSharding(self.mesh, spec),
+            (ring_spec, log_spec),
+            is_leaf=lambda x: isinstance(x, P),
+        )
+        return jax.jit(fn, donate_argnums=(1,), out_shardings=out_shardings)
 
 
 def _count_prompt_tokens(ring: RingState, ctl: SlotControl, tokens, blocks, rows: int):

@@ -4,6 +4,7 @@ preemption or its arrival time; several prompts share a tick; unused pages, dead
 padding are never read; the compiled programs are a fixed set with no host round trip inside;
 memory is pages; bad input is refused."""
 
+import dataclasses
 import re
 
 import jax
@@ -60,7 +61,10 @@ def _staggered(llm, prompts, params):
 
 def _nan_pools(llm) -> None:
     """Fill every KV page with NaN: a page read before it is written poisons the answer."""
-    fill = jax.jit(lambda a: jnp.full_like(a, jnp.nan))
+
+    def fill(a):  # on the pool's own devices, as the engine placed it
+        return jax.jit(lambda x: jnp.full_like(x, jnp.nan), out_shardings=a.sharding)(a)
+
     llm.ring = llm.ring._replace(cache=jax.tree.map(fill, llm.ring.cache))
     llm.reset_prefix_cache()  # what the cached pages held is gone
 
@@ -102,6 +106,17 @@ def test_answers_do_not_depend_on_row_pages_budget_or_neighbours(model_dir, prom
     for t, row in enumerate(stats["schedule"]):
         ring = [(t0 + t - s) % M for s in range(llm.pp)]
         assert all(m in (-1, expected) for m, expected in zip(row, ring, strict=True)), row
+
+
+def test_a_call_runs_on_a_covering_program(model_dir, prompts, alone):
+    """compile_in_background: after a wide batch, one request's narrower calls run on the wide
+    programs (padded) until their own are worth compiling; the answers are the same."""
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=16, compile_in_background=True)
+    outs = llm.generate(prompts, [_greedy(n) for n in BUDGETS])
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    [out] = llm.generate([prompts[0]], _greedy(BUDGETS[0]))
+    assert out.outputs[0].token_ids == alone[0]
+    assert llm.pipeline.covered_calls > 0
 
 
 def test_long_sequences_read_many_attention_items(model_dir, prompts, alone, monkeypatch):
@@ -228,22 +243,25 @@ def test_memory_is_pages_not_rows(model_dir, prompts, alone):
 
 
 def test_one_row_reused_after_stop_string_and_penalties(model_dir, prompts):
-    """One row only: every request reuses the row (its pages and its penalty counts)."""
+    """One row only: every request reuses the row (its pages and its penalty counts). All
+    requests penalised, so that one sampler mode (one set of programs) serves the test."""
     one_row = dict(dtype="float32", max_num_seqs=1, max_num_batched_tokens=8)
-    llm = jaxpp.LLM(str(model_dir), **one_row)
-    text = llm.generate([prompts[1]], _greedy(12))[0].outputs[0].text
-    needle = text[4:6]
     penalised = jaxpp.SamplingParams(
         max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.5,
         frequency_penalty=0.5,
     )  # fmt: skip
     fresh = jaxpp.LLM(str(model_dir), **one_row)
-    want = fresh.generate([prompts[2]], penalised)[0].outputs[0].token_ids
-    stop = jaxpp.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[needle])
-    outs = llm.generate([prompts[1], prompts[2], prompts[2]], [stop, penalised, penalised])
+    text = fresh.generate([prompts[1]], penalised)[0].outputs[0].text
+    want = jaxpp.LLM(str(model_dir), **one_row).generate([prompts[2]], penalised)
+    needle = text[4:6]
+    stop = dataclasses.replace(penalised, stop=[needle])
+    # The first leaves its counts (and pages) in the row; each next one must start clean.
+    outs = fresh.generate([prompts[1], prompts[2], prompts[2]], [stop, penalised, penalised])
     if needle.strip():
         assert outs[0].outputs[0].finish_reason == "stop"
-    assert outs[1].outputs[0].token_ids == want == outs[2].outputs[0].token_ids
+        assert outs[0].outputs[0].text == text[: text.index(needle)]
+    assert outs[1].outputs[0].token_ids == want[0].outputs[0].token_ids
+    assert outs[2].outputs[0].token_ids == want[0].outputs[0].token_ids
 
 
 def test_streaming_api_hands_back_each_request_when_done(model_dir, prompts):

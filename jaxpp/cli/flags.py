@@ -294,6 +294,14 @@ def add_engine_flags(group) -> None:
         help="reuse the KV pages of a prompt's longest cached prefix (default: on)",
     )
     group.add_argument(
+        "--compile-in-background",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="a call whose step program is not compiled yet runs on a compiled one that covers "
+        "it while its own compiles in a background thread (one process only; default: on for "
+        "serve, off otherwise)",
+    )
+    group.add_argument(
         "--kv-cache-memory",
         type=_positive_int,
         metavar="BYTES",

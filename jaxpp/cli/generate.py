@@ -43,6 +43,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "kv_cache_memory": args.kv_cache_memory,
         "enable_prefix_caching": args.enable_prefix_caching,
+        "compile_in_background": args.compile_in_background,
         # LLM takes no None for it: left out, the engine's own default applies.
         **({} if args.block_size is None else {"block_size": args.block_size}),
     }

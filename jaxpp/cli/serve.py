@@ -78,7 +78,8 @@ def add_parser(subparsers, argv: list[str] | None = None) -> None:
     add_limit_flags(p)
     add_sampling_flags(p, model_in_argv(argv or []))
     add_process_flags(p)
-    p.set_defaults(func=run_serve)
+    # A server must not hold its requests for seconds while a new step program compiles.
+    p.set_defaults(func=run_serve, compile_in_background=True)
 
 
 class Prepared(NamedTuple):

@@ -50,16 +50,8 @@ def build_app(
     app = FastAPI(title="jaxpp", docs_url=None, redoc_url=None, openapi_url=None)
     max_body = builder.limits.max_line_bytes
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(
-                    401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                    "invalid_api_key", "authentication_error",
-                )  # fmt: skip
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(ApiKeyCheck, api_key=api_key)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -212,6 +204,28 @@ def build_app(
                 loop.abort(handles)
 
     return app
+
+
+class ApiKeyCheck:
+    """401 for a /v1/ request without `Authorization: Bearer KEY`. Plain ASGI, not Starlette's
+    BaseHTTPMiddleware: that one relays every chunk of a streamed response through a memory
+    stream of its own, a task switch per token."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                refusal = error_response(
+                    401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                    "invalid_api_key", "authentication_error",
+                )  # fmt: skip
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _sse(obj: dict) -> str:
