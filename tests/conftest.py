@@ -10,6 +10,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+# The suite is compile-bound (tiny models, a few dozen step programs per module): LLVM's
+# optimisation of each program costs more than it saves. Off, -n 2 took 450 s against
+# 565-603 s, every test unchanged (XLA's CPU backend is not fast-math at any level: no float
+# op is reordered). Subprocesses (CLI, launcher, multihost workers) inherit it.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
