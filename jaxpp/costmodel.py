@@ -102,7 +102,7 @@ class CostModel:
     @functools.lru_cache(maxsize=1 << 12)  # noqa: B019 - one model per plan, kept with it
     def tick(self, kind: StepKind) -> TickCost:
         """The time of one tick of a call of `kind`."""
-        tokens = kind.width + kind.prompt
+        tokens = kind.tokens
         compute = 0.0
         for is_moe in self.slot_kinds:
             weight_bytes, macs = self._layer_gemms(is_moe, tokens)

@@ -29,7 +29,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxpp.attention import QUERY_BLOCK
 from jaxpp.config import ModelConfig, SamplingParams, generation_defaults
 from jaxpp.distributed import check_same, smallest, to_host
 from jaxpp.kv_pages import PagePool
@@ -476,13 +475,8 @@ class LLM:
         kind = self.pipeline.serving_kind(
             step.kind, self.state, self.ring, self._control, self._tables, plan
         )
-        # A wider program (compile_in_background) takes the plan padded with empty slots.
-        blocks = kind.prompt // QUERY_BLOCK - step.blocks.shape[2]
-        plan = PromptPlan(
-            put(np.pad(step.tokens, ((0, 0), (0, 0), (0, kind.prompt - step.tokens.shape[2])))),
-            put(np.pad(step.blocks, ((0, 0), (0, 0), (0, blocks), (0, 0)))),
-            put(step.finish),
-        )
+        tokens, blocks = step.prompt_arrays(kind.prompt)  # padded for a wider program
+        plan = PromptPlan(put(tokens), put(blocks), put(step.finish))
         self.ring, log = self.pipeline.step(
             self.state, self.ring, self._control, self._tables, plan, kind
         )

@@ -191,11 +191,6 @@ def _covers(big: StepKind, small: StepKind) -> bool:
     )
 
 
-def _tokens(kind: StepKind) -> int:
-    """Tokens a tick of `kind` runs through the layers (real or padding)."""
-    return kind.width + kind.prompt
-
-
 class _Pace:
     """The ring's seconds per token-tick, a moving average over the time between consecutive
     calls (the engine dispatches a call once the one before the last is done, so that is about
@@ -219,7 +214,7 @@ class _Pace:
 
 def _cost(kind: StepKind) -> tuple[int, int]:
     """Which covering program is cheapest: tokens through the layers, then attention items."""
-    return (_tokens(kind), kind.decode_items + kind.prompt_items)
+    return (kind.tokens, kind.decode_items + kind.prompt_items)
 
 
 class Pipeline:
@@ -294,7 +289,7 @@ class Pipeline:
             return kind  # step() compiles it now (or waits for its compilation)
         cover = min(covering, key=lambda p: _cost(p.kind)).kind
         if own is None:
-            extra = (_tokens(cover) - _tokens(kind)) * kind.rounds * self.shape.microbatches
+            extra = (cover.tokens - kind.tokens) * kind.rounds * self.shape.microbatches
             paid = self._padding_s.get(key, 0.0) + extra * self._pace.seconds_per_token_tick
             self._padding_s[key] = paid
             if paid >= self._compile_s:
@@ -312,7 +307,8 @@ class Pipeline:
         if key not in self._programs:
             self._programs[key] = self._program(kind, args, background=False)
         executable = self._programs[key].executable.result()
-        self._pace.call(_tokens(kind) * kind.rounds * self.shape.microbatches)
+        if self.compile_in_background:  # the pace prices padding (serving_kind)
+            self._pace.call(kind.tokens * kind.rounds * self.shape.microbatches)
         return executable(*args)
 
     def _key(self, kind: StepKind, ring: RingState) -> tuple:

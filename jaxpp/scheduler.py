@@ -125,6 +125,11 @@ class StepKind:
     mode: SamplerMode
     collect: bool  # keep the logits of every prompt position (LLM.logits)
 
+    @property
+    def tokens(self) -> int:
+        """Tokens a tick runs through the layers, real or padding: w decode rows + C slots."""
+        return self.width + self.prompt
+
 
 @dataclasses.dataclass
 class Step:
@@ -141,6 +146,17 @@ class Step:
     waiting: bool  # the queue held requests when this call was planned
     held: int  # rows holding a request
     pages_in_use: int
+
+    def prompt_arrays(self, prompt: int) -> tuple[np.ndarray, np.ndarray]:
+        """`tokens` and `blocks` with room for `prompt` slots (a wider program's), the extra
+        ones empty, as the planned arrays' own unused slots are."""
+        extra = prompt - self.tokens.shape[2]
+        if not extra:
+            return self.tokens, self.blocks
+        return (
+            np.pad(self.tokens, ((0, 0), (0, 0), (0, extra))),
+            np.pad(self.blocks, ((0, 0), (0, 0), (0, extra // QUERY_BLOCK), (0, 0))),
+        )
 
 
 @dataclasses.dataclass
