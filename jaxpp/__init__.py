@@ -1,9 +1,10 @@
-"""jaxpp: pipeline-parallel LLM inference on JAX — GPipe prefill and a circular decode ring,
-each one jitted shard_map program over a ("data", "stage", "tensor") mesh."""
+"""jaxpp: pipeline-parallel LLM inference on JAX: a circular ring of micro-batches through the
+stages, continuous batching under a token budget over paged KV, as jitted shard_map programs
+over a ("data", "stage", "tensor") mesh."""
 
 from pathlib import Path
 
-from jaxpp.config import ModelConfig, SamplingParams
+from jaxpp.config import EngineConfig, ModelConfig, SamplingParams
 from jaxpp.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxpp.partition import layer_partition
 
@@ -32,6 +33,7 @@ __all__ = [
     "LLM",
     "CheckpointError",
     "CompletionOutput",
+    "EngineConfig",
     "Logprob",
     "ModelConfig",
     "RequestOutput",

@@ -15,26 +15,29 @@ is one contiguous run of memory, so gathering pages reads whole cache lines). A 
 block table row lists its pages in position order: position p lives at page
 `table[p // block]`, offset `p % block`.
 
-Queries come in groups, each group from ONE sequence: a decode row is a group of one query, a
-prompt chunk is cut into groups of `QUERY_BLOCK` queries. The keys are read in ITEMS of
-`item_pages` pages (ITEM_POSITIONS positions: fewer for decode rows than for prompt blocks);
-group g reads the items covering positions [first_g, last_g] (from 0, or from the start of the
-window, to its last query). The items of all groups are laid end to end
-and read `items` at a time at most: the work follows the live length of each sequence, never
-the longest in the batch nor `max_model_len`. Each item folds into an online-softmax partial,
-and the partials of a group merge exactly (segment max, then rescaled segment sums).
+Queries come in GROUPS, each from ONE sequence: a decode token is a group of one query, a
+prompt chunk is cut into groups of up to `QUERY_BLOCK` queries. Group g reads the keys at
+positions [first_g, last_g] (from 0, or from the start of its window, to its last query) in
+CHUNKS of `CHUNK_POSITIONS[kind]` positions (whole pages): iteration i reads the i-th chunk of
+every group at once, one gather and two batched dots, and folds it into the group's
+online-softmax state (running max, sum, weighted values). A group with fewer chunks re-reads
+its own last chunk, masked, for the iterations it has none: the work follows the longest group
+of the tick, never `max_model_len`, and the re-read pages are in cache.
 
-    groups   g0 (decode, 300 keys)   g1 (decode, 40 keys)   g2 (prompt block, 200 keys)
-    items    [g0:0-127][g0:128-255][g0:256-383][g1:0-127][g2:0-127][g2:128-255][pad][pad]
-             (items of 128 positions drawn; decode rows read items of 32)
+    iteration   0           1           2
+    g0 (decode, 300 keys)   [0-127]     [128-255]   [256-383]
+    g1 (decode, 40 keys)    [0-127]     (masked)    (masked)
+    g2 (prompt block, 200)  [0-127]     [128-255]   (masked)
 
-`items` is static (the host picks it from a few buckets, bounding the total): no loop here has
-a trip count that depends on data, so on a GPU nothing waits for the host.
+The trip count: on a CPU the most chunks any group needs, read from the data (XLA:CPU runs the
+loop on the host, so a data-dependent trip count costs nothing); on an accelerator a bound known
+when compiling (the chunks of a `max_model_len` sequence), since there a loop whose trip count
+is data copies a predicate to the host every iteration. (On GPUs the kernel runs instead.)
 
-On a GPU the same call runs paged_kernel.py instead (a Pallas kernel walking each group's pages
-itself); JAXPP_ATTENTION chooses: "auto" (the kernel on GPUs where its tiles fit, this path
-elsewhere), "xla" (this path everywhere) or "pallas" (the kernel everywhere: in Pallas'
-interpreter off a GPU, which is how the CPU tests run the engine through it).
+On a GPU the same call runs paged_kernel.py (a Pallas kernel walking each group's pages itself,
+bounds read on the device); JAXPP_ATTENTION chooses: "auto" (the kernel on GPUs where its tiles
+fit, this path elsewhere), "xla" (this path everywhere) or "pallas" (the kernel everywhere: in
+Pallas' interpreter off a GPU, which is how the CPU tests run the engine through it).
 """
 
 from __future__ import annotations
@@ -48,18 +51,10 @@ import numpy as np
 
 from jaxpp import paged_kernel
 
-QUERY_BLOCK = 16  # prompt tokens per query group: a chunk is padded to a multiple of it
-# Positions read per item (rounded to whole pages), per kind of query group. A group reads
-# half an item past its last key on average: a decode row (one query per key) wastes less with
-# small items, a prompt block (16 queries per key) merges fewer partials with large ones.
-# Measured on the CPU, llama-32m f32: batch 32 decoding 64-192 positions, decode items of 32
-# 1.23-1.26x transformers, of 128 1.03-1.10x; mixed traffic (prompts up to 512), prompt items of
-# 128 279 tok/s, of 32 268.
-ITEM_POSITIONS = {"decode": 32, "prompt": 128}
+QUERY_BLOCK = 16  # prompt tokens per query group at most
+# Key positions one loop iteration reads per group, per kind of group (rounded to whole pages).
+CHUNK_POSITIONS = {"decode": 128, "prompt": 128}
 MASKED = float(np.finfo(np.float32).min)  # score of an invisible key: exp() of it is exactly 0
-# Positions x queries x head_dim read at once at most (an item loop runs above it): keeps the
-# gathered keys and values of one step in cache on a CPU and bounded on an accelerator.
-READ_ELEMENTS = 1 << 24
 ATTENTION_CHOICES = ("auto", "xla", "pallas")
 
 
@@ -79,27 +74,17 @@ def attention_backend(head_dim: int, block: int) -> str:
     return "xla"
 
 
-def item_pages(block: int, kind: str) -> int:
-    """Pages per item of a `kind` ("decode" or "prompt") group: ITEM_POSITIONS[kind]
+def trips_from_data() -> bool:
+    """Whether the chunk loop runs as many iterations as the data needs (XLA:CPU, where the
+    loop's condition is evaluated on the host anyway) or a bound known when compiling (an
+    accelerator, where a data-dependent condition is a device-to-host copy per iteration)."""
+    return jax.default_backend() == "cpu"
+
+
+def chunk_pages(block: int, kind: str) -> int:
+    """Pages per chunk of a `kind` ("decode" or "prompt") group: CHUNK_POSITIONS[kind]
     positions, at least one page."""
-    return max(1, ITEM_POSITIONS[kind] // block)
-
-
-def items_needed(first: int, last: int, block: int, kind: str) -> int:
-    """Items a `kind` group reads for keys at positions [first, last] (0 when last < first):
-    the host's bound, computed with the same rule as `paged_attention`."""
-    span = item_pages(block, kind) * block
-    return 0 if last < first else last // span - first // span + 1
-
-
-class Partial(NamedTuple):
-    """Online-softmax state over SOME keys, per query: the running max of the scores, the sum
-    of exp(score - max) and the exp-weighted sum of the values. Partials over disjoint keys
-    merge exactly; `finish` divides once at the end. top, total [N, H, Q]; acc [N, H, Q, Dh]."""
-
-    top: jax.Array
-    total: jax.Array
-    acc: jax.Array
+    return max(1, CHUNK_POSITIONS[kind] // block)
 
 
 def write_kv(k_pool, v_pool, k, v, page, offset):
@@ -120,6 +105,16 @@ def write_kv(k_pool, v_pool, k, v, page, offset):
     )
 
 
+class Softmax(NamedTuple):
+    """Online-softmax state over the keys read so far, per query: the running max of the
+    scores, the sum of exp(score - max) and the exp-weighted sum of the values.
+    top, total [G, Hkv, Q*Gq]; acc [G, Hkv, Q*Gq, Dh]."""
+
+    top: jax.Array
+    total: jax.Array
+    acc: jax.Array
+
+
 def paged_attention(
     q: jax.Array,
     q_pos: jax.Array,
@@ -129,25 +124,20 @@ def paged_attention(
     tables: jax.Array,
     window: jax.Array,
     *,
-    items: int,
     kind: str,
 ) -> jax.Array:
-    """Attention of R query groups over their sequences' pages.
+    """Attention of G query groups over their sequences' pages.
 
-    q [R, Q, Hq, Dh]: group r holds Q queries of sequence `seq[r]` (a row of `tables`
-    [rows, pages_per_seq]) at positions q_pos [R, Q], -1 for padding (its output is 0).
+    q [G, Q, Hq, Dh]: group g holds Q queries of sequence `seq[g]` (a row of `tables`
+    [rows, pages_per_seq]) at positions q_pos [G, Q], -1 for padding (its output is 0).
     window: 0 for full attention, else a query at p sees keys in (p - window, p].
-    items (static): at least the total items the groups read (see `items_needed`).
-    kind (static): "decode" or "prompt", the item size (ITEM_POSITIONS).
-    (The kernel reads neither: it walks each group's pages with bounds it reads on the device.)
-    Returns [R, Q, Hq, Dh] in q's dtype.
+    kind (static): "decode" or "prompt", the chunk size (CHUNK_POSITIONS).
+    Returns [G, Q, Hq, Dh] in q's dtype.
     """
-    groups, queries, heads, head_dim = q.shape
+    queries, head_dim = q.shape[1], q.shape[3]
     kv_heads, block = k_pool.shape[1], k_pool.shape[3]
-    grouped = _group_queries(q, kv_heads)  # [R, Hkv, Q*G, Dh]
-    rep = grouped.shape[2] // queries
-    qpos = jnp.repeat(q_pos, rep, axis=1)  # [R, Q*G]
-    # Each group's key range [first, last]: from 0 (or its window's start) to its last query.
+    grouped = _group_queries(q, kv_heads)  # [G, Hkv, Q*Gq, Dh]
+    qpos = jnp.repeat(q_pos, grouped.shape[2] // queries, axis=1)  # [G, Q*Gq]
     real = q_pos >= 0
     last = jnp.max(jnp.where(real, q_pos, -1), axis=1)
     lowest = jnp.min(jnp.where(real, q_pos, jnp.iinfo(jnp.int32).max), axis=1)
@@ -159,74 +149,65 @@ def paged_attention(
             interpret=backend == "pallas-interpret",
         )  # fmt: skip
         return _ungroup_queries(out, queries)
-    per_item = item_pages(block, kind)
-    span = per_item * block
-    first_item = first // span
-    count = jnp.where(last >= 0, last // span - first_item + 1, 0)
-    ends = jnp.cumsum(count)
-    starts = ends - count
-
-    step = max(1, min(items, READ_ELEMENTS // max(1, span * rep * queries * head_dim)))
-    steps = -(-items // step) if items else 0
-    scale = head_dim**-0.5
-
-    def read(i, part: Partial) -> Partial:
-        j = i * step + jnp.arange(step)  # item ids of this step
-        group = jnp.sum(ends[None, :] <= j[:, None], axis=1)  # the group item j belongs to
-        valid = j < ends[-1]
-        g = jnp.minimum(group, groups - 1)
-        index = first_item[g] + j - starts[g]  # which item of its sequence
-        cols = jnp.clip(index[:, None] * per_item + jnp.arange(per_item), 0, tables.shape[1] - 1)
-        pages = tables[seq[g][:, None], cols]  # [step, per_item]
-        keys = k_pool[pages].transpose(0, 2, 3, 1, 4).reshape(step, kv_heads, head_dim, span)
-        values = v_pool[pages].transpose(0, 2, 1, 3, 4).reshape(step, kv_heads, span, head_dim)
-        k_pos = index[:, None] * span + jnp.arange(span)  # [step, span]
-        # Keys past the group's last query were never written for this sequence (or belong to
-        # another one): 0 * their value must not meet a NaN there.
-        written = valid[:, None] & (k_pos <= last[g][:, None])
-        values = jnp.where(written[:, None, :, None], values, 0)
-        qp = qpos[g][:, :, None]  # [step, Q*G, 1]
-        kp = k_pos[:, None, :]
-        visible = written[:, None, :] & (kp <= qp) & ((window == 0) | (kp > qp - window))
-        scores = jnp.einsum("ihqd,ihds->ihqs", grouped[g], keys).astype(jnp.float32) * scale
-        scores = jnp.where(visible[:, None], scores, MASKED)
-        top = jnp.max(scores, axis=-1)
-        probs = jnp.exp(scores - top[..., None])
-        acc = jnp.einsum("ihqs,ihsd->ihqd", probs.astype(values.dtype), values)
-        owner = jnp.where(valid, group, groups)  # invalid items fall outside: dropped
-        return _merge_items(part, top, jnp.sum(probs, axis=-1), acc.astype(jnp.float32), owner)
-
-    part = Partial(
+    per_chunk = chunk_pages(block, kind)
+    span = per_chunk * block
+    first_chunk = first // span
+    chunks = jnp.where(last >= 0, last // span - first_chunk + 1, 0)
+    if trips_from_data():
+        trips = jnp.max(chunks)  # a loop on the host: its trip count costs nothing
+    else:
+        trips = -(-tables.shape[1] * block // span)  # known when compiling
+    read = _chunk_reader(grouped, qpos, seq, k_pool, v_pool, tables, window, per_chunk,
+                         first_chunk, chunks, last)  # fmt: skip
+    state = Softmax(
         jnp.full(grouped.shape[:3], MASKED, jnp.float32),
         jnp.zeros(grouped.shape[:3], jnp.float32),
         jnp.zeros(grouped.shape, jnp.float32),
     )
-    if steps == 1:
-        part = read(0, part)
-    elif steps > 1:
-        part = jax.lax.fori_loop(0, steps, read, part)
-    # A padding query saw no key: its partials hold a uniform mix of whatever it read.
-    seen = (qpos >= 0)[:, None, :, None] & (part.total[..., None] > 0)
-    out = jnp.where(seen, part.acc / part.total[..., None], 0)
+    state = jax.lax.fori_loop(0, trips, read, state)
+    # A padding query saw no key: its sums hold a uniform mix of whatever it read.
+    seen = (qpos >= 0)[:, None, :, None] & (state.total[..., None] > 0)
+    out = jnp.where(seen, state.acc / jnp.where(seen, state.total[..., None], 1.0), 0)
     return _ungroup_queries(out.astype(q.dtype), queries)
 
 
-def _merge_items(part: Partial, top, total, acc, owner) -> Partial:
-    """Fold the partials of some items (top, total [I, H, Q], acc [I, H, Q, Dh]) into the
-    partials of the groups that own them (owner [I]; == groups: dropped)."""
-    groups = part.top.shape[0]
-    new_top = jnp.maximum(
-        part.top, jax.ops.segment_max(top, owner, groups, indices_are_sorted=True)
-    )
-    rescale = jnp.exp(part.top - new_top)
-    weight = jnp.exp(top - new_top[jnp.minimum(owner, groups - 1)])
-    return Partial(
-        new_top,
-        part.total * rescale
-        + jax.ops.segment_sum(total * weight, owner, groups, indices_are_sorted=True),
-        part.acc * rescale[..., None]
-        + jax.ops.segment_sum(acc * weight[..., None], owner, groups, indices_are_sorted=True),
-    )
+def _chunk_reader(grouped, qpos, seq, k_pool, v_pool, tables, window, per_chunk, first_chunk,
+                  chunks, last):  # fmt: skip
+    """The loop body: fold the i-th chunk of keys of every group into its softmax state. A
+    group past its own chunks re-reads its last one (in cache), masked."""
+    groups, kv_heads, _, head_dim = grouped.shape
+    block = k_pool.shape[3]
+    span = per_chunk * block
+    last_col = jnp.maximum(last, 0) // block
+    scale = head_dim**-0.5
+
+    def read(i, state: Softmax) -> Softmax:
+        active = i < chunks  # [G]
+        chunk = first_chunk + jnp.minimum(i, jnp.maximum(chunks - 1, 0))
+        cols = jnp.minimum(chunk[:, None] * per_chunk + jnp.arange(per_chunk), last_col[:, None])
+        pages = tables[seq[:, None], cols]  # [G, per_chunk]
+        keys = k_pool[pages].transpose(0, 2, 3, 1, 4).reshape(groups, kv_heads, head_dim, span)
+        values = v_pool[pages].transpose(0, 2, 1, 3, 4).reshape(groups, kv_heads, span, head_dim)
+        k_pos = chunk[:, None] * span + jnp.arange(span)  # [G, span]
+        # Keys past the group's last query were never written for this sequence (or belong to
+        # another one): 0 * their value must not meet a NaN there.
+        written = active[:, None] & (k_pos <= last[:, None])
+        values = jnp.where(written[:, None, :, None], values, 0)
+        qp, kp = qpos[:, :, None], k_pos[:, None, :]  # [G, QG, 1], [G, 1, span]
+        visible = written[:, None, :] & (kp <= qp) & ((window == 0) | (kp > qp - window))
+        scores = jnp.einsum("ghqd,ghds->ghqs", grouped, keys).astype(jnp.float32) * scale
+        scores = jnp.where(visible[:, None], scores, MASKED)
+        top = jnp.maximum(state.top, jnp.max(scores, axis=-1))
+        rescale = jnp.exp(state.top - top)
+        probs = jnp.exp(scores - top[..., None])
+        weighted = jnp.einsum("ghqs,ghsd->ghqd", probs.astype(values.dtype), values)
+        return Softmax(
+            top,
+            state.total * rescale + jnp.sum(probs, axis=-1),
+            state.acc * rescale[..., None] + weighted.astype(jnp.float32),
+        )
+
+    return read
 
 
 def _group_queries(q: jax.Array, kv_heads: int) -> jax.Array:

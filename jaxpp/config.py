@@ -388,6 +388,59 @@ class SamplingParams:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """An engine's serving and layout settings, validated once: what `LLM`, `jaxpp.plan`, the
+    CLI's flags and `jaxpp bench` read (the model-dependent checks, such as a partition's sum
+    or max_model_len against the model's positions, are the layout's: layout.make_layout)."""
+
+    dtype: str | None = None  # None: the checkpoint's
+    pp: int = 1
+    tp: int = 1
+    dp: int = 1
+    layer_partition: str | Sequence[int] | None = None  # "10,10,12", or $JAXPP_PP_LAYER_...
+    num_microbatches: int | None = None  # None: pp
+    max_model_len: int | None = None  # None: the model's max positions
+    seed: int = 0  # draws the seeds of requests that give none
+    max_num_seqs: int | None = None  # None: 256 (rounded up to a multiple of dp x M)
+    max_num_batched_tokens: int | None = None  # None: 2048 on a CPU, 8192 on accelerators
+    block_size: int = 16  # positions per KV page
+    decode_chunk: int = 16  # ring rounds of a call while nothing waits
+    kv_cache_memory: int | None = None  # bytes per device; None: 90% of what is free
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer_partition, list):
+            object.__setattr__(self, "layer_partition", tuple(self.layer_partition))
+        for name in ("pp", "tp", "dp", "block_size", "decode_chunk"):
+            _check_positive(name, getattr(self, name))
+        for name in ("num_microbatches", "max_model_len", "max_num_seqs",
+                     "max_num_batched_tokens", "kv_cache_memory"):  # fmt: skip
+            if getattr(self, name) is not None:  # None: the engine decides
+                _check_positive(name, getattr(self, name))
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(
+                f"enable_prefix_caching={self.enable_prefix_caching!r} is invalid: expected "
+                "True or False"
+            )
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} is invalid: expected an integer >= 0")
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    def layout_fields(self) -> tuple:
+        """What decides the model's placement over the devices."""
+        return (self.dtype, self.pp, self.tp, self.dp, self.layer_partition,
+                self.num_microbatches, self.max_model_len)  # fmt: skip
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid: expected a positive integer")
+
+
 # generation_config.json key -> SamplingParams field (vLLM's --generation-config auto).
 GENERATION_CONFIG_FIELDS = {
     "max_new_tokens": "max_tokens",

@@ -1,20 +1,19 @@
 """Time of one ring tick on given hardware: what each device reads, computes and sends.
 
 A tick of the ring (pipeline.py) has static shapes: every stage computes every one of its layer
-slots over the call's w decode rows and C prompt slots, padding and idle stages included (there
-is no `cond` to skip them), and its attention reads the call's item budget. So a tick's time
-is a function of the call's `StepKind` alone. Every tick, on every device:
+slots over the tick's T token slots (its bucket), padding and idle stages included (there is no
+`cond` to skip them); attention reads the keys of each query group's own sequence. So a
+tick's time is a function of its bucket and of the keys it reads. Every tick, on every device:
 
 1. the vocab-parallel embedding of the entering tokens: one psum over ("stage", "tensor") of
-   [w + C, D];
-2. its stage's layer slots over those w + C tokens, each: the weight GEMMs, the new keys and
-   values written into their pages, attention over `decode_items` and `prompt_items` items
-   (of ITEM_POSITIONS["decode"] and ["prompt"] positions, attention.py), and two psums over
-   "tensor" of [w + C, D];
-3. a psum over "stage" of the last stage's [w, D] rows (all w + C when collecting logits), then
-   its vocab shard of the LM head over them and the sharded argmax (a pmax and a pmin over the
-   vocab devices);
-4. a ppermute of [w + C, D] activations to the next stage.
+   [T, D];
+2. its stage's layer slots over those T tokens, each: the weight GEMMs, the new keys and
+   values written into their pages, attention over the decode slots' and prompt groups' keys,
+   and two psums over "tensor" of [T, D];
+3. a psum over "stage" of the last stage's rows to sample ([mb, D]; all T when collecting
+   logits), then its vocab shard of the LM head over them and the sharded argmax (a pmax and a
+   pmin over the vocab devices);
+4. a ppermute of [T, D] activations to the next stage.
 
 Each compute part costs max(bytes read / bandwidth, FLOPs / peak). A collective over g devices
 costs 2 (g - 1) / g x bytes / link bandwidth + 2 ceil(log2 g) x link latency (ring bandwidth,
@@ -32,11 +31,10 @@ import math
 import numpy as np
 from flax import nnx
 
-from jaxpp.attention import QUERY_BLOCK, item_pages
+from jaxpp.attention import QUERY_BLOCK
 from jaxpp.hardware import Hardware, Link
 from jaxpp.layout import Layout, kv_bytes_per_page, param_leaves, shard_bytes
 from jaxpp.pipeline import PipelineShape
-from jaxpp.scheduler import StepKind
 
 EXPERT_LEAVES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # [stages, E, ...] in MoE
 MOE_ONLY = ("mlp.router", "mlp.shared.", "mlp.shared_gate")
@@ -85,10 +83,6 @@ class CostModel:
         self.kv_position_bytes = kv_bytes_per_page(layout) / (
             layout.layers_per_stage * layout.block_size
         )
-        self.item_positions = {
-            kind: item_pages(layout.block_size, kind) * layout.block_size
-            for kind in ("decode", "prompt")
-        }
         self.attention_flops = 4 * (cfg.num_heads // layout.tp) * cfg.head_dim  # per query-key
         self.hidden_bytes = cfg.hidden_size * self.itemsize
         # Every slot is computed on every stage (an empty one is masked): the MoE kind of a
@@ -100,21 +94,19 @@ class CostModel:
         self.links = _links(layout, hw)
 
     @functools.lru_cache(maxsize=1 << 12)  # noqa: B019 - one model per plan, kept with it
-    def tick(self, kind: StepKind) -> TickCost:
-        """The time of one tick of a call of `kind`."""
-        tokens = kind.tokens
+    def tick(self, tokens: int, decode_keys: int, prompt_keys: int, head_rows: int) -> TickCost:
+        """The time of one tick of `tokens` slots whose decode slots read `decode_keys` keys
+        and whose prompt groups read `prompt_keys` (each by QUERY_BLOCK queries), sampling
+        `head_rows` rows."""
         compute = 0.0
         for is_moe in self.slot_kinds:
             weight_bytes, macs = self._layer_gemms(is_moe, tokens)
-            decode = kind.decode_items * self.item_positions["decode"]
-            prompt = kind.prompt_items * self.item_positions["prompt"]
             # Keys read, and this tick's written; each read by 1 or QUERY_BLOCK queries.
-            kv_bytes = (decode + prompt + tokens) * self.kv_position_bytes
-            score_flops = (decode + prompt * QUERY_BLOCK) * self.attention_flops
+            kv_bytes = (decode_keys + prompt_keys + tokens) * self.kv_position_bytes
+            score_flops = (decode_keys + prompt_keys * QUERY_BLOCK) * self.attention_flops
             compute += max(weight_bytes / self.bandwidth, 2 * macs / self.peak)
             compute += max(kv_bytes / self.bandwidth, score_flops / self.peak)
         tensor = 2 * len(self.slot_kinds) * self._all_reduce("tensor", tokens * self.hidden_bytes)
-        head_rows = kind.width + (kind.prompt if kind.collect else 0)
         head = max(
             self.head_bytes / self.bandwidth, 2 * self.head_macs * head_rows / self.peak
         ) + 2 * self._all_reduce("vocab", 0)  # the sharded argmax: a pmax and a pmin

@@ -12,9 +12,9 @@ always has a call queued. `generate`, `chat` and `logits` add their requests and
 they are done; `add_request` + `step` serve a stream (the CLI, the trace benchmark).
 
 The KV cache is a pool of pages of `block_size` positions per layer slot and stage, sized by
-`kv_cache_memory` and allocated once; sequences take pages as they grow. The programs are
-compiled for a fixed set of shapes (decode width, prompt slots and attention items from a few
-buckets each, two call lengths, the sampler's mode), never per request or per length.
+`kv_cache_memory` and allocated once; sequences take pages as they grow. The programs are a
+fixed set (programs.py: a forward program per token bucket, a sample program per sampler mode),
+never one per request or per length; `warmup()` compiles them before anything is served.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,17 +30,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxpp.config import ModelConfig, SamplingParams, generation_defaults
+from jaxpp.config import EngineConfig, ModelConfig, SamplingParams, generation_defaults
 from jaxpp.distributed import check_same, smallest, to_host
 from jaxpp.kv_pages import PagePool
 from jaxpp.layout import (
-    DEFAULT_BLOCK_SIZE,
     abstract_model,
     default_kv_budget,
-    default_token_budget,
     kv_bytes_per_page,
     make_layout,
-    model_dtype,
     page_count,
     pipeline_shape,
     row_count,
@@ -47,10 +45,13 @@ from jaxpp.layout import (
 from jaxpp.loading import load_params, model_identity
 from jaxpp.model import rope_inv_freq
 from jaxpp.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from jaxpp.pipeline import ROW, Pipeline, PromptPlan, RingState, SlotControl, empty_ring
+from jaxpp.pipeline import ROW, Pipeline, Ring, RowControl, empty_log, empty_penalties, empty_ring
+from jaxpp.programs import GREEDY, SAMPLING, Programs
 from jaxpp.sampling import SamplerRows
-from jaxpp.scheduler import Request, Scheduler, SlotLayout, Step
+from jaxpp.scheduler import Call, Request, Scheduler, SlotLayout
 from jaxpp.sharding import make_mesh
+
+TICKS_AHEAD = 8  # ticks the host enqueues ahead of the device at most (LLM._pace)
 
 
 class LLM:
@@ -68,150 +69,47 @@ class LLM:
     `decode_chunk` rounds of the ring (one token per decoding sequence each). With
     `enable_prefix_caching` (the default, as in vLLM) a prompt that starts like an earlier
     one reuses the KV pages of their common full pages instead of computing them again.
-    `compile_in_background` (a server's choice, one process only): a call whose step program
-    is not compiled yet runs on a compiled one that covers it (padded) while its own compiles
-    in a background thread, so that no request waits seconds for a compilation.
+    Programs compile the first time a call needs them; `warmup()` compiles every one greedy
+    and seeded traffic can meet first (a server does, before it says it is ready).
     """
 
-    def __init__(
-        self,
-        model: str | Path,
-        *,
-        dtype: str | None = None,
-        pp: int = 1,
-        tp: int = 1,
-        dp: int = 1,
-        layer_partition: str | Sequence[int] | None = None,
-        num_microbatches: int | None = None,
-        max_model_len: int | None = None,
-        seed: int = 0,
-        max_num_seqs: int | None = None,
-        max_num_batched_tokens: int | None = None,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        decode_chunk: int = 16,
-        kv_cache_memory: int | None = None,
-        enable_prefix_caching: bool = True,
-        compile_in_background: bool = False,
-    ):
-        for name, value in (
-            ("pp", pp),
-            ("tp", tp),
-            ("dp", dp),
-            ("block_size", block_size),
-            ("decode_chunk", decode_chunk),
-        ):
-            _check_positive_int(name, value)
-        for name, value in (  # None: the engine decides
-            ("num_microbatches", num_microbatches),
-            ("max_model_len", max_model_len),
-            ("max_num_seqs", max_num_seqs),
-            ("max_num_batched_tokens", max_num_batched_tokens),
-            ("kv_cache_memory", kv_cache_memory),
-        ):
-            if value is not None:
-                _check_positive_int(name, value)
-        for name, value in (
-            ("enable_prefix_caching", enable_prefix_caching),
-            ("compile_in_background", compile_in_background),
-        ):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name}={value!r} is invalid: expected True or False")
-        if not _is_int(seed) or seed < 0:
-            raise ValueError(f"seed={seed!r} is invalid: expected an integer >= 0")
+    def __init__(self, model: str | Path, config: EngineConfig | None = None, **settings):
+        """`config`, or the settings as keywords (EngineConfig's fields: pp=2, dtype=...)."""
+        if config is None:
+            config = EngineConfig(**settings)
+        elif settings:
+            raise ValueError(f"LLM takes a config or settings, not both: {sorted(settings)}")
+        self.engine_config = config
         self.model_dir = Path(model)
         # Processes of one job must agree before any of them loads (or waits in a collective).
         check_same(
             model=model_identity(self.model_dir),
-            layout=repr((dtype, pp, tp, dp, layer_partition, num_microbatches, max_model_len)),
-            serving=repr(
-                (
-                    seed,
-                    max_num_seqs,
-                    max_num_batched_tokens,
-                    block_size,
-                    decode_chunk,
-                    kv_cache_memory,
-                )
-            ),  # fmt: skip
+            layout=repr(config.layout_fields()),
+            serving=repr(config),
         )
         self.config = cfg = ModelConfig.from_dir(self.model_dir)
-        self.dtype = model_dtype(dtype, cfg)
-        self.mesh = make_mesh(dp, pp, tp)
-        platform = self.mesh.devices.flat[0].platform
-        self.dp, self.pp, self.tp = dp, pp, tp
+        self.mesh = make_mesh(config.dp, config.pp, config.tp)
         # The static shapes, shared with `jaxpp plan` (layout.py).
-        self.model_layout = lay = make_layout(
-            cfg,
-            self.dtype,
-            dp=dp,
-            pp=pp,
-            tp=tp,
-            layer_partition_spec=layer_partition,
-            num_microbatches=num_microbatches,
-            max_model_len=max_model_len,
-            block_size=block_size,
-            token_budget=max_num_batched_tokens or default_token_budget(platform),
-        )
+        self.model_layout = lay = make_layout(cfg, config, self.mesh.devices.flat[0].platform)
+        self.dp, self.pp, self.tp = config.dp, config.pp, config.tp
+        self.dtype = lay.dtype
         self.partition = lay.partition
         self.microbatches = lay.microbatches
         self.max_model_len = lay.max_model_len
         self.block_size = lay.block_size
-        self.enable_prefix_caching = enable_prefix_caching
+        self.enable_prefix_caching = config.enable_prefix_caching
         self.max_num_batched_tokens = lay.token_budget
-        self.decode_chunk = decode_chunk
-        self._seed_rng = np.random.default_rng(seed)
-        self._serial = 0
-
-        abstract = abstract_model(lay)
-        graphdef, abstract_state = nnx.split(abstract)
-        layer_graphdef, _ = nnx.split(abstract.layers[0])
-        kv_replicas = lay.kv_heads // cfg.num_kv_heads
-        self.state, self.load_stats = load_params(
-            self.model_dir, abstract_state, cfg, self.mesh, lay.grid, kv_replicas, lay.windows
-        )
+        self.decode_chunk = config.decode_chunk
         self.kv_heads = lay.kv_heads
         self.layers_per_stage = lay.layers_per_stage
         self.vocab_padded = lay.vocab_padded
-
-        self.max_num_seqs = row_count(lay, max_num_seqs)
-        budget = kv_cache_memory or smallest(_default_kv_budget(self.mesh, self.state))
-        pages = page_count(lay, budget)
-        self.shape = pipeline_shape(lay, self.max_num_seqs, pages, decode_chunk)
-        self.layout = SlotLayout(dp, self.microbatches, self.shape.rows)
-        self.pipeline = Pipeline(
-            self.mesh,
-            graphdef,
-            layer_graphdef,
-            self.state,
-            rope_inv_freq(cfg),
-            self.dtype,
-            self.shape,
-            filled=lay.grid >= 0,
-        )
-        # Every process must run the same programs in the same order (their collectives meet):
-        # a choice that depends on when a background compilation ends is one process's alone.
-        self.pipeline.compile_in_background = compile_in_background and jax.process_count() == 1
-        self.ring = self._empty_ring(penalties=False)
-        pool = PagePool(
-            dp,
-            pages,
-            lay.block_size,
-            self.microbatches * self.shape.rows,
-            lay.pages_per_seq,
-            prefix_caching=enable_prefix_caching,
-        )
-        self.scheduler = Scheduler(
-            self.layout,
-            pool,
-            lay.token_budget,
-            pp,
-            decode_chunk,
-            cfg.eos_token_ids,
-            stop_check=self._stop_string_hit,
-        )
-        self._control: SlotControl | None = None
+        self._seed_rng = np.random.default_rng(config.seed)
+        self._serial = 0
+        self._load_and_build(lay)
+        self._control: RowControl | None = None
         self._tables = None
-        self._in_flight: tuple[Step, object] | None = None
+        self._in_flight: tuple[Call, object, list] | None = None
+        self._ahead: deque = deque()  # a marker of each tick enqueued and maybe not done
         self._requests: dict[int, tuple[str | None, list[int]]] = {}  # id -> (text, ids)
         self._unclaimed: list[RequestOutput] = []
         # Device idle time between calls, an upper bound: the host polls whether the call in
@@ -224,6 +122,37 @@ class LLM:
         # Prompts asked for n > 1 samples: first sample's serial -> each sample's output.
         self._groups: dict[int, dict[int, RequestOutput | None]] = {}
         self._group_of: dict[int, int] = {}  # a sample's serial -> its group
+
+    def _load_and_build(self, lay) -> None:
+        """This process's shards of the weights, the ring's programs and state, the pool and
+        the scheduler."""
+        cfg, config = self.config, self.engine_config
+        abstract = abstract_model(lay)
+        graphdef, abstract_state = nnx.split(abstract)
+        layer_graphdef, _ = nnx.split(abstract.layers[0])
+        kv_replicas = lay.kv_heads // cfg.num_kv_heads
+        self.state, self.load_stats = load_params(
+            self.model_dir, abstract_state, cfg, self.mesh, lay.grid, kv_replicas, lay.windows
+        )
+        self.max_num_seqs = row_count(lay, config.max_num_seqs)
+        budget = config.kv_cache_memory or smallest(_default_kv_budget(self.mesh, self.state))
+        pages = page_count(lay, budget)
+        self.shape = pipeline_shape(lay, self.max_num_seqs, pages, config.decode_chunk)
+        self.layout = SlotLayout(config.dp, self.microbatches, self.shape.rows)
+        self.pipeline = Pipeline(
+            self.mesh, graphdef, layer_graphdef, self.state, rope_inv_freq(cfg), self.dtype,
+            self.shape, filled=lay.grid >= 0,
+        )  # fmt: skip
+        self.programs = Programs(self.pipeline)
+        self.ring = self._empty_ring(penalties=False)
+        pool = PagePool(
+            config.dp, pages, lay.block_size, self.microbatches * self.shape.rows,
+            lay.pages_per_seq, prefix_caching=config.enable_prefix_caching,
+        )  # fmt: skip
+        self.scheduler = Scheduler(
+            self.layout, pool, lay.token_budget, config.pp, config.decode_chunk,
+            cfg.eos_token_ids, stop_check=self._stop_string_hit,
+        )  # fmt: skip
 
     @property
     def tokenizer(self):
@@ -243,7 +172,7 @@ class LLM:
         """KV bytes one page takes on each device of its replica."""
         return kv_bytes_per_page(self.model_layout)
 
-    def _empty_ring(self, penalties: bool) -> RingState:
+    def _empty_ring(self, penalties: bool = False) -> Ring:
         return empty_ring(
             self.mesh,
             self.shape,
@@ -430,20 +359,20 @@ class LLM:
         if self._unclaimed:
             done, self._unclaimed = self._unclaimed, []
             return done
-        step = self.scheduler.schedule()
+        call = self.scheduler.schedule()
         if self._in_flight is not None:
             self._poll(self._in_flight[1])
-        log = self._dispatch(step) if step is not None else None
+        dispatched = self._dispatch(call) if call is not None else None
         self._running_seen = time.perf_counter()
         finished = []
         if self._in_flight is not None:
-            previous, previous_log = self._in_flight
-            finished = self.scheduler.update(previous, to_host(previous_log))
-        self._in_flight = (step, log) if step is not None else None
+            previous, log, collected = self._in_flight
+            finished = self.scheduler.update(previous, to_host(log), to_host(collected))
+        self._in_flight = (call, *dispatched) if call is not None else None
         stats = self.scheduler.stats.as_dict() if finished else {}
         outputs = self._join_samples([self._output(r, stats) for r in finished])
-        if log is not None:
-            self._poll(log)
+        if dispatched is not None:
+            self._poll(dispatched[0])
         return outputs
 
     def _poll(self, log) -> None:
@@ -452,35 +381,64 @@ class LLM:
             self.device_idle_s += now - self._running_seen
         self._running_seen = now
 
-    def _dispatch(self, step: Step):
+    def _dispatch(self, call: Call):
+        """Enqueue every tick of the call (a forward and a sample program each) without waiting
+        for any; returns the call's log and, for a collecting call, each tick's logits."""
+        put = self._upload(call)
+        penalties = self.ring.penalties
+        if call.mode.penalties and penalties.counts.shape[1] == 0:
+            penalties = empty_penalties(self.mesh, penalties.counts.shape[0], self.vocab_padded)
+        log = empty_log(self.mesh, self.shape, self.dp, call.mode.logprobs, call.start_tick)
+        stages, rows, _ = self.ring
+        ctl, uploaded, collected = self._control, {}, []
+        for batch in call.batches:
+            if id(batch) not in uploaded:
+                uploaded[id(batch)] = jax.tree.map(put, batch)
+            batch = uploaded[id(batch)]
+            if call.mode.penalties:  # the prompt tokens entering are seen by their rows
+                penalties = self.programs.count(penalties, ctl.prompt_len, batch)
+            args = (self.state, stages, rows, ctl.tag, self._tables, batch, log)
+            stages, leaving, log, *more = self.programs.forward(call.collect, *args)
+            collected += more
+            extra = (penalties,) if call.mode.penalties else ()
+            rows, log, *extra = self.programs.sample(
+                call.mode, self.state, rows, ctl, leaving, log, *extra
+            )
+            penalties = extra[0] if extra else penalties
+            self._pace(leaving.tick)
+        self.ring = Ring(stages, rows, penalties)
+        return log, collected
+
+    def _pace(self, done) -> None:
+        """Keep at most TICKS_AHEAD ticks enqueued: wait for the oldest when there are more.
+        XLA:CPU runs a multi-device program's per-device work on a pool of one thread per
+        device, and a device takes at most 32 programs in flight; past that the pool's
+        threads block on the limit while the work that would free it waits for a thread (seen
+        as a 40 s collective timeout at dp=2 x pp=2 x tp=2). A window of 8 ticks keeps
+        accelerators fed too."""
+        self._ahead.append(done)
+        while len(self._ahead) > TICKS_AHEAD:
+            self._ahead.popleft().block_until_ready()
+
+    def _upload(self, call: Call) -> Callable:
+        """The call's row control and block tables, when they changed, onto the devices;
+        returns the function that puts a row-sharded host array there."""
         sharding = jax.sharding.NamedSharding(self.mesh, ROW)
 
         def put(a):
             return jax.device_put(a, sharding)
 
-        if step.control is not None:
-            c = step.control
-            self._control = SlotControl(
+        if call.control is not None:
+            c = call.control
+            self._control = RowControl(
                 put(c["tag"]),
                 SamplerRows(**{k: put(v) for k, v in c["sampler"].items()}),
                 put(c["prompt_len"]),
                 put(c["generated0"]),
             )
-        if step.tables is not None:
-            self._tables = put(step.tables)
-        if step.kind.mode.penalties and self.ring.counts.shape[1] == 0:
-            fresh = self._empty_ring(penalties=True)
-            self.ring = self.ring._replace(counts=fresh.counts, seen=fresh.seen)
-        plan = PromptPlan(step.tokens, step.blocks, step.finish)
-        kind = self.pipeline.serving_kind(
-            step.kind, self.state, self.ring, self._control, self._tables, plan
-        )
-        tokens, blocks = step.prompt_arrays(kind.prompt)  # padded for a wider program
-        plan = PromptPlan(put(tokens), put(blocks), put(step.finish))
-        self.ring, log = self.pipeline.step(
-            self.state, self.ring, self._control, self._tables, plan, kind
-        )
-        return log
+        if call.tables is not None:
+            self._tables = put(call.tables)
+        return put
 
     def _run(self, ids: list[int], on_finish: Callable | None) -> dict[int, RequestOutput]:
         """Step until the requests `ids` are done; others finishing meanwhile are kept for
@@ -505,21 +463,28 @@ class LLM:
         self.last_run_stats = self.scheduler.stats.as_dict()
         return done
 
-    def warm_up(
-        self,
-        prompts: Sequence[Sequence[int]],
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-    ) -> int:
-        """Serve `prompts` once and drop the answers: the step programs their schedule uses
-        are compiled, so that serving the same workload again compiles nothing. Returns how
-        many programs were compiled."""
+    def warmup(self, log: Callable[[str], None] | None = None) -> int:
+        """Compile every program greedy and seeded traffic can meet: the forward program of
+        each token bucket and the greedy and sampling sample programs, by running idle ticks
+        (nothing is in flight when it runs). Returns how many programs were compiled;
+        `log(line)` hears a progress line per program and the total."""
         if self.has_unfinished_requests():
-            raise RuntimeError("warm_up() needs an engine with no requests in flight")
-        before = self.compiled_programs
-        stats = self.last_run_stats
-        self.generate(prompts, sampling_params)
-        self.last_run_stats = stats
-        return self.compiled_programs - before
+            raise RuntimeError("warmup() needs an engine with no requests in flight")
+        before, start = self.compiled_programs, time.perf_counter()
+        buckets = self.scheduler.buckets.sizes
+        for i, bucket in enumerate(buckets):
+            for mode in (GREEDY, SAMPLING) if i == 0 else (GREEDY,):
+                call = self.scheduler.idle_call(bucket)  # one tick of the ring each
+                call.mode = mode
+                self._dispatch(call)
+            if log is not None:
+                log(f"warm-up: {bucket}-token tick compiled ({i + 1}/{len(buckets)}, "
+                    f"{time.perf_counter() - start:.1f} s)")  # fmt: skip
+        jax.block_until_ready(self.ring)
+        compiled = self.compiled_programs - before
+        if log is not None:
+            log(f"warm-up: {compiled} programs in {time.perf_counter() - start:.1f} s")
+        return compiled
 
     # --- batch APIs --------------------------------------------------------------------------
 
@@ -678,14 +643,14 @@ class LLM:
     @property
     def compiled_programs(self) -> int:
         """Step programs compiled so far (a few shapes, never one per request or length)."""
-        return self.pipeline.compiled_programs
+        return self.programs.compiled
 
     def device_memory(self) -> list[dict]:
         """Bytes of parameters and KV cache held by each device, read from the shards."""
         usage: dict[int, dict] = {
             d.id: {"device": d.id, "params": 0, "kv_cache": 0} for d in self.mesh.devices.flat
         }
-        for key, tree in (("params", self.state), ("kv_cache", self.ring.cache)):
+        for key, tree in (("params", self.state), ("kv_cache", self.ring.stages.cache)):
             for leaf in jax.tree.leaves(tree):
                 for shard in leaf.addressable_shards:
                     usage[shard.device.id][key] += shard.data.nbytes
@@ -713,15 +678,6 @@ def _joined(parts: list[RequestOutput]) -> RequestOutput:
         pipeline=metrics[-1].pipeline,
     )
     return dataclasses.replace(first, outputs=completions, metrics=joint)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int | np.integer) and not isinstance(x, bool)
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid: expected a positive integer")
 
 
 def _default_kv_budget(mesh, state) -> int:

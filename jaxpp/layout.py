@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from jaxpp.attention import QUERY_BLOCK
-from jaxpp.config import ModelConfig
+from jaxpp.batch import Buckets
+from jaxpp.config import EngineConfig, ModelConfig
 from jaxpp.model import Transformer
 from jaxpp.partition import layer_grid, layer_partition
 from jaxpp.pipeline import KVCache, PipelineShape, pool_shapes
@@ -59,11 +59,6 @@ class Layout:
     def pages_per_seq(self) -> int:
         """Block-table columns: the pages of a max_model_len sequence."""
         return -(-self.max_model_len // self.block_size)
-
-    @property
-    def prompt_slots(self) -> int:
-        """The most prompt-token slots a tick carries: the budget, in whole query blocks."""
-        return -(-self.token_budget // QUERY_BLOCK) * QUERY_BLOCK
 
     @property
     def layers_per_stage(self) -> int:
@@ -120,52 +115,38 @@ def stored_kv_heads(cfg: ModelConfig, tp: int) -> int:
     )
 
 
-def make_layout(
-    cfg: ModelConfig,
-    dtype: jnp.dtype,
-    *,
-    dp: int,
-    pp: int,
-    tp: int,
-    layer_partition_spec: str | Sequence[int] | None,
-    num_microbatches: int | None,
-    max_model_len: int | None,
-    block_size: int,
-    token_budget: int,
-) -> Layout:
-    """Validate a layout against the model and derive its static shapes (LLM's rules)."""
-    kv_heads = stored_kv_heads(cfg, tp)
-    partition = layer_partition(cfg.num_layers, pp, layer_partition_spec)
+def make_layout(cfg: ModelConfig, engine: EngineConfig, platform: str) -> Layout:
+    """Validate an engine's layout against the model and derive its static shapes (LLM's
+    rules); `platform` ("cpu", "gpu", ...) picks the token budget when none is given."""
+    kv_heads = stored_kv_heads(cfg, engine.tp)
+    partition = layer_partition(cfg.num_layers, engine.pp, engine.layer_partition)
     grid, _ = layer_grid(partition)
-    microbatches = num_microbatches or pp
-    if microbatches < pp:
+    microbatches = engine.num_microbatches or engine.pp
+    if microbatches < engine.pp:
         raise ValueError(
-            f"num_microbatches={num_microbatches!r} is invalid: the ring needs at least "
-            f"one micro-batch per stage (>= pp={pp})"
+            f"num_microbatches={engine.num_microbatches!r} is invalid: the ring needs at least "
+            f"one micro-batch per stage (>= pp={engine.pp})"
         )
-    max_len = max_model_len or cfg.max_position_embeddings
+    max_len = engine.max_model_len or cfg.max_position_embeddings
     if max_len < 2 or max_len > cfg.max_position_embeddings:
         raise ValueError(
             f"max_model_len={max_len} is invalid: expected 2 .. the model's "
             f"max_position_embeddings={cfg.max_position_embeddings}"
         )
-    for name, value in (("block_size", block_size), ("max_num_batched_tokens", token_budget)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"{name}={value!r} is invalid: expected a positive integer")
     return Layout(
         config=cfg,
-        dtype=dtype,
-        dp=dp,
-        pp=pp,
-        tp=tp,
+        dtype=model_dtype(engine.dtype, cfg),
+        dp=engine.dp,
+        pp=engine.pp,
+        tp=engine.tp,
         partition=partition,
         grid=grid,
         microbatches=microbatches,
         max_model_len=max_len,
-        block_size=int(block_size),
-        token_budget=int(token_budget),
+        block_size=engine.block_size,
+        token_budget=engine.max_num_batched_tokens or default_token_budget(platform),
         kv_heads=kv_heads,
-        vocab_padded=padded_vocab(cfg.vocab_size, abstract_mesh(dp, pp, tp)),
+        vocab_padded=padded_vocab(cfg.vocab_size, abstract_mesh(engine.dp, engine.pp, engine.tp)),
     )
 
 
@@ -197,15 +178,16 @@ def row_count(layout: Layout, requested: int | None) -> int:
 
 def pipeline_shape(layout: Layout, rows: int, pages: int, decode_chunk: int) -> PipelineShape:
     """The ring's static shape for `rows` sequence rows and `pages` KV pages per replica."""
+    mb = rows // (layout.dp * layout.microbatches)
     return PipelineShape(
         stages=layout.pp,
         microbatches=layout.microbatches,
-        rows=rows // (layout.dp * layout.microbatches),
-        prompt_slots=layout.prompt_slots,
+        rows=mb,
+        max_tokens=Buckets.of(mb, layout.token_budget).sizes[-1],
         block_size=layout.block_size,
         pages=pages,
         pages_per_seq=layout.pages_per_seq,
-        rounds=decode_chunk,
+        log_ticks=decode_chunk * layout.microbatches,
         vocab_size=layout.config.vocab_size,
     )
 

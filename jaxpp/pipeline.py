@@ -1,21 +1,20 @@
-"""What one tick computes: ONE jitted `jax.shard_map` ring over the stages, many requests' tokens
-per tick over a paged KV cache, with no host round trip inside.
+"""What one tick computes: the ring over the stages as two `jax.shard_map` programs, one that
+moves a tick's tokens through every stage and one that samples the micro-batch leaving the last,
+with no host round trip inside either.
 
-Every device runs the same program; `axis_index("stage")` tells it which stage it is. Layer slot
+Every device runs the same programs; `axis_index("stage")` tells it which stage it is. Layer slot
 i of stage s lives at `layers[i][s]` (the partition is the sharding spec); each slot has its own
-K and V page pool, `[stages, pages, ...]`, sharded the same way, so a stage only touches its own
-layers' pages. Activations move s -> s+1 with `ppermute`.
+K and V page pool, `[stages * replicas * pages, ...]`, sharded the same way, so a stage only
+touches its own layers' pages. Activations move s -> s+1 with `ppermute`.
 
 The sequence rows (`max_num_seqs`) are split into M micro-batches of `mb` rows per pipeline
 replica. At tick t stage s serves the entry that came in at tick t - s, which belongs to
-micro-batch (t - s) mod M. An entry is a flat batch of tokens: the decode tokens of its
-micro-batch's live rows (w of them, the call's decode width) and C prompt-token slots holding
-chunks of any requests' prompts, each chunk cut into query blocks of QUERY_BLOCK tokens of one
-request. The host fills the prompt slots under the token budget (scheduler.py); a prompt's
-LAST token rides with its own row's micro-batch, so that when that micro-batch leaves the last
-stage its first token is sampled with the decode tokens of the rows beside it. S = 3, M = 3,
-prompts a (16 tokens), b (40) and c (24) arriving together, a budget of 40, rows a in m0, b in
-m1, c in m2:
+micro-batch (t - s) mod M. An entry is a flat batch of T token slots (batch.py): the decode
+tokens of its micro-batch's live rows and chunks of any requests' prompts, each cut into query
+groups of at most 16 tokens of one request. A prompt's LAST token rides with its own row's
+micro-batch, so that when that micro-batch leaves the last stage its first token is sampled
+with the decode tokens of the rows beside it. S = 3, M = 3, prompts a (16 tokens), b (40) and
+c (24) arriving together, a budget of 40, rows a in m0, b in m1, c in m2:
 
     tick     0         1          2          3          4          5
     stage 0  m0+a,b1   m1+b2,c1   m2+c2      m0'        m1'        m2'
@@ -26,31 +25,30 @@ m1, c in m2:
 first token is sampled when m0 leaves stage 2 at tick 2, b's at 3, c's at 4; c's last token
 waits for m2's turn.) A micro-batch's tokens are sampled when it leaves the last stage (every
 device samples the same token from the vocab-parallel head) and its next tokens enter stage 0 at
-its next turn: with M >= S that is never before they exist. The ring never drains between calls;
-after the S - 1 fill ticks of a fresh ring no stage idles while a micro-batch has live rows or a
-prompt token is planned.
+its next turn: with M >= S that is never before they exist. The ring never drains between calls.
 
-Each stage runs its layers over its entry: the tick's keys and values are written into their
-pages, then every token attends to its own sequence's pages up to its own position
-(attention.py). A call runs exactly K ticks in a `fori_loop` (K = rounds x M, chosen by the
-host from two values): no loop in the program has a data-dependent trip count and nothing is a
-`cond`, so on a GPU the host never waits inside a call. Empty layer slots of an uneven
-partition are computed and masked out; idle stages compute padding.
+A tick is two programs, dispatched back to back without waiting:
 
-What rides with an entry from stage to stage is only its activations (`ppermute`). Who its
-tokens are (decode rows' request tags, latched when it entered; its prompt query blocks; which
-rows finish their prompt in it) is known to every device without a collective: each keeps the
-last S entries into stage 0, worked out from replicated state. Decode positions are read from
-the row state, which changes only when the row's one token in flight is sampled.
+    forward(T)   the entering tokens (stage 0) and every stage's layers over its entry: keys and
+                 values written into their pages, attention over them (attention.py); the
+                 activations move on; the last stage's outputs of the rows to sample are summed
+                 onto every device (`Leaving`)
+    sample(mode) the vocab-parallel head over those rows, the sampler (sampling.py), the rows'
+                 next token, position and stop; the tick's log entry
+
+so a program is compiled per token bucket T and per sampler mode, not per combination: the
+handful of programs a configuration can meet is compiled before it serves (programs.py).
+
+What rides with an entry from stage to stage is only its activations. Who its tokens are (rows,
+positions, query groups, which rows it samples and for which request) is known to every device
+without a collective: each keeps the last S entries into stage 0 (`StageState.history`), worked
+out from replicated state.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -61,9 +59,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxpp.attention import QUERY_BLOCK, paged_attention, write_kv
+from jaxpp.batch import TickBatch
 from jaxpp.model import VOCAB_AXES, embed_lookup, local_logits, rope_tables
-from jaxpp.sampling import SamplerRows, sample
-from jaxpp.scheduler import StepKind
+from jaxpp.sampling import SamplerMode, SamplerRows, sample
 from jaxpp.sharding import LOGICAL_TO_MESH, logical_to_spec
 
 # One pool per layer slot, like the weights (slicing a layer out of a stacked pool would copy
@@ -79,46 +77,61 @@ BATCH = LOGICAL_TO_MESH["batch"]
 ROW = P(BATCH)  # per-row and per-replica arrays: split over pipeline replicas
 RIDING = P("stage", BATCH)  # [stages, replicas, ...]: what each stage holds in flight
 PER_REPLICA = P(None, BATCH)  # [.., replicas, ...]: the same on every stage of a replica
-PER_TICK = P(None, BATCH)  # [ticks, replicas, ...]: the step log
-PER_STAGE = P(None, "stage")  # [ticks, stages]: each stage reports its own column
+PER_STAGE = P(None, BATCH, "stage")  # [ticks, replicas, stages]: each device its own count
 REPLICATED = P()
-ROW_OF, START, LENGTH = range(3)  # columns of a prompt query block: row, first position, tokens
 
 
 class KVCache(NamedTuple):
-    k: tuple[
-        jax.Array, ...
-    ]  # per layer slot: [stages, replicas * pages, kv_heads, head_dim, block]
-    v: tuple[
-        jax.Array, ...
-    ]  # per layer slot: [stages, replicas * pages, kv_heads, block, head_dim]
+    k: tuple[jax.Array, ...]  # per layer slot: [stages * replicas * pages, kv_heads, Dh, block]
+    v: tuple[jax.Array, ...]  # per layer slot: [stages * replicas * pages, kv_heads, block, Dh]
 
 
 class Entry(NamedTuple):
-    """What entered stage 0 at one tick (per replica), as far as later stages need it."""
+    """What entered stage 0 at one tick (per replica), as the stages after it need it; sized
+    by the largest bucket (a tick of a smaller one leaves the rest empty)."""
 
-    tags: jax.Array  # i32 [mb]: request of each decode row, -1 = not live
-    blocks: jax.Array  # i32 [NB_max, 3]: prompt query blocks (row, start, length; 0 = none)
-    block_tags: jax.Array  # i32 [NB_max]: request of each block's row
-    finish: jax.Array  # i32 [mb]: per row, prompt-slot index of its prompt's last token, or -1
+    row: jax.Array  # i32 [T_max]: row of each token slot; -1 = empty (or a row not live)
+    position: jax.Array  # i32 [T_max]
+    decode: jax.Array  # bool [T_max]: a decode slot (a query group of its own)
+    group_start: jax.Array  # i32 [G_max]: prompt query groups (batch.TickBatch)
+    group_len: jax.Array  # i32 [G_max]
+    sample: jax.Array  # i32 [mb]: slot sampled for each row of the micro-batch, -1 = none
+    tag: jax.Array  # i32 [mb]: the request of each sampled row, latched at entry; -1 = none
 
 
-class RingState(NamedTuple):
-    """Everything the ring carries from one call to the next (donated each call)."""
+class StageState(NamedTuple):
+    """What the stages carry from one tick to the next (donated each tick)."""
 
     cache: KVCache
-    hidden: jax.Array  # [stages, replicas, mb + C_max, D]: activations each stage received
-    entries: Entry  # [stages, replicas, ...]: the last S entries (tick t at t mod S)
+    riding: jax.Array  # [stages, replicas, T_max, D]: the activations each stage received
+    history: Entry  # [stages, replicas, ...]: the last S entries (tick t at t mod S)
     tick: jax.Array  # i32 scalar: the ring's global tick
+
+
+class RowState(NamedTuple):
+    """What the device knows of each row (donated each tick)."""
+
     next_token: jax.Array  # i32 [rows]: the token each live row feeds at its next turn
     position: jax.Array  # i32 [rows]: tokens in the row's pages (= position of next_token)
     generated: jax.Array  # i32 [rows]: tokens generated so far by the row's request
     live: jax.Array  # bool [rows]: the row is decoding
-    counts: jax.Array  # i32 [rows, Vpad] output-token counts (penalties), or [rows, 0]
-    seen: jax.Array  # bool [rows, Vpad] prompt+output tokens (repetition penalty), or [rows, 0]
 
 
-class SlotControl(NamedTuple):
+class Penalties(NamedTuple):
+    """What presence, frequency and repetition penalties count per row (allocated when a
+    penalised request first comes: [rows, 0] until then)."""
+
+    counts: jax.Array  # i32 [rows, Vpad]: output-token counts
+    seen: jax.Array  # bool [rows, Vpad]: prompt and output tokens
+
+
+class Ring(NamedTuple):
+    stages: StageState
+    rows: RowState
+    penalties: Penalties
+
+
+class RowControl(NamedTuple):
     """The host's word on every row, uploaded when it changes."""
 
     tag: jax.Array  # i32 [rows]: the request in the row (its serial number); -1 = stop/none
@@ -127,26 +140,36 @@ class SlotControl(NamedTuple):
     generated0: jax.Array  # i32 [rows]: tokens it had generated before this prefill
 
 
-class PromptPlan(NamedTuple):
-    """The prompt tokens entering stage 0 at each tick of a call, per replica."""
+class Leaving(NamedTuple):
+    """The micro-batch leaving the last stage at a tick, handed from forward to sample."""
 
-    tokens: jax.Array  # i32 [replicas, M, C]
-    blocks: jax.Array  # i32 [replicas, M, C / QUERY_BLOCK, 3]: row, start, length
-    finish: jax.Array  # i32 [replicas, M, mb]: per row of the entering micro-batch, see Entry
+    hidden: jax.Array  # [replicas * mb, D]: the last stage's output of each row's sampled slot
+    tag: jax.Array  # i32 [replicas * mb]: the request sampled in each row; -1 = none
+    first: jax.Array  # bool [replicas * mb]: the slot ended a prompt (its first new token)
+    position: jax.Array  # i32 [replicas * mb]: the row's position after the sampled token
+    microbatch: jax.Array  # i32 scalar
+    tick: jax.Array  # i32 scalar
 
 
 class StepLog(NamedTuple):
-    """What a call did, tick by tick."""
+    """What a call did, tick by tick (K_max ticks; the call's first ticks are used)."""
 
-    tags: jax.Array  # i32 [K, replicas, w]: request of each sampled token, -1 = none
-    tokens: jax.Array  # i32 [K, replicas, w]
-    logprob: jax.Array  # f32 [K, replicas, w]
-    top_ids: jax.Array  # i32 [K, replicas, w, N]
-    top_logprobs: jax.Array  # f32 [K, replicas, w, N]
-    work: jax.Array  # i32 [K, stages]: real tokens each stage computed, summed over replicas
+    start: jax.Array  # i32 scalar: the ring's tick at entry 0
+    tags: jax.Array  # i32 [K, replicas, mb]: request of each sampled token, -1 = none
+    tokens: jax.Array  # i32 [K, replicas, mb]
+    logprob: jax.Array  # f32 [K, replicas, mb]
+    top_ids: jax.Array  # i32 [K, replicas, mb, N]
+    top_logprobs: jax.Array  # f32 [K, replicas, mb, N]
+    work: jax.Array  # i32 [K, replicas, stages]: real tokens each stage computed
     live: jax.Array  # i32 [K, replicas]: rows decoding after the tick
-    logits: jax.Array  # f32 [K, replicas, C, V] prompt logits (collecting calls), else empty
-    logit_blocks: jax.Array  # i32 [K, replicas, NB, 3]: tag, start, length of those blocks
+
+
+class Collected(NamedTuple):
+    """LLM.logits: what a collecting forward returns for the entry leaving the last stage."""
+
+    logits: jax.Array  # f32 [replicas, T, V]
+    tag: jax.Array  # i32 [replicas, T]: the request of each slot; -1 = none
+    position: jax.Array  # i32 [replicas, T]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,83 +177,23 @@ class PipelineShape:
     stages: int
     microbatches: int
     rows: int  # rows per micro-batch and replica (mb)
-    prompt_slots: int  # the most prompt-token slots a tick carries (C_max, the token budget)
+    max_tokens: int  # token slots of the largest bucket (T_max)
     block_size: int  # positions per KV page
     pages: int  # KV pages per replica and layer slot
     pages_per_seq: int  # block-table columns: pages of a max_model_len sequence
-    rounds: int  # ring rounds of a long call (decode_chunk)
+    log_ticks: int  # ticks a call's log holds (its longest call)
     vocab_size: int  # the real vocabulary (padded ids are masked)
 
     @property
-    def query_blocks(self) -> int:
-        return self.prompt_slots // QUERY_BLOCK
-
-
-@dataclasses.dataclass
-class _Program:
-    """One step program: built, and compiled (or being compiled in the background)."""
-
-    kind: StepKind
-    jitted: Callable
-    shapes: tuple  # of its arguments
-    executable: Future  # the compiled program
-
-    def ready(self) -> bool:
-        return self.executable.done()
-
-
-def _covers(big: StepKind, small: StepKind) -> bool:
-    """A program of kind `big` can run a call planned as `small` (with its prompt arrays padded
-    to big.prompt slots): the same rounds and sampler, room for all of its rows and items."""
-    return (
-        (big.rounds, big.mode, big.collect) == (small.rounds, small.mode, small.collect)
-        and big.width >= small.width
-        and big.prompt >= small.prompt
-        and big.decode_items >= small.decode_items
-        and big.prompt_items >= small.prompt_items
-    )
-
-
-class _Pace:
-    """The ring's seconds per token-tick, a moving average over the time between consecutive
-    calls (the engine dispatches a call once the one before the last is done, so that is about
-    one call's time); a gap far longer than the pace (the engine waited for requests, or
-    compiled) counts as 4x the pace."""
-
-    def __init__(self):
-        self.seconds_per_token_tick = 0.0
-        self._last: tuple[float, int] | None = None  # (when, token-ticks) of the last call
-
-    def call(self, token_ticks: int) -> None:
-        now = time.perf_counter()
-        if self._last is not None:
-            sample = (now - self._last[0]) / self._last[1]
-            pace = self.seconds_per_token_tick
-            self.seconds_per_token_tick = (
-                sample if not pace else 0.8 * pace + 0.2 * min(sample, 4 * pace)
-            )
-        self._last = (now, token_ticks)
-
-
-def _cost(kind: StepKind) -> tuple[int, int]:
-    """Which covering program is cheapest: tokens through the layers, then attention items."""
-    return (kind.tokens, kind.decode_items + kind.prompt_items)
+    def max_groups(self) -> int:
+        return max(self.max_tokens // QUERY_BLOCK, 1)
 
 
 class Pipeline:
-    """Builds and runs the jitted step programs for one model on one mesh."""
+    """Builds the jitted tick programs for one model on one mesh."""
 
-    def __init__(
-        self,
-        mesh: Mesh,
-        graphdef,
-        layer_graphdef,
-        state: nnx.State,
-        inv_freq,
-        dtype,
-        shape: PipelineShape,
-        filled: np.ndarray,
-    ):
+    def __init__(self, mesh: Mesh, graphdef, layer_graphdef, state: nnx.State, inv_freq, dtype,
+                 shape: PipelineShape, filled: np.ndarray):  # fmt: skip
         """`filled` [stages, slots]: which layer slots hold a layer (the partition's grid)."""
         self.mesh = mesh
         self.graphdef = graphdef
@@ -250,120 +213,182 @@ class Pipeline:
             (logical_to_spec(K_POOL_AXES),) * self.slots,
             (logical_to_spec(V_POOL_AXES),) * self.slots,
         )
-        # Tests set this to NaN: what a stage reads for a dead row, a prompt slot's padding or
-        # an idle tick must never matter.
+        # Tests set this to NaN: what a stage reads for a dead row, a padding slot or an idle
+        # tick must never matter.
         self.bubble_fill: float | None = None
-        # LLM(compile_in_background=True): see serving_kind.
-        self.compile_in_background = False
-        self._programs: dict[tuple, _Program] = {}
-        self._compiler: ThreadPoolExecutor | None = None
-        self.covered_calls = 0  # calls that ran on a covering program (serving_kind)
-        self._padding_s: dict[tuple, float] = {}  # per uncompiled program: padding paid so far
-        self._compile_s = 0.0  # the last compilation's seconds
-        self._pace = _Pace()
 
-    def serving_kind(
-        self, kind: StepKind, state, ring: RingState, control: SlotControl, tables, plan
-    ) -> StepKind:
-        """The kind of program that runs a call planned as `kind`: its own, unless that is not
-        compiled yet, `compile_in_background` is on and a compiled program covers the call
-        (as wide or wider, as many prompt slots and attention items or more: it only pads
-        more, tests/test_serving.py). Then the cheapest of those runs it, so that a server
-        never holds its requests for a compilation once its first programs exist (seconds
-        each on a CPU, and on a CPU the compilation takes cores from the ring too).
+    # --- the specs of the programs' arguments ------------------------------------------------
 
-        Rent or buy: the call's own program is compiled, in a background thread, once the
-        padding its covering programs cost (their extra tokens x ticks x the ring's measured
-        seconds per token-tick) adds up to what the last compilation took. A shape met once
-        or twice is padded for good; one met all the time gets its own program soon.
-        `plan` may be the host's arrays: only their shapes are read."""
-        key = self._key(kind, ring)
-        own = self._programs.get(key)
-        if not self.compile_in_background or (own is not None and own.ready()):
-            return kind
-        covering = [
-            p for k, p in self._programs.items() if k[1:] == key[1:] and p.ready()
-            and _covers(p.kind, kind)
-        ]  # fmt: skip
-        if not covering:
-            return kind  # step() compiles it now (or waits for its compilation)
-        cover = min(covering, key=lambda p: _cost(p.kind)).kind
-        if own is None:
-            extra = (cover.tokens - kind.tokens) * kind.rounds * self.shape.microbatches
-            paid = self._padding_s.get(key, 0.0) + extra * self._pace.seconds_per_token_tick
-            self._padding_s[key] = paid
-            if paid >= self._compile_s:
-                args = (state, ring, control, tables, plan)
-                self._programs[key] = self._program(kind, args, background=True)
-        self.covered_calls += 1
-        return cover
+    def stage_spec(self) -> StageState:
+        return StageState(self.cache_spec, RIDING, Entry(*[PER_REPLICA] * 7), REPLICATED)
 
-    def step(
-        self, state, ring: RingState, control: SlotControl, tables, plan: PromptPlan, kind: StepKind
-    ) -> tuple[RingState, StepLog]:
-        """Run the ring for kind.rounds x M ticks."""
-        args = (state, ring, control, tables, plan)
-        key = self._key(kind, ring)
-        if key not in self._programs:
-            self._programs[key] = self._program(kind, args, background=False)
-        executable = self._programs[key].executable.result()
-        if self.compile_in_background:  # the pace prices padding (serving_kind)
-            self._pace.call(kind.tokens * kind.rounds * self.shape.microbatches)
-        return executable(*args)
+    @staticmethod
+    def row_spec() -> RowState:
+        return RowState(*[ROW] * len(RowState._fields))
 
-    def _key(self, kind: StepKind, ring: RingState) -> tuple:
-        return (kind, ring.counts.shape, self.bubble_fill)
+    @staticmethod
+    def control_spec() -> RowControl:
+        return RowControl(ROW, SamplerRows(*[ROW] * len(SamplerRows._fields)), ROW, ROW)
 
-    def _program(self, kind: StepKind, args: tuple, background: bool) -> _Program:
-        row = jax.sharding.NamedSharding(self.mesh, ROW)
-        shapes = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", row)),
-            args,
+    @staticmethod
+    def log_spec() -> StepLog:
+        per_tick = P(None, BATCH)
+        return StepLog(REPLICATED, *[per_tick] * 5, PER_STAGE, per_tick)
+
+    def _jit(self, fn, in_specs, out_specs, donate):
+        """shard_map + jit, with float32 pinned to float32 and outputs placed as the specs say
+        (the next tick's program takes exactly these shardings)."""
+        # Float32 means float32: accelerators run float32 matmuls in TF32 unless asked not to
+        # (4.6e-4 of the logit scale from transformers on an H200; 6.4e-7 at "highest").
+        # bfloat16 keeps the fast default (float32 accumulation; softmax and norms in float32).
+        precision = "highest" if jnp.dtype(self.dtype) == jnp.float32 else None
+
+        def precise(*args):
+            with jax.default_matmul_precision(precision):
+                return fn(*args)
+
+        precise.__name__ = fn.__name__
+        mapped = jax.shard_map(precise, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                               check_vma=False)  # fmt: skip
+        shardings = jax.tree.map(
+            lambda spec: jax.sharding.NamedSharding(self.mesh, spec),
+            out_specs,
+            is_leaf=lambda x: isinstance(x, P),
         )
-        jitted = self._build(kind, self.bubble_fill)
+        return jax.jit(mapped, donate_argnums=donate, out_shardings=shardings)
 
-        def compile_it():
-            start = time.perf_counter()
-            executable = jitted.lower(*shapes).compile()
-            self._compile_s = time.perf_counter() - start
-            return executable
+    # --- the forward program -----------------------------------------------------------------
 
-        executable: Future = Future()
-        if background:
-            if self._compiler is None:
-                self._compiler = ThreadPoolExecutor(1, thread_name_prefix="jaxpp-compile")
-            executable = self._compiler.submit(compile_it)
-        else:
-            executable.set_result(compile_it())
-        return _Program(kind, jitted, shapes, executable)
+    def forward_program(self, collect: bool):
+        """forward(state, stages, rows, tag, tables, batch, log) -> (stages, leaving, log[,
+        collected]): one tick of every stage, given each row's state (read only) and request
+        (RowControl.tag; the sampler's settings are not its business, so that their shapes
+        never recompile it). jit keys it by the batch's bucket."""
+        leaving_spec = Leaving(ROW, ROW, ROW, ROW, REPLICATED, REPLICATED)
+        outs = (self.stage_spec(), leaving_spec, self.log_spec())
+        if collect:
+            outs += (Collected(P(BATCH, None, VOCAB_AXES), ROW, ROW),)
+        batch_spec = TickBatch(*[ROW] * len(TickBatch._fields))
+        ins = (self.state_specs, self.stage_spec(), self.row_spec(), ROW, ROW, batch_spec,
+               self.log_spec())  # fmt: skip
+        tick = functools.partial(self._forward, collect=collect, fill=self.bubble_fill)
+        tick.__name__ = "forward_collect" if collect else "forward"
+        return self._jit(tick, ins, outs, donate=(1, 6))
 
-    @property
-    def compiled_programs(self) -> int:
-        return len(self._programs)
+    def _forward(self, state, stages: StageState, rows: RowState, tag, tables, batch: TickBatch,
+                 log: StepLog, *, collect: bool, fill):  # fmt: skip
+        sh = self.shape
+        S, T = sh.stages, batch.token.shape[1]
+        model, layers = self._split(state)
+        s = jax.lax.axis_index("stage")
+        t = stages.tick
+        entry, tokens = _enter(jax.tree.map(lambda a: a[0], batch), rows, tag, t, sh)
+        history = jax.tree.map(
+            lambda h, e: jax.lax.dynamic_update_index_in_dim(h[:, 0], e, t % S, 0)[:, None],
+            stages.history,
+            entry,
+        )
+        mine = _truncate(jax.tree.map(lambda h: h[(t - s) % S, 0], history), T)
+        with jax.named_scope("embed"):
+            x = embed_lookup(model.embed[...], tokens)
+        if S > 1:
+            x = jnp.where(s == 0, x, stages.riding[0, 0, :T])
+        if fill is not None:
+            x = jnp.where((mine.row >= 0)[:, None], x, fill)
+        out, cache = self._run_stage(layers, x, stages.cache, mine, tables)
 
-    def lowered_programs(self) -> list[tuple[Callable, tuple]]:
-        """(jitted program, the shapes of its arguments) of every program built so far: what a
-        test lowers to read the optimized HLO."""
-        return [(p.jitted, p.shapes) for p in self._programs.values()]
+        leaving = jax.tree.map(lambda h: h[(t - S + 1) % S, 0], history)
+        slot = jnp.clip(leaving.sample, 0, T - 1)
+        with jax.named_scope("ring"):
+            final = jax.lax.psum(jnp.where(s == S - 1, out[slot], 0), "stage")
+            riding = stages.riding
+            if S > 1:
+                sent = jax.lax.ppermute(out, "stage", [(i, i + 1) for i in range(S - 1)])
+                riding = jax.lax.dynamic_update_slice(riding, sent[None, None], (0, 0, 0, 0))
+        slot_position = leaving.position[jnp.clip(leaving.sample, 0, sh.max_tokens - 1)]
+        handed = Leaving(
+            hidden=final,
+            tag=leaving.tag,
+            first=(leaving.sample >= 0) & ~leaving.decode[jnp.maximum(leaving.sample, 0)],
+            position=slot_position + 1,
+            microbatch=(t - S + 1) % sh.microbatches,
+            tick=t,
+        )
+        # Each device reports its own count (a collective here would run beside the others).
+        work = jnp.sum((mine.row >= 0).astype(jnp.int32))
+        log = log._replace(work=log.work.at[t - log.start, 0, 0].set(work))
+        stages = StageState(cache, riding, history, t + 1)
+        if not collect:
+            return stages, handed, log
+        every = _truncate(leaving, T)
+        hidden = jax.lax.psum(jnp.where(s == S - 1, out, 0), "stage")
+        tags = jnp.where(every.row >= 0, tag[jnp.maximum(every.row, 0)], -1)
+        logits = local_logits(model, hidden, sh.vocab_size)
+        return stages, handed, log, Collected(logits[None], tags[None], every.position[None])
+
+    def count_program(self):
+        """count(penalties, prompt_len, batch) -> penalties: the prompt tokens entering at a
+        tick are seen by their rows (a penalised call runs it before each forward)."""
+        batch_spec = TickBatch(*[ROW] * len(TickBatch._fields))
+        spec = Penalties(ROW, ROW)
+        fn = functools.partial(_count_prompt_tokens)
+        fn.__name__ = "count_prompt_tokens"
+        return self._jit(fn, (spec, ROW, batch_spec), spec, donate=(0,))
 
     # --- one stage: its layers, one after another -------------------------------------------
 
-    def _run_stage(self, layers, x, cache: KVCache, attend, kv_at, cos, sin):
-        """Run this device's layer slots over x [1, T, D]: each writes the tick's keys and
-        values into its pool (kv_at: page and offset of every token) and attends over it.
-        The slot loop is unrolled over per-slot weights (a `scan` over a stack would slice,
-        i.e. copy, each layer's weights every tick). Returns (x, the new pools)."""
+    def _run_stage(self, layers, x, cache: KVCache, entry: Entry, tables):
+        """Run this device's layer slots over x [T, D] (entry: who its tokens are): each writes
+        the tick's keys and values into its pool and attends over it. The slot loop is unrolled
+        over per-slot weights (a `scan` over a stack would slice, i.e. copy, each layer's
+        weights every tick). Returns (x, the new pools)."""
+        block, pages = self.shape.block_size, self.shape.pages
+        position = entry.position
+        real = entry.row >= 0
+        row = jnp.maximum(entry.row, 0)
+        column = jnp.clip(position // block, 0, tables.shape[1] - 1)
+        kv_at = (jnp.where(real, tables[row, column], pages), jnp.mod(position, block))
+        cos, sin = rope_tables(jnp.maximum(position, 0)[None], self.inv_freq, self.dtype)
         ks, vs = [], []
         for i, layer in enumerate(layers):
-            h = layer.input_norm(x)
-            q, k, v = layer.attn.qkv(h, cos, sin)
-            k_pool, v_pool = write_kv(cache.k[i], cache.v[i], k[0], v[0], *kv_at)
-            y = x + layer.attn.out(attend(q[0], k_pool, v_pool, layer.window[...])[None])
-            y = y + layer.mlp(layer.post_attn_norm(y))
+            with jax.named_scope("norm"):
+                h = layer.input_norm(x)
+            with jax.named_scope("qkv"):
+                q, k, v = layer.attn.qkv(h[None], cos, sin)
+            with jax.named_scope("write_kv"):
+                k_pool, v_pool = write_kv(cache.k[i], cache.v[i], k[0], v[0], *kv_at)
+            attended = self._attend(q[0], k_pool, v_pool, layer.window[...], entry, tables)
+            with jax.named_scope("o_proj"):
+                y = x + layer.attn.out(attended[None])[0]
+            with jax.named_scope("norm"):
+                h = layer.post_attn_norm(y)
+            with jax.named_scope("mlp"):
+                y = y + layer.mlp(h[None])[0]
             x = jnp.where(layer.filled[...], y, x) if self.masked_slots[i] else y
             ks.append(k_pool)
             vs.append(v_pool)
         return x, KVCache(tuple(ks), tuple(vs))
+
+    def _attend(self, q, k_pool, v_pool, window, entry: Entry, tables):
+        """Attention of every slot of the entry: decode slots (the first min(T, mb), a group
+        each) and prompt query groups, each over its own sequence's pages."""
+        T = q.shape[0]
+        decodes = min(T, self.shape.rows)
+        row = jnp.maximum(entry.row, 0)
+        with jax.named_scope("attend_decode"):
+            dec_pos = jnp.where(entry.decode & (entry.row >= 0), entry.position, -1)[:decodes]
+            dec = paged_attention(q[:decodes, None], dec_pos[:, None], row[:decodes], k_pool,
+                                  v_pool, tables, window, kind="decode")[:, 0]  # fmt: skip
+        with jax.named_scope("attend_prompt"):
+            lanes = jnp.arange(QUERY_BLOCK)
+            index = entry.group_start[:, None] + lanes  # [G, QB]
+            used = lanes < entry.group_len[:, None]
+            at = jnp.clip(index, 0, T - 1)
+            pos = jnp.where(used, entry.position[at], -1)
+            pre = paged_attention(q[at], pos, row[entry.group_start], k_pool, v_pool, tables,
+                                  window, kind="prompt")  # fmt: skip
+            out = jnp.zeros_like(q).at[jnp.where(used, index, T)].set(pre, mode="drop")
+        return out.at[:decodes].add(jnp.where((dec_pos >= 0)[:, None, None], dec, 0))
 
     def _split(self, state):
         """Local model (embed/norm/head) and this stage's layers, one module per slot."""
@@ -374,305 +399,160 @@ class Pipeline:
         ]
         return model, layers
 
-    # --- the program -------------------------------------------------------------------------
+    # --- the sampling program ----------------------------------------------------------------
 
-    def _build(self, kind: StepKind, bubble_fill):
-        sh = self.shape
-        S, M, mb, QB = sh.stages, sh.microbatches, sh.rows, QUERY_BLOCK
-        w, C, mode = kind.width, kind.prompt, kind.mode
-        NB = C // QB
-        K = kind.rounds * M
-        last = S - 1
-        # s -> s + 1; stage 0 takes what enters from the host side, never what the last passed.
-        shift = [(i, i + 1) for i in range(S - 1)]
-        replicas = self.mesh.shape[BATCH]
-        pages = sh.pages
-        offsets = jnp.arange(QB)
+    def sample_program(self, mode: SamplerMode):
+        """sample(state, rows, control, leaving, log[, penalties]) -> (rows, log[, penalties]):
+        the next token of every row of the micro-batch leaving the last stage. One program per
+        sampler mode; only a penalties mode takes (and updates) the penalty counts."""
+        leaving_spec = Leaving(ROW, ROW, ROW, ROW, REPLICATED, REPLICATED)
+        ins = (self.state_specs, self.row_spec(), self.control_spec(), leaving_spec,
+               self.log_spec())  # fmt: skip
+        outs = (self.row_spec(), self.log_spec())
+        donate = (1, 4)
+        if mode.penalties:
+            spec = Penalties(ROW, ROW)
+            ins, outs, donate = ins + (spec,), outs + (spec,), (1, 4, 5)
+        fn = functools.partial(self._sample, mode=mode)
+        fn.__name__ = "sample"
+        return self._jit(fn, ins, outs, donate=donate)
 
-        def over_replicas(x):
-            return jax.lax.psum(x, BATCH) if replicas > 1 else x
+    def _sample(self, state, rows: RowState, ctl: RowControl, leaving: Leaving, log: StepLog,
+                *penalties: Penalties, mode: SamplerMode):  # fmt: skip
+        """Sample the next token of every row of the leaving micro-batch that decoded or ended
+        its prompt; update the rows (one stops the moment its stop token or token budget is
+        reached) and write the tick's log entry."""
+        mb, vocab = self.shape.rows, self.shape.vocab_size
+        model = nnx.merge(self.graphdef, state)
+        with jax.named_scope("lm_head"):
+            logits = local_logits(model, leaving.hidden, vocab)
+        with jax.named_scope("sample"):
+            ids = leaving.microbatch * mb + jnp.arange(mb)
+            sampled = leaving.tag >= 0
+            first = leaving.first
+            sampler = SamplerRows(*(a[ids] for a in ctl.sampler))
+            generated = jnp.where(first, ctl.generated0[ids], rows.generated[ids])
+            counts = penalties[0].counts[ids] if mode.penalties else None
+            seen = penalties[0].seen[ids] if mode.penalties else None
+            got = sample(logits, sampler, generated, counts, seen, vocab, mode)
+            hit_stop = (got.tokens[:, None] == sampler.stop_ids).any(-1) & (
+                generated + 1 > sampler.min_tokens
+            )
+            finished = hit_stop | (generated + 1 >= sampler.max_tokens)
+            # A row the host has withdrawn (tag -1) stops, even for a token that entered before.
+            cont = sampled & ~finished & (ctl.tag[ids] >= 0)
 
-        def program(state, ring: RingState, ctl: SlotControl, tables, plan: PromptPlan):
-            model, layers = self._split(state)
-            s = jax.lax.axis_index("stage")
-            embed = model.embed[...]
-            rows_local = ring.live.shape[0]
+            def put(array, value):
+                return array.at[ids].set(jnp.where(sampled, value, array[ids]))
 
-            def tick(k, carry):
-                ring, log = carry
-                t = ring.tick
-                # What enters stage 0: the live rows of micro-batch t mod M and this tick's
-                # planned prompt tokens. Every device works it out (from replicated state) and
-                # keeps the last S entries: stage s serves what entered s ticks ago, and what
-                # leaves the last stage is known everywhere without a collective.
-                rows_in = jnp.mod(t, M) * mb + jnp.arange(w)
-                tags_in = jnp.where(
-                    ring.live[rows_in] & (ctl.tag[rows_in] >= 0), ctl.tag[rows_in], -1
-                )
-                if C:
-                    tokens_in, blocks_in, finish_in = (
-                        plan.tokens[0, k],
-                        plan.blocks[0, k],
-                        plan.finish[0, k],
-                    )
-                else:
-                    tokens_in = jnp.zeros((0,), jnp.int32)
-                    blocks_in = jnp.zeros((0, 3), jnp.int32)
-                    finish_in = jnp.full((mb,), -1, jnp.int32)
-                block_tags_in = jnp.where(
-                    blocks_in[:, LENGTH] > 0, ctl.tag[blocks_in[:, ROW_OF]], -1
-                )
-                history = ring.entries
-                entry = Entry(
-                    history.tags[0, 0].at[:].set(-1).at[:w].set(tags_in),
-                    history.blocks[0, 0].at[:].set(0).at[:NB].set(blocks_in),
-                    history.block_tags[0, 0].at[:].set(-1).at[:NB].set(block_tags_in),
-                    finish_in,
-                )
-                at = jnp.mod(t, S)
-                history = jax.tree.map(
-                    lambda h, e: jax.lax.dynamic_update_index_in_dim(h[:, 0], e, at, 0)[:, None],
-                    history,
-                    entry,
-                )
-                if mode.penalties:
-                    ring = _count_prompt_tokens(ring, ctl, tokens_in, blocks_in, rows_local)
-
-                # This stage's entry: micro-batch m's decode rows and the prompt blocks.
-                mine = jax.tree.map(lambda h: h[jnp.mod(t - s, S), 0], history)
-                dec_rows = jnp.mod(t - s, M) * mb + jnp.arange(w)
-                dec_live = mine.tags[:w] >= 0
-                dec_pos = jnp.where(dec_live, ring.position[dec_rows], -1)
-                b_row, b_start, b_len = (mine.blocks[:NB, i] for i in range(3))
-                p_real = offsets[None, :] < b_len[:, None]
-                p_pos = jnp.where(p_real, b_start[:, None] + offsets, -1)  # [NB, QB]
-
-                x = embed_lookup(embed, jnp.concatenate([ring.next_token[rows_in], tokens_in]))
-                if S > 1:
-                    hidden = ring.hidden[0, 0]
-                    received = jnp.concatenate([hidden[:w], hidden[mb : mb + C]])
-                    x = jnp.where(s == 0, x, received)
-                real = jnp.concatenate([dec_live, p_real.reshape(-1)])
-                if bubble_fill is not None:
-                    x = jnp.where(real[:, None], x, bubble_fill)
-                tok_pos = jnp.concatenate([dec_pos, p_pos.reshape(-1)])
-                tok_seq = jnp.concatenate([dec_rows, jnp.repeat(b_row, QB)])
-                page_col = jnp.clip(tok_pos // sh.block_size, 0, tables.shape[1] - 1)
-                kv_at = (
-                    jnp.where(tok_pos >= 0, tables[tok_seq, page_col], pages),
-                    jnp.mod(tok_pos, sh.block_size),
-                )
-                cos, sin = rope_tables(jnp.maximum(tok_pos, 0)[None], self.inv_freq, self.dtype)
-
-                def attend(q, k_pool, v_pool, window):
-                    parts = []
-                    if w:
-                        dec = paged_attention(
-                            q[:w, None], dec_pos[:, None], dec_rows, k_pool, v_pool, tables,
-                            window, items=kind.decode_items, kind="decode",
-                        )  # fmt: skip
-                        parts.append(dec[:, 0])
-                    if C:
-                        blocks = q[w:].reshape((NB, QB) + q.shape[1:])
-                        pre = paged_attention(
-                            blocks, p_pos, b_row, k_pool, v_pool, tables, window,
-                            items=kind.prompt_items, kind="prompt",
-                        )  # fmt: skip
-                        parts.append(pre.reshape((C,) + q.shape[1:]))
-                    return jnp.concatenate(parts)
-
-                out, cache = self._run_stage(layers, x[None], ring.cache, attend, kv_at, cos, sin)
-                out = out[0]
-
-                # What leaves the last stage gets its tokens, on every device.
-                leaving = jax.tree.map(lambda h: h[jnp.mod(t - last, S), 0], history)
-                rows_out = jnp.mod(t - last, M) * mb + jnp.arange(w)
-                finish = leaving.finish[:w]
-                source = jnp.where(finish >= 0, w + finish, jnp.arange(w))
-                if kind.collect:
-                    source = jnp.concatenate([source, w + jnp.arange(C)])
-                final = jax.lax.psum(jnp.where(s == last, out[source], 0), "stage")
-                logits = local_logits(model, final, sh.vocab_size)
-                ring, record = _sample_and_update(
-                    ring, ctl, logits[:w], leaving, rows_out, w, mode, sh.vocab_size
-                )
-
-                work = over_replicas(jnp.sum(real.astype(jnp.int32)))
-                log = log._replace(
-                    tags=log.tags.at[k, 0].set(record.tags),
-                    tokens=log.tokens.at[k, 0].set(record.tokens),
-                    logprob=log.logprob.at[k, 0].set(record.logprob),
-                    top_ids=log.top_ids.at[k, 0].set(record.top_ids),
-                    top_logprobs=log.top_logprobs.at[k, 0].set(record.top_logprobs),
-                    work=log.work.at[k, 0].set(work),
-                    live=log.live.at[k, 0].set(jnp.sum(ring.live.astype(jnp.int32))),
-                )
-                if kind.collect:
-                    meta = jnp.concatenate(
-                        [leaving.block_tags[:NB, None], leaving.blocks[:NB, 1:]], 1
-                    )
-                    log = log._replace(
-                        logits=log.logits.at[k, 0].set(logits[w:]),
-                        logit_blocks=log.logit_blocks.at[k, 0].set(meta),
-                    )
-                if S > 1:
-                    sent = jax.lax.ppermute(out, "stage", shift)
-                    hidden = jax.lax.dynamic_update_slice(ring.hidden[0, 0], sent[:w], (0, 0))
-                    hidden = jax.lax.dynamic_update_slice(hidden, sent[w:], (mb, 0))
-                    ring = ring._replace(hidden=hidden[None, None])
-                ring = ring._replace(cache=cache, entries=history, tick=t + 1)
-                return ring, log
-
-            log = _empty_log(K, w, mode.logprobs, C, NB, kind.collect, model)
-            # Rows the host withdrew stop now: it refills them only after this call.
-            ring = ring._replace(live=ring.live & (ctl.tag >= 0))
-            return jax.lax.fori_loop(0, K, tick, (ring, log))
-
-        rows_spec = SamplerRows(*([ROW] * len(SamplerRows._fields)))
-        ring_spec = RingState(
-            cache=self.cache_spec,
-            hidden=RIDING,
-            entries=Entry(*([PER_REPLICA] * len(Entry._fields))),
-            tick=REPLICATED,
-            next_token=ROW,
-            position=ROW,
-            generated=ROW,
-            live=ROW,
-            counts=ROW,
-            seen=ROW,
+            rows = rows._replace(
+                next_token=put(rows.next_token, got.tokens),
+                position=put(rows.position, leaving.position),
+                generated=put(rows.generated, generated + 1),
+                live=put(rows.live, cont),
+            )
+            if mode.penalties:
+                hit = jax.nn.one_hot(got.tokens, counts.shape[1], dtype=jnp.int32)
+                hit = hit * sampled[:, None]
+                counts = penalties[0].counts.at[ids].add(hit)
+                penalties = (Penalties(counts, penalties[0].seen.at[ids].set(seen | (hit > 0))),)
+        k = leaving.tick - log.start
+        log = log._replace(
+            tags=log.tags.at[k, 0].set(jnp.where(sampled, leaving.tag, -1)),
+            tokens=log.tokens.at[k, 0].set(got.tokens),
+            logprob=log.logprob.at[k, 0].set(got.logprob),
+            top_ids=log.top_ids.at[k, 0].set(got.top_ids),
+            top_logprobs=log.top_logprobs.at[k, 0].set(got.top_logprobs),
+            live=log.live.at[k, 0].set(jnp.sum(rows.live.astype(jnp.int32))),
         )
-        log_spec = StepLog(
-            tags=PER_TICK,
-            tokens=PER_TICK,
-            logprob=PER_TICK,
-            top_ids=PER_TICK,
-            top_logprobs=PER_TICK,
-            work=PER_STAGE,
-            live=PER_TICK,
-            logits=P(None, BATCH, None, VOCAB_AXES) if kind.collect else PER_TICK,
-            logit_blocks=PER_TICK,
-        )
-        # Float32 means float32: accelerators run float32 matmuls in TF32 unless asked not to
-        # (4.6e-4 of the logit scale from transformers on an H200; 6.4e-7 at "highest").
-        # bfloat16 keeps the fast default (float32 accumulation; softmax and norms in float32).
-        precision = "highest" if jnp.dtype(self.dtype) == jnp.float32 else None
-
-        def precise(*args):
-            with jax.default_matmul_precision(precision):
-                return program(*args)
-
-        fn = jax.shard_map(
-            precise,
-            mesh=self.mesh,
-            in_specs=(
-                self.state_specs,
-                ring_spec,
-                SlotControl(ROW, rows_spec, ROW, ROW),
-                ROW,
-                PromptPlan(ROW, ROW, ROW),
-            ),
-            out_specs=(ring_spec, log_spec),
-            check_vma=False,
-        )
-        # Outputs placed as the specs say, empty ones too (XLA would call a [rows, 0] array
-        # replicated): the next call's compiled program takes exactly these shardings.
-        out_shardings = jax.tree.map(
-            lambda spec: jax.sharding.NamedSharding(self.mesh, spec),
-            (ring_spec, log_spec),
-            is_leaf=lambda x: isinstance(x, P),
-        )
-        return jax.jit(fn, donate_argnums=(1,), out_shardings=out_shardings)
+        return (rows, log, *penalties)
 
 
-def _count_prompt_tokens(ring: RingState, ctl: SlotControl, tokens, blocks, rows: int):
+def _enter(batch: TickBatch, rows: RowState, tag, t, sh: PipelineShape):
+    """The entry of tick t from the host's batch (one replica's, T slots) and the row state:
+    decode slots get their row's next token and position, or become empty when the row is no
+    longer live (finished on the device, or withdrawn); each sampled row's request is latched.
+    Returns (the entry padded to the largest bucket, the entering token ids [T])."""
+    decode = (batch.token < 0) & (batch.row >= 0)
+    r = jnp.maximum(batch.row, 0)
+    live = rows.live[r] & (tag[r] >= 0)
+    row = jnp.where(decode & ~live, -1, batch.row)
+    tokens = jnp.where(decode, rows.next_token[r], batch.token)
+    position = jnp.where(row >= 0, jnp.where(decode, rows.position[r], batch.position), -1)
+    taken = jnp.clip(batch.sample, 0, batch.token.shape[0] - 1)
+    sampled = (batch.sample >= 0) & (row[taken] >= 0)
+    ids = (t % sh.microbatches) * sh.rows + jnp.arange(sh.rows)
+    pad = sh.max_tokens - batch.token.shape[0]
+    groups = sh.max_groups - batch.group_start.shape[0]
+    entry = Entry(
+        row=jnp.pad(row, (0, pad), constant_values=-1),
+        position=jnp.pad(position, (0, pad), constant_values=-1),
+        decode=jnp.pad(decode & (row >= 0), (0, pad)),
+        group_start=jnp.pad(batch.group_start, (0, groups)),
+        group_len=jnp.pad(batch.group_len, (0, groups)),
+        sample=jnp.where(sampled, batch.sample, -1),
+        tag=jnp.where(sampled, tag[ids], -1),
+    )
+    return entry, tokens
+
+
+def _truncate(entry: Entry, tokens: int) -> Entry:
+    """The first `tokens` slots and their query groups (a bucket of that size)."""
+    groups = max(tokens // QUERY_BLOCK, 1)
+    return entry._replace(
+        row=entry.row[:tokens],
+        position=entry.position[:tokens],
+        decode=entry.decode[:tokens],
+        group_start=entry.group_start[:groups],
+        group_len=entry.group_len[:groups],
+    )
+
+
+def _count_prompt_tokens(penalties: Penalties, prompt_len, batch: TickBatch) -> Penalties:
     """Penalties: the prompt tokens entering now are seen by their rows; a prefill's first
-    block clears what the row's previous request left; recomputed outputs (positions past the
+    token clears what the row's previous request left; recomputed outputs (positions past the
     prompt, after a preemption) count as generated."""
-    row, start, length = (blocks[:, i] for i in range(3))
-    fresh = jnp.where((start == 0) & (length > 0), row, rows)
-    seen = ring.seen.at[fresh].set(False, mode="drop")
-    counts = ring.counts.at[fresh].set(0, mode="drop")
-    offsets = jnp.arange(QUERY_BLOCK)
-    real = (offsets[None, :] < length[:, None]).reshape(-1)
-    token_row = jnp.repeat(row, QUERY_BLOCK)
-    position = (start[:, None] + offsets).reshape(-1)
-    seen = seen.at[jnp.where(real, token_row, rows), tokens].set(True, mode="drop")
-    output = real & (position >= ctl.prompt_len[token_row])
-    counts = counts.at[jnp.where(output, token_row, rows), tokens].add(1, mode="drop")
-    return ring._replace(seen=seen, counts=counts)
+    b = jax.tree.map(lambda a: a[0], batch)
+    prompt = (b.token >= 0) & (b.row >= 0)
+    n = penalties.counts.shape[0]
+    fresh = jnp.where(prompt & (b.position == 0), b.row, n)
+    seen = penalties.seen.at[fresh].set(False, mode="drop")
+    counts = penalties.counts.at[fresh].set(0, mode="drop")
+    seen = seen.at[jnp.where(prompt, b.row, n), b.token].set(True, mode="drop")
+    output = prompt & (b.position >= prompt_len[jnp.maximum(b.row, 0)])
+    counts = counts.at[jnp.where(output, b.row, n), b.token].add(1, mode="drop")
+    return Penalties(counts, seen)
 
 
-class _Record(NamedTuple):
-    tags: jax.Array
-    tokens: jax.Array
-    logprob: jax.Array
-    top_ids: jax.Array
-    top_logprobs: jax.Array
+def empty_log(mesh: Mesh, shape: PipelineShape, replicas: int, n_top: int, start: int) -> StepLog:
+    """A call's log, nothing sampled yet; `start` the ring's tick at its first entry."""
+    tick = jax.device_put(np.int32(start), jax.sharding.NamedSharding(mesh, REPLICATED))
+    return _log_program(mesh, shape, replicas, n_top)(tick)
 
 
-def _sample_and_update(
-    ring: RingState, ctl: SlotControl, logits, leaving: Entry, rows, w, mode, vocab
-) -> tuple[RingState, _Record]:
-    """Sample the next token of every row of the micro-batch leaving the last stage that
-    decoded or finished its prompt; update the rows (one stops the moment its stop token or
-    token budget is reached) and return the log entries."""
-    finish = leaving.finish[:w]
-    first = finish >= 0  # the row's prompt ended here: this is its first new token
-    decoding = leaving.tags[:w] >= 0
-    sampled = first | decoding
-    block = jnp.maximum(finish, 0) // QUERY_BLOCK
-    end = leaving.blocks[block, START] + jnp.mod(jnp.maximum(finish, 0), QUERY_BLOCK) + 1
-    sampler = SamplerRows(*(a[rows] for a in ctl.sampler))
-    generated = jnp.where(first, ctl.generated0[rows], ring.generated[rows])
-    counts = ring.counts[rows] if mode.penalties else None
-    seen = ring.seen[rows] if mode.penalties else None
-    got = sample(logits, sampler, generated, counts, seen, vocab, mode)
+@functools.lru_cache(maxsize=16)
+def _log_program(mesh: Mesh, shape: PipelineShape, replicas: int, n_top: int):
+    """One jitted allocator of a call's log (one program, not one per array)."""
+    lead = (shape.log_ticks, replicas, shape.rows)
 
-    hit_stop = (got.tokens[:, None] == sampler.stop_ids).any(-1) & (
-        generated + 1 > sampler.min_tokens
-    )
-    finished = hit_stop | (generated + 1 >= sampler.max_tokens)
-    # A row the host has withdrawn (tag -1) stops, even for a token that entered before.
-    cont = sampled & ~finished & (ctl.tag[rows] >= 0)
-
-    def put(array, value):
-        return array.at[rows].set(jnp.where(sampled, value, array[rows]))
-
-    ring = ring._replace(
-        next_token=put(ring.next_token, got.tokens),
-        position=put(ring.position, jnp.where(first, end, ring.position[rows] + 1)),
-        generated=put(ring.generated, generated + 1),
-        live=put(ring.live, cont),
-    )
-    if mode.penalties:
-        hit = jax.nn.one_hot(got.tokens, ring.counts.shape[1], dtype=jnp.int32)
-        hit = hit * sampled[:, None]
-        ring = ring._replace(
-            counts=ring.counts.at[rows].add(hit), seen=ring.seen.at[rows].set(seen | (hit > 0))
+    def make(start):
+        return StepLog(
+            start=start,
+            tags=jnp.full(lead, -1, jnp.int32),
+            tokens=jnp.zeros(lead, jnp.int32),
+            logprob=jnp.zeros(lead, jnp.float32),
+            top_ids=jnp.zeros(lead + (n_top,), jnp.int32),
+            top_logprobs=jnp.zeros(lead + (n_top,), jnp.float32),
+            work=jnp.zeros((shape.log_ticks, replicas, shape.stages), jnp.int32),
+            live=jnp.zeros((shape.log_ticks, replicas), jnp.int32),
         )
-    tags = jnp.where(first, leaving.block_tags[block], leaving.tags[:w])
-    log_tags = jnp.where(sampled, tags, -1)
-    return ring, _Record(log_tags, got.tokens, got.logprob, got.top_ids, got.top_logprobs)
 
-
-def _empty_log(K, w, n_top, C, NB, collect: bool, model) -> StepLog:
-    if collect:
-        logits = jnp.zeros((K, 1, C, model.embed.shape[0]), jnp.float32)
-        blocks = jnp.full((K, 1, NB, 3), -1, jnp.int32)
-    else:
-        logits = jnp.zeros((K, 1, 0, 0), jnp.float32)
-        blocks = jnp.zeros((K, 1, 0, 3), jnp.int32)
-    return StepLog(
-        tags=jnp.full((K, 1, w), -1, jnp.int32),
-        tokens=jnp.zeros((K, 1, w), jnp.int32),
-        logprob=jnp.zeros((K, 1, w), jnp.float32),
-        top_ids=jnp.zeros((K, 1, w, n_top), jnp.int32),
-        top_logprobs=jnp.zeros((K, 1, w, n_top), jnp.float32),
-        work=jnp.zeros((K, 1), jnp.int32),
-        live=jnp.zeros((K, 1), jnp.int32),
-        logits=logits,
-        logit_blocks=blocks,
+    shardings = jax.tree.map(
+        lambda spec: jax.sharding.NamedSharding(mesh, spec),
+        Pipeline.log_spec(),
+        is_leaf=lambda x: isinstance(x, P),
     )
+    return jax.jit(make, out_shardings=shardings)
 
 
 def empty_ring(
@@ -686,14 +566,14 @@ def empty_ring(
     vocab_padded: int,
     penalties: bool,
     dtype,
-) -> RingState:
-    """A fresh ring: zero pools, nothing in flight, no row live."""
-    S, mb = shape.stages, shape.rows
+) -> Ring:
+    """A fresh ring: zero pools, nothing in flight, no row live."""  # fmt: skip
+    S, mb, T, G = shape.stages, shape.rows, shape.max_tokens, shape.max_groups
     rows = replicas * shape.microbatches * mb
 
     def zeros(global_shape, axes):
         sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(axes))
-        return _zeros_program(global_shape, jnp.dtype(dtype), sharding)()
+        return _filled_program(global_shape, jnp.dtype(dtype), 0, sharding)()
 
     shapes = pool_shapes(shape, slots, replicas, kv_heads, head_dim)
     cache = KVCache(*(tuple(zeros(*leaf) for leaf in arrays) for arrays in shapes))
@@ -701,27 +581,38 @@ def empty_ring(
     def put(a, spec):
         return jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
 
-    NB = shape.query_blocks
     lead = (S, replicas)
-    entries = Entry(
-        tags=np.full(lead + (mb,), -1, np.int32),
-        blocks=np.zeros(lead + (NB, 3), np.int32),
-        block_tags=np.full(lead + (NB,), -1, np.int32),
-        finish=np.full(lead + (mb,), -1, np.int32),
+    history = Entry(
+        row=np.full(lead + (T,), -1, np.int32),
+        position=np.full(lead + (T,), -1, np.int32),
+        decode=np.zeros(lead + (T,), bool),
+        group_start=np.zeros(lead + (G,), np.int32),
+        group_len=np.zeros(lead + (G,), np.int32),
+        sample=np.full(lead + (mb,), -1, np.int32),
+        tag=np.full(lead + (mb,), -1, np.int32),
     )
-    width = vocab_padded if penalties else 0
-    riding = mb + shape.prompt_slots if S > 1 else 0  # one stage holds nothing in flight
-    return RingState(
+    riding = T if S > 1 else 0  # one stage holds nothing in flight
+    stages = StageState(
         cache=cache,
-        hidden=put(np.zeros((S, replicas, riding, hidden), dtype), RIDING),
-        entries=jax.tree.map(lambda a: put(a, PER_REPLICA), entries),
+        riding=put(np.zeros((S, replicas, riding, hidden), dtype), RIDING),
+        history=jax.tree.map(lambda a: put(a, PER_REPLICA), history),
         tick=put(np.int32(0), REPLICATED),
+    )
+    row_state = RowState(
         next_token=put(np.zeros(rows, np.int32), ROW),
         position=put(np.zeros(rows, np.int32), ROW),
         generated=put(np.zeros(rows, np.int32), ROW),
         live=put(np.zeros(rows, bool), ROW),
-        counts=put(np.zeros((rows, width), np.int32), ROW),
-        seen=put(np.zeros((rows, width), bool), ROW),
+    )
+    return Ring(stages, row_state, empty_penalties(mesh, rows, vocab_padded if penalties else 0))
+
+
+def empty_penalties(mesh: Mesh, rows: int, width: int) -> Penalties:
+    """Nothing counted yet: `width` columns per row (0 until a penalised request comes)."""
+    sharding = jax.sharding.NamedSharding(mesh, ROW)
+    return Penalties(
+        counts=jax.device_put(np.zeros((rows, width), np.int32), sharding),
+        seen=jax.device_put(np.zeros((rows, width), bool), sharding),
     )
 
 
@@ -737,6 +628,6 @@ def pool_shapes(
 
 
 @functools.lru_cache(maxsize=64)
-def _zeros_program(shape, dtype, sharding):
-    """One jitted allocator per pool shape (a fresh lambda per call would compile each time)."""
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+def _filled_program(shape, dtype, value, sharding):
+    """One jitted allocator per array shape (a fresh lambda per call would compile each time)."""
+    return jax.jit(lambda: jnp.full(shape, value, dtype), out_shardings=sharding)

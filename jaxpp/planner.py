@@ -24,19 +24,16 @@ from flax import nnx
 
 from jaxpp.bench import Request as BenchRequest
 from jaxpp.bench import preset_path
-from jaxpp.config import ModelConfig
+from jaxpp.config import EngineConfig, ModelConfig
 from jaxpp.costmodel import CostModel
 from jaxpp.hardware import Hardware, load_hardware, read_json
 from jaxpp.layout import (
-    DEFAULT_BLOCK_SIZE,
     Layout,
     abstract_model,
     cache_device_bytes,
     default_kv_budget,
-    default_token_budget,
     kv_bytes_per_page,
     make_layout,
-    model_dtype,
     page_count,
     params_device_bytes,
     pipeline_shape,
@@ -156,45 +153,21 @@ def load_model_config(model: str | os.PathLike) -> tuple[str, ModelConfig]:
 def plan(
     model: str | os.PathLike,
     *,
-    pp: int = 1,
-    tp: int = 1,
-    dp: int = 1,
-    layer_partition: str | Sequence[int] | None = None,
-    num_microbatches: int | None = None,
-    max_num_seqs: int | None = None,
-    max_model_len: int | None = None,
-    dtype: str | None = None,
     hardware: str | os.PathLike | Hardware = "h100-sxm",
-    max_num_batched_tokens: int | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    decode_chunk: int = 16,
-    kv_cache_memory: int | None = None,
-    enable_prefix_caching: bool = True,
+    config: EngineConfig | None = None,
+    **settings,
 ) -> Plan:
-    """The memory plan of a layout, as `LLM(model, pp=..., ...)` would allocate it on
-    `hardware`. A layout whose weights do not fit is planned all the same (with one KV page)
-    and flagged by `Plan.overflow_bytes`."""
-    for name, value in (("pp", pp), ("tp", tp), ("dp", dp), ("decode_chunk", decode_chunk)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} is invalid: expected a positive integer")
+    """The memory plan of a layout, as `LLM(model, config)` (or `LLM(model, **settings)`: pp=...,
+    tp=..., EngineConfig's fields) would allocate it on `hardware`. A layout whose weights do
+    not fit is planned all the same (with one KV page) and flagged by `Plan.overflow_bytes`."""
+    config = config or EngineConfig(**settings)
     name, cfg = load_model_config(model)
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
-    lay = make_layout(
-        cfg,
-        model_dtype(dtype, cfg),
-        dp=dp,
-        pp=pp,
-        tp=tp,
-        layer_partition_spec=layer_partition,
-        num_microbatches=num_microbatches,
-        max_model_len=max_model_len,
-        block_size=block_size,
-        token_budget=max_num_batched_tokens or default_token_budget(hw.platform),
-    )
+    lay = make_layout(cfg, config, hw.platform)
     _, state = nnx.split(abstract_model(lay))
     params = params_device_bytes(state, lay.mesh)
     limit = int(hw.memory_bytes * hw.memory_fraction)
-    budget = kv_cache_memory or default_kv_budget(hw.platform, lay.devices, limit, params)
+    budget = config.kv_cache_memory or default_kv_budget(hw.platform, lay.devices, limit, params)
     # The engine's own pool; with no room for one page it would refuse to load: plan one and
     # let overflow_bytes say by how much it misses.
     pages = page_count(lay, budget) if budget >= kv_bytes_per_page(lay) else 1
@@ -202,14 +175,14 @@ def plan(
         model=name,
         layout=lay,
         hardware=hw,
-        max_num_seqs=row_count(lay, max_num_seqs),
+        max_num_seqs=row_count(lay, config.max_num_seqs),
         pages=pages,
-        decode_chunk=decode_chunk,
+        decode_chunk=config.decode_chunk,
         params_bytes=params,
         kv_bytes=0,
         kv_budget=budget,
         state=state,
-        enable_prefix_caching=enable_prefix_caching,
+        enable_prefix_caching=config.enable_prefix_caching,
     )
     result.kv_bytes = cache_device_bytes(lay, result.shape, lay.mesh)
     return result

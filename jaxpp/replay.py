@@ -3,11 +3,11 @@
 `replay(requests, ...)` drives `scheduler.Scheduler` exactly as `LLM.step` does (plan call n+1,
 then read call n's log, so the host plans with the results of call n-1), with a simulated clock.
 Each call's log (`pipeline.StepLog`'s fields) comes from `RingModel`, which follows the device
-program's rules tick by tick: stage s serves the entry of tick t - s, an entry holds the live
-decode rows of micro-batch t mod M and the planned prompt blocks, rows are latched when they
-enter, a micro-batch's tokens (and the first token of each prompt that ends in it) are sampled
-when it leaves the last stage, and a row stops the moment its budget is reached. Every tick of
-a call costs the same (`costmodel.CostModel.tick` of the call's shapes). Admission, the token
+programs' rules tick by tick: stage s serves the entry of tick t - s, an entry holds the decode
+slots of rows still live and the planned prompt chunks, rows are latched when they enter, a
+micro-batch's tokens (and the first token of each prompt that ends in it) are sampled when it
+leaves the last stage, and a row stops the moment its budget is reached. A tick costs
+`costmodel.CostModel.tick` of its bucket and the keys its slots read. Admission, the token
 budget, pages, preemption, call lengths and finishing are the scheduler's, not a copy.
 
 Requests are greedy with `ignore_eos` (as in `jaxpp bench`): each produces exactly its
@@ -28,7 +28,7 @@ from jaxpp.config import SamplingParams
 from jaxpp.costmodel import CostModel
 from jaxpp.kv_pages import PagePool
 from jaxpp.pipeline import PipelineShape
-from jaxpp.scheduler import Request, Scheduler, SlotLayout, Step
+from jaxpp.scheduler import Call, Request, Scheduler, SlotLayout
 
 
 @dataclasses.dataclass
@@ -69,7 +69,7 @@ class ReplayResult:
 
 
 class RingModel:
-    """The device ring's state and rules on the host; `run(step)` answers one call."""
+    """The device ring's state and rules on the host; `run(call)` answers one call."""
 
     def __init__(self, shape: PipelineShape, replicas: int, cost: CostModel):
         self.shape, self.replicas, self.cost = shape, replicas, cost
@@ -77,89 +77,109 @@ class RingModel:
         rows = replicas * M * mb
         self.live = np.zeros(rows, bool)
         self.generated = np.zeros(rows, np.int64)
+        self.position = np.zeros(rows, np.int64)
         self.tag = np.full(rows, -1, np.int64)
         self.max_tokens = np.zeros(rows, np.int64)
         self.generated0 = np.zeros(rows, np.int64)
-        # The last S entries into stage 0 per replica: decode tags, prompt tokens per row of
-        # the micro-batch (0 when none) and prompt tags finishing there.
+        # The last S entries into stage 0 per replica: per row of the micro-batch the request
+        # it samples (-1 none) and whether it ends a prompt; the real tokens of the entry.
         self.entry_tags = np.full((S, replicas, mb), -1, np.int64)
-        self.entry_prompt = np.zeros((S, replicas), np.int64)
-        self.entry_first = np.full((S, replicas, mb), -1, np.int64)
+        self.entry_first = np.zeros((S, replicas, mb), bool)
+        self.entry_end = np.zeros((S, replicas, mb), np.int64)  # position after the sample
+        self.entry_work = np.zeros((S, replicas), np.int64)
         self.tick = 0
         self.compute = self.head = self.transfer = self.collectives = 0.0
 
-    def run(self, step: Step) -> tuple[SimpleNamespace, float]:
+    def run(self, call: Call) -> tuple[SimpleNamespace, float]:
         """The call's log (shaped like pipeline.StepLog) and its modelled seconds."""
-        S, M, mb = self.shape.stages, self.shape.microbatches, self.shape.rows
-        kind, w = step.kind, step.kind.width
-        if step.control is not None:
-            self.tag = step.control["tag"].astype(np.int64)
-            self.max_tokens = step.control["sampler"]["max_tokens"].astype(np.int64)
-            self.generated0 = step.control["generated0"].astype(np.int64)
+        S, mb = self.shape.stages, self.shape.rows
+        if call.control is not None:
+            self.tag = call.control["tag"].astype(np.int64)
+            self.max_tokens = call.control["sampler"]["max_tokens"].astype(np.int64)
+            self.generated0 = call.control["generated0"].astype(np.int64)
         self.live &= self.tag >= 0
-        K = kind.rounds * M
-        tags_log = np.full((K, self.replicas, w), -1, np.int32)
-        work = np.zeros((K, S), np.int32)
+        K = call.ticks
+        tags_log = np.full((K, self.replicas, mb), -1, np.int32)
+        work = np.zeros((K, self.replicas, S), np.int32)
         live = np.zeros((K, self.replicas), np.int32)
-        for k in range(K):
+        seconds = 0.0
+        for k, batch in enumerate(call.batches):
             t = self.tick
+            keys = [self._enter(r, t, batch) for r in range(self.replicas)]
             for r in range(self.replicas):
-                base = r * M * mb
-                entering = base + (t % M) * mb + np.arange(w)
-                self.entry_tags[t % S, r] = -1
-                self.entry_tags[t % S, r, :w] = np.where(
-                    self.live[entering] & (self.tag[entering] >= 0), self.tag[entering], -1
-                )
-                planned = step.blocks[r, k] if kind.prompt else np.zeros((0, 3), np.int64)
-                self.entry_prompt[t % S, r] = int(planned[:, 2].sum())
-                self.entry_first[t % S, r] = -1
-                if kind.prompt:
-                    ends = np.nonzero(step.finish[r, k] >= 0)[0]
-                    self.entry_first[t % S, r, ends] = self.tag[base + (t % M) * mb + ends]
                 for s in range(S):
                     if t - s >= 0:
-                        entry = (t - s) % S
-                        work[k, s] += int(np.sum(self.entry_tags[entry, r, :w] >= 0))
-                        work[k, s] += int(self.entry_prompt[entry, r])
+                        work[k, r, s] = int(self.entry_work[(t - s) % S, r])
                 if t - S + 1 >= 0:
-                    self._leave(r, t, w, k, tags_log)
-                live[k, r] = int(self.live[base : base + M * mb].sum())
+                    self._leave(r, t, k, tags_log)
+                live[k, r] = int(self.live[self._rows(r)].sum())
+            head_rows = batch.token.shape[1] if call.collect else mb
+            cost = self.cost.tick(batch.token.shape[1], max(d for d, _ in keys),
+                                  max(p for _, p in keys), head_rows)  # fmt: skip
+            seconds += cost.seconds
+            self.compute += cost.compute
+            self.head += cost.head
+            self.transfer += cost.transfer
+            self.collectives += cost.collectives
             self.tick += 1
-        cost = self.cost.tick(kind)
-        self.compute += K * cost.compute
-        self.head += K * cost.head
-        self.transfer += K * cost.transfer
-        self.collectives += K * cost.collectives
-        zeros = np.zeros((K, self.replicas, w), np.float32)
-        n_top = kind.mode.logprobs
+        zeros = np.zeros((K, self.replicas, mb), np.float32)
+        n_top = call.mode.logprobs
         log = SimpleNamespace(
             tags=tags_log,
             tokens=np.zeros_like(tags_log),
             logprob=zeros,
-            top_ids=np.zeros((K, self.replicas, w, n_top), np.int32),
-            top_logprobs=np.zeros((K, self.replicas, w, n_top), np.float32),
+            top_ids=np.zeros((K, self.replicas, mb, n_top), np.int32),
+            top_logprobs=np.zeros((K, self.replicas, mb, n_top), np.float32),
             work=work,
             live=live,
-            logits=np.zeros((K, self.replicas, 0, 0), np.float32),
-            logit_blocks=np.zeros((K, self.replicas, 0, 3), np.int32),
         )
-        return log, K * cost.seconds
+        return log, seconds
 
-    def _leave(self, r: int, t: int, w: int, k: int, tags_log: np.ndarray) -> None:
+    def _rows(self, r: int) -> slice:
+        per_replica = self.shape.microbatches * self.shape.rows
+        return slice(r * per_replica, (r + 1) * per_replica)
+
+    def _enter(self, r: int, t: int, batch) -> tuple[int, int]:
+        """Record replica r's entry of tick t (the device's `_enter`); returns the keys its
+        decode slots and its prompt groups read."""
+        S, mb = self.shape.stages, self.shape.rows
+        base = self._rows(r).start
+        token, row = batch.token[r], batch.row[r]
+        decode = (token < 0) & (row >= 0)
+        rows = base + np.maximum(row, 0)
+        alive = decode & self.live[rows] & (self.tag[rows] >= 0)
+        prompt = (token >= 0) & (row >= 0)
+        e = t % S
+        self.entry_work[e, r] = int(alive.sum() + prompt.sum())
+        self.entry_tags[e, r] = -1
+        self.entry_first[e, r] = False
+        first_row = base + (t % self.shape.microbatches) * mb
+        for j, slot in enumerate(batch.sample[r]):
+            if slot < 0 or not (alive[slot] or prompt[slot]):
+                continue
+            self.entry_tags[e, r, j] = self.tag[first_row + j]
+            self.entry_first[e, r, j] = bool(prompt[slot])
+            end = batch.position[r, slot] if prompt[slot] else self.position[first_row + j]
+            self.entry_end[e, r, j] = end + 1
+        decode_keys = int(np.sum(self.position[rows][alive] + 1))
+        lengths = batch.group_len[r]
+        ends = batch.position[r, np.clip(batch.group_start[r] + lengths - 1, 0, None)]
+        return decode_keys, int(np.sum((ends + 1)[lengths > 0]))
+
+    def _leave(self, r: int, t: int, k: int, tags_log: np.ndarray) -> None:
         """Sample what leaves the last stage at tick t: the device's finishing rule."""
         S, M, mb = self.shape.stages, self.shape.microbatches, self.shape.rows
-        entry = (t - S + 1) % S
-        rows = r * M * mb + ((t - S + 1) % M) * mb + np.arange(w)
-        decoding = self.entry_tags[entry, r, :w] >= 0
-        first = self.entry_first[entry, r, :w] >= 0
-        sampled = decoding | first
+        e = (t - S + 1) % S
+        rows = self._rows(r).start + ((t - S + 1) % M) * mb + np.arange(mb)
+        sampled = self.entry_tags[e, r] >= 0
+        first = self.entry_first[e, r]
         self.generated[rows] = np.where(
-            first, self.generated0[rows] + 1, self.generated[rows] + decoding
+            first, self.generated0[rows] + 1, self.generated[rows] + sampled
         )
+        self.position[rows] = np.where(sampled, self.entry_end[e, r], self.position[rows])
         done = self.generated[rows] >= self.max_tokens[rows]
         self.live[rows] = np.where(sampled, ~done & (self.tag[rows] >= 0), self.live[rows])
-        tags = np.where(first, self.entry_first[entry, r, :w], self.entry_tags[entry, r, :w])
-        tags_log[k, r] = np.where(sampled, tags, -1)
+        tags_log[k, r] = np.where(sampled, self.entry_tags[e, r], -1)
 
 
 def replay(
@@ -192,7 +212,7 @@ def replay(
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
     added: list[Request] = []
     device_free = busy = 0.0
-    in_flight: tuple[Step, SimpleNamespace, float] | None = None
+    in_flight: tuple[Call, SimpleNamespace, float] | None = None
     intervals: list[dict] = []
     mark = {"t": 0.0, "tokens": 0, "prompt_tokens": 0, "hits": 0}
 

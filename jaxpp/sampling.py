@@ -60,7 +60,10 @@ class SamplerMode:
         )
 
 
-STOP_ID_COLUMNS = 4  # stop-token columns per row at least; more when a request needs them
+# Stop-token columns per row: every EOS set of the supported families and a few ids of the
+# request's own. A request with more widens them to the next power of two: a new shape of the
+# sample program's arguments, compiled then (programs.py), never a mismatch.
+STOP_ID_COLUMNS = 8
 
 
 def host_sampler_rows(rows: int) -> dict[str, np.ndarray]:

@@ -211,7 +211,6 @@ def attention_rows(shapes: dict, heads: int, kv_heads: int, head_dim: int, dtype
         else:  # decode rows at the end of their context
             q_pos = np.full((groups, 1), context - 1, np.int32)
         kind = "prompt" if queries > 1 else "decode"
-        items = sum(attention.items_needed(0, int(r.max()), block, kind) for r in q_pos)
         key = jax.random.key(1)
         q = jax.random.normal(key, (groups, queries, heads, head_dim), dtype)
         k_pool = jax.random.normal(key, (pages, kv_heads, head_dim, block), dtype)
@@ -220,8 +219,7 @@ def attention_rows(shapes: dict, heads: int, kv_heads: int, head_dim: int, dtype
         row = {}
         for backend in ("xla", "pallas"):
             os.environ["JAXPP_ATTENTION"] = backend
-            f = jax.jit(lambda *a, k=kind, n=items: attention.paged_attention(
-                *a, jnp.int32(0), items=n, kind=k))  # fmt: skip
+            f = jax.jit(lambda *a, k=kind: attention.paged_attention(*a, jnp.int32(0), kind=k))
             try:
                 f(*args).block_until_ready()
                 times = []

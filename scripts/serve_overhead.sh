@@ -60,8 +60,6 @@ for name, passes in runs.items():
     if "server" in passes[0]:
         means = " ".join(f"{r['server']['running_mean']:.1f}" for r in passes)
         compiled = sum(r["server"]["step_programs_compiled"] for r in passes)
-        covered = " ".join(f"{r['server']['covered_calls']:.0f}" for r in passes)
         print(f"{'':22s} failed {sum(r['failed'] for r in passes)}, server rows running (mean) "
-              f"{means}, step programs compiled while timed {compiled:.0f}, calls on a "
-              f"covering program {covered}")
+              f"{means}, step programs compiled while timed {compiled:.0f}")
 PY

@@ -1,7 +1,8 @@
 """Attention over pages (attention.py) against a dense numpy reference: random ragged batches of
 query groups over sequences scattered into random pages, decode groups and prompt blocks, with
-and without sliding windows, GQA ratios 1, 2 and 4, page sizes that do and do not divide an
-item, an item bound that forces the item loop; unused pages hold NaN and never matter. The GPU
+and without sliding windows, GQA ratios 1, 2 and 4, page sizes that do and do not divide a
+chunk, chunks small enough for several loop iterations, the loop bounded by the data (CPU) and
+by max_model_len (accelerators); unused pages hold NaN and never matter. The GPU
 kernel (paged_kernel.py) answers the same cases in Pallas' interpreter, and lowers to Triton for
 the model families' shapes (the lowering runs on the CPU; only Triton's own compile needs a GPU)."""
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxpp import attention, paged_kernel
-from jaxpp.attention import items_needed, paged_attention, write_kv
+from jaxpp.attention import paged_attention, write_kv
 
 
 def _reference(q, q_pos, seq, keys, values, window):
@@ -66,33 +67,27 @@ def _case(rng, *, rows, block, hq, hkv, groups, queries, lengths, pages):
     [(4, 4, 4, 1, 0), (3, 4, 2, 1, 5), (4, 8, 2, 6, 5), (5, 2, 1, 16, 0)],
     ids=["decode-mha", "decode-gqa2-odd-pages-window", "prompt-gqa4-window", "prompt-block16-mqa"],
 )
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("backend", ["xla", "xla-static", "pallas"])
 def test_matches_dense_reference(block, hq, hkv, queries, window, backend, monkeypatch):
-    monkeypatch.setenv("JAXPP_ATTENTION", backend)
+    monkeypatch.setenv("JAXPP_ATTENTION", backend.split("-")[0])
+    if backend == "xla-static":  # an accelerator's bound: the chunks of a max_model_len row
+        monkeypatch.setattr(attention, "trips_from_data", lambda: False)
     kind = "decode" if queries == 1 else "prompt"
-    monkeypatch.setitem(attention.ITEM_POSITIONS, kind, 8)
+    monkeypatch.setitem(attention.CHUNK_POSITIONS, kind, 8)  # several iterations per group
     rng = np.random.default_rng(block * 100 + queries + window)
     lengths = rng.integers(1, 40, size=6).tolist()
     q, q_pos, seq, keys, values, k_pool, v_pool, tables = _case(
         rng, rows=6, block=block, hq=hq, hkv=hkv, groups=7, queries=queries,
         lengths=lengths, pages=100,
     )  # fmt: skip
-    need = 0
-    for g in range(len(seq)):
-        real = q_pos[g][q_pos[g] >= 0]
-        if len(real):
-            need += items_needed(0, int(real.max()), block, kind)
     want = _reference(q, q_pos, seq, keys, values, window)
-    for items in (need, need + 5) if backend == "xla" else (need,):  # exact bound, padding items
-        # A tiny read bound forces several loop steps over the items.
-        monkeypatch.setattr(attention, "READ_ELEMENTS", 3 * 8 * 8 * queries * (hq // hkv))
-        got = paged_attention(
-            jnp.asarray(q), jnp.asarray(q_pos), jnp.asarray(seq), jnp.asarray(k_pool),
-            jnp.asarray(v_pool), jnp.asarray(tables), jnp.int32(window), items=items, kind=kind,
-        )  # fmt: skip
-        got = np.asarray(got)
-        assert np.isfinite(got).all()
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    got = paged_attention(
+        jnp.asarray(q), jnp.asarray(q_pos), jnp.asarray(seq), jnp.asarray(k_pool),
+        jnp.asarray(v_pool), jnp.asarray(tables), jnp.int32(window), kind=kind,
+    )  # fmt: skip
+    got = np.asarray(got)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_write_kv_drops_tokens_past_the_pool():
@@ -111,9 +106,7 @@ def test_kernel_agrees_with_the_xla_path_on_random_ragged_batches(monkeypatch):
     GPU tiles), GQA ratios 8, 2 and 2, windows on and off: kernel and XLA path to float32
     rounding. (Two draws per shape: one compiled program each per backend.)"""
     attend = {  # one jitted function per backend: the choice is read when tracing
-        backend: jax.jit(
-            lambda *a, **k: paged_attention(*a, **k), static_argnames=("items", "kind")
-        )
+        backend: jax.jit(lambda *a, **k: paged_attention(*a, **k), static_argnames=("kind",))
         for backend in ("xla", "pallas")
     }
     for trial, (hkv, hq, queries) in enumerate([(1, 8, 1), (2, 4, 16), (4, 8, 16)] * 2):
@@ -129,10 +122,10 @@ def test_kernel_agrees_with_the_xla_path_on_random_ragged_batches(monkeypatch):
         out = {}
         for backend in ("xla", "pallas"):
             monkeypatch.setenv("JAXPP_ATTENTION", backend)
-            got = attend[backend](*args, jnp.int32(window), items=64, kind=kind)
+            got = attend[backend](*args, jnp.int32(window), kind=kind)
             out[backend] = np.asarray(got)
             if trial == 0:  # the choice took: the kernel is in one program only
-                traced = attend[backend].trace(*args, jnp.int32(window), items=64, kind=kind)
+                traced = attend[backend].trace(*args, jnp.int32(window), kind=kind)
                 assert ("pallas_call" in str(traced.jaxpr)) == (backend == "pallas")
         scale = np.abs(out["xla"]).max()
         np.testing.assert_allclose(out["pallas"], out["xla"], rtol=0, atol=2e-6 * scale)

@@ -24,6 +24,8 @@ from cli_fakes import FakeEngine
 import jaxpp
 from jaxpp import cli
 from jaxpp.cli import formats, generate, progress, resume
+from jaxpp.cli.flags import engine_config
+from jaxpp.config import EngineConfig
 from jaxpp.outputs import CompletionOutput, Logprob
 
 # Refuses a conversation that opens with the assistant, as Mistral-style templates do.
@@ -196,13 +198,12 @@ def test_engine_flags_reach_the_llm():
     """The batching and KV flags go to LLM(...); left out, the engine's defaults apply."""
     argv = ["generate", "--prompt", "x", "--max-num-seqs", "8", "--max-num-batched-tokens", "16"]
     argv += ["--block-size", "4", "--kv-cache-memory", "1000000"]
-    kwargs = generate.llm_kwargs(cli.build_parser(argv).parse_args(argv))
-    assert kwargs["max_num_seqs"] == 8 and kwargs["max_num_batched_tokens"] == 16
-    assert kwargs["block_size"] == 4 and kwargs["kv_cache_memory"] == 1000000
+    config = engine_config(cli.build_parser(argv).parse_args(argv))
+    assert config.max_num_seqs == 8 and config.max_num_batched_tokens == 16
+    assert config.block_size == 4 and config.kv_cache_memory == 1000000
     argv = argv[:3]
-    kwargs = generate.llm_kwargs(cli.build_parser(argv).parse_args(argv))
-    assert kwargs["max_num_seqs"] is None and kwargs["max_num_batched_tokens"] is None
-    assert "block_size" not in kwargs and kwargs["kv_cache_memory"] is None
+    config = engine_config(cli.build_parser(argv).parse_args(argv))
+    assert config == EngineConfig()
 
 
 @pytest.mark.parametrize(
@@ -643,7 +644,7 @@ def cached_llm(monkeypatch):
     real = generate.load_llm
 
     def load(args):
-        key = (args.model, *sorted(generate.llm_kwargs(args).items()))
+        key = (args.model, engine_config(args))
         if key not in _LLMS:
             _LLMS[key] = real(args)
         return _LLMS[key]

@@ -80,7 +80,7 @@ def _check_memory_split(llm, single):
     print(f"pp={llm.pp}: {usage}")
     assert len(usage) == llm.pp
     assert max(u["params"] for u in usage) <= 1.05 * single["params"] / llm.pp
-    cache_bytes = sum(a.nbytes for a in jax.tree.leaves(llm.ring.cache))
+    cache_bytes = sum(a.nbytes for a in jax.tree.leaves(llm.ring.stages.cache))
     assert cache_bytes > 0
     assert all(u["kv_cache"] * llm.pp == cache_bytes for u in usage), usage
 

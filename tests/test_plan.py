@@ -13,7 +13,6 @@ from jaxpp import planner
 from jaxpp.bench import Request as BenchRequest
 from jaxpp.cli import main
 from jaxpp.hardware import load_hardware, read_cluster_config
-from jaxpp.scheduler import GREEDY, StepKind
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +119,8 @@ def test_a_layout_that_does_not_fit_is_flagged_with_its_overflow():
 def test_links_across_nodes_cost_more_than_within():
     within = jaxpp.plan("llama-3.1-70b", pp=8, hardware="h100-sxm").cost_model()
     across = jaxpp.plan("llama-3.1-70b", pp=8, tp=2, hardware="h100-sxm").cost_model()
-    kind = StepKind(8, 0, 8, 0, 16, GREEDY, collect=False)
-    assert within.tick(kind).transfer < across.tick(kind).transfer
+    tick = (16, 8 * 100, 0, 8)  # 16 slots, 8 decode rows of 100 keys, 8 rows sampled
+    assert within.tick(*tick).transfer < across.tick(*tick).transfer
 
 
 def _cluster_config(tmp_path):

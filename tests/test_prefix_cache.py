@@ -32,7 +32,8 @@ def _nan_pools(llm) -> None:
     def fill(a):  # on the pool's own devices, as the engine placed it
         return jax.jit(lambda x: jnp.full_like(x, jnp.nan), out_shardings=a.sharding)(a)
 
-    llm.ring = llm.ring._replace(cache=jax.tree.map(fill, llm.ring.cache))
+    stages = llm.ring.stages._replace(cache=jax.tree.map(fill, llm.ring.stages.cache))
+    llm.ring = llm.ring._replace(stages=stages)
     llm.reset_prefix_cache()  # what the cached pages held is gone
 
 

@@ -1,7 +1,7 @@
 """The host scheduler on its own (no device): the token budget shared by many prompts, chunks
 that continue over ticks and end in their own micro-batch, pages that grow and come back,
 preemption when the pool runs out, withdrawal, the finish rules it shares with the device, the
-run counters and the shape buckets. Device logs are written by hand, shaped like
+run counters and the token buckets. Device logs are written by hand, shaped like
 pipeline.StepLog."""
 
 from types import SimpleNamespace
@@ -9,9 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from jaxpp.batch import Buckets
 from jaxpp.config import SamplingParams
 from jaxpp.kv_pages import PagePool
-from jaxpp.scheduler import Request, Scheduler, SlotLayout, _bucket
+from jaxpp.scheduler import Request, Scheduler, SlotLayout
 
 EOS = (2,)
 
@@ -29,38 +30,37 @@ def _request(serial, length, **params):
 
 
 def _log(step, entries=(), stages=1):
-    """A StepLog with `entries` = [(tick, replica, column, tag, token)]."""
-    K = step.kind.rounds * step.finish.shape[1]
-    replicas, w = step.finish.shape[0], step.kind.width
-    tags = np.full((K, replicas, w), -1, np.int32)
-    tokens = np.zeros((K, replicas, w), np.int32)
+    """A StepLog of the call's ticks with `entries` = [(tick, replica, row of the micro-batch,
+    tag, token)]."""
+    K = step.ticks
+    replicas, mb = step.batches[0].sample.shape
+    tags = np.full((K, replicas, mb), -1, np.int32)
+    tokens = np.zeros((K, replicas, mb), np.int32)
     for t, r, c, tag, token in entries:
         tags[t, r, c], tokens[t, r, c] = tag, token
-    zeros = np.zeros((K, replicas, w), np.float32)
+    zeros = np.zeros((K, replicas, mb), np.float32)
     return SimpleNamespace(
         tags=tags,
         tokens=tokens,
         logprob=zeros,
         top_ids=zeros[..., None][..., :0],
         top_logprobs=zeros[..., None][..., :0],
-        work=np.ones((K, stages), np.int32),
+        work=np.ones((K, replicas, stages), np.int32),
         live=np.zeros((K, replicas), np.int32),
-        logits=np.zeros((K, replicas, 0, 0), np.float32),
-        logit_blocks=np.zeros((K, replicas, 0, 3), np.int32),
     )
 
 
 def _chunks(step, replica=0):
-    """[(tick, row, start, length)] of the planned prompt blocks, merged per request."""
+    """[(tick, row, start, length)] of the planned prompt chunks of the call's first round."""
     out = []
-    for k in range(step.blocks.shape[1]):
-        for row, start, length in step.blocks[replica, k]:
-            if not length:
-                continue
-            if out and out[-1][:2] == (k, row) and out[-1][2] + out[-1][3] == start:
-                out[-1] = (k, row, out[-1][2], out[-1][3] + length)
+    for k, batch in enumerate(step.batches[: step.ticks // step.rounds]):
+        token, row, position = batch.token[replica], batch.row[replica], batch.position[replica]
+        for slot in np.nonzero(token >= 0)[0]:
+            r, p = int(row[slot]), int(position[slot])
+            if out and out[-1][:2] == (k, r) and out[-1][2] + out[-1][3] == p:
+                out[-1] = (k, r, out[-1][2], out[-1][3] + 1)
             else:
-                out.append((k, int(row), int(start), int(length)))
+                out.append((k, r, p, 1))
     return out
 
 
@@ -77,13 +77,12 @@ def test_short_prompts_share_a_tick_within_the_budget():
     for serial in range(6):
         s.add(_request(serial, 10))
     step = s.schedule()
-    # Four prompts of 10 tokens (one query block of 16 slots each) fill the 64 slots.
+    # Four prompts of 10 tokens (a query group each) take the 4 query groups of 64 slots.
     assert _chunks(step) == [(0, r, 0, 10) for r in range(4)]
-    assert step.kind.prompt == 64 and step.kind.rounds == 1
+    assert step.buckets == [64] and step.rounds == 1
     assert [r.id for r in s.waiting] == [4, 5]
-    assert step.tokens[0, 0, :10].tolist() == list(range(10, 20))
-    assert step.finish[0, 0, :4].tolist() == [9, 25, 41, 57]  # each prompt's last slot
-    assert step.kind.width == 8  # at least MIN_WIDTH rows: a few more cost next to nothing
+    assert step.batches[0].token[0, :10].tolist() == list(range(10, 20))
+    assert step.batches[0].sample[0, :4].tolist() == [9, 19, 29, 39]  # each prompt's last slot
 
 
 def test_a_long_prompt_continues_and_ends_in_its_own_microbatch():
@@ -92,13 +91,13 @@ def test_a_long_prompt_continues_and_ends_in_its_own_microbatch():
     first = s.schedule()
     # Tick 0 (micro-batch 0, where it is seated): 16 tokens; tick 1 (micro-batch 1): 16 more.
     assert _chunks(first) == [(0, 0, 0, 16), (1, 0, 16, 16)]
-    assert (first.finish == -1).all()
+    assert all((b.sample == -1).all() for b in first.batches)
     s.update(first, _log(first, stages=2))
     second = s.schedule()
     assert _chunks(second) == [(0, 0, 32, 8)]  # the last 8 at micro-batch 0's tick
-    assert second.finish[0, 0, 0] == 7
-    # Its tick-1 chunk of the first call was still in the ring: the call keeps room for it.
-    assert second.kind.prompt >= 16
+    assert second.batches[0].sample[0, 0] == 7
+    # Its tick-1 chunk of the first call was still in the ring: the tick keeps room for it.
+    assert second.buckets[0] >= 16
 
 
 def test_last_token_waits_for_its_microbatch():
@@ -110,7 +109,7 @@ def test_last_token_waits_for_its_microbatch():
     assert _chunks(step) == [(0, 0, 0, 16), (1, 0, 16, 3)]
     s.update(step, _log(step, stages=2))
     step = s.schedule()
-    assert _chunks(step) == [(0, 0, 19, 1)] and step.finish[0, 0, 0] == 0
+    assert _chunks(step) == [(0, 0, 19, 1)] and step.batches[0].sample[0, 0] == 0
 
 
 def test_pages_grow_with_the_sequence_and_come_back():
@@ -124,7 +123,7 @@ def test_pages_grow_with_the_sequence_and_come_back():
     # Long calls of 4 rounds while at least 2 are left to use, then one-round calls.
     for bound, pages, rounds in ((10, 4, 4), (14, 4, 4), (15, 4, 1)):
         step = s.schedule()
-        assert step.kind.rounds == rounds and step.kind.prompt == 0
+        assert step.rounds == rounds and not _chunks(step)
         assert s.running[0].bound == bound and s.pool.pages_of(row) == pages
         done = s.update(step, _log(step, [(k, 0, 0, 0, 5) for k in range(rounds)]))
     assert [r.id for r in done] == [0] and len(done[0].tokens) == 10
@@ -206,7 +205,7 @@ def test_no_call_once_nothing_is_left_to_write():
     s.add(_request(0, 2, max_tokens=5))
     first = s.schedule()  # prefill: its first token
     second = s.schedule()  # 4 decode rounds: positions 2..5, its last 4 tokens
-    assert second.kind.rounds == 4
+    assert second.rounds == 4
     assert s.schedule() is None  # both calls already hold every token it will get
     s.update(first, _log(first, [(0, 0, 0, 0, 5)]))
     done = s.update(second, _log(second, [(k, 0, 0, 0, 5) for k in range(4)]))
@@ -221,7 +220,7 @@ def test_abort_drops_queued_and_withdraws_running():
     s.abort({0, 1})
     assert not s.waiting and not s.running and not s.unfinished
     carrier = s.schedule()  # carries the withdrawal of request 0's row to the device
-    assert carrier.control["tag"][0] == -1 and not carrier.blocks[..., 2].any()
+    assert carrier.control["tag"][0] == -1 and not _chunks(carrier)
     s.update(carrier, _log(carrier))
     assert s.schedule() is None and s.pool.in_use == 0
 
@@ -243,11 +242,16 @@ def test_run_counters():
     assert stats["schedule"] == [[0]]
 
 
-def test_buckets_are_few_and_tight():
-    sizes = sorted({_bucket(n, 1 << 30) for n in range(1, 1025)})
-    assert sizes[:10] == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32] and len(sizes) == 20
-    assert all(_bucket(n, 1 << 30) <= 1.5 * n for n in range(1, 1025))
-    assert _bucket(100, 48) == 48
+def test_buckets_are_few_and_fill_before_they_pad():
+    buckets = Buckets.of(rows=32, budget=2048)
+    assert buckets.sizes == (16, 32, 64, 128, 256, 512, 1024, 2048)
+    assert Buckets.of(rows=1, budget=64).sizes == (1, 16, 32, 64)
+    assert Buckets.of(rows=4, budget=24).sizes == (4, 16, 32)
+    assert buckets.fit(32, 0) == 32  # decode alone: the smallest that holds it
+    assert buckets.fit(32, 268) == 256  # 256 now, the rest next tick: no padding
+    assert buckets.fit(32, 40) == 64  # 72 in 64 would leave 8 for a tick of their own
+    assert buckets.fit(20, 4) == 32  # short of every size: the smallest that holds it
+    assert buckets.fit(0, 10_000) == 2048
 
 
 def test_the_tick_table_of_the_pipeline_docs():

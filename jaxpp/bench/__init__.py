@@ -6,10 +6,10 @@ Requests are greedy with `ignore_eos`, so each produces exactly its requested nu
 random prompts (token ids drawn uniformly from the vocabulary, seeded; vLLM's random dataset)
 or the lines of a trace in LLMServingSim's format (`--trace FILE.jsonl`: one request per line,
 `{"input_toks": 512, "output_toks": 128, "arrival_time_ns": 0}`, optional `input_tok_ids`).
-A warm-up serves the same requests once, all at once, untimed: it compiles the step programs
-their schedule uses (a fixed set of shapes). Then the timed pass admits each request at its
-arrival time and prints an interval log in LLMServingSim's manner (`npu_mem` is the parameters
-plus the KV pages in use on the fullest device), then:
+A warm-up compiles every program greedy traffic can meet (`LLM.warmup`: a forward program per
+token bucket, the sampler's), so that no timed pass compiles. Then the timed pass admits each
+request at its arrival time and prints an interval log in LLMServingSim's manner (`npu_mem` is
+the parameters plus the KV pages in use on the fullest device), then:
 
 - duration, requests/s, input/output/total tokens/s;
 - TTFT, TPOT and end-to-end latency (mean, p50, p99), measured from each request's arrival;
@@ -334,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
     ensure_cpu_devices(args.pp * args.tp * args.dp)
     import jax  # noqa: PLC0415
 
+    from jaxpp.cli.flags import engine_config  # noqa: PLC0415
     from jaxpp.config import ModelConfig  # noqa: PLC0415
     from jaxpp.engine import LLM  # noqa: PLC0415
 
@@ -345,22 +346,7 @@ def run(args: argparse.Namespace) -> int:
         if args.base_url is not None:
             return _run_client(args, requests, cfg.vocab_size, log)
         t = time.perf_counter()
-        llm = LLM(
-            model_dir,
-            dtype=args.dtype,
-            pp=args.pp,
-            tp=args.tp,
-            dp=args.dp,
-            num_microbatches=args.num_microbatches,
-            max_model_len=args.max_model_len,
-            max_num_seqs=args.batch_size,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            kv_cache_memory=args.kv_cache_memory,
-            decode_chunk=args.decode_chunk,
-            seed=args.seed,
-            enable_prefix_caching=args.enable_prefix_caching,
-            **({} if args.block_size is None else {"block_size": args.block_size}),
-        )
+        llm = LLM(model_dir, engine_config(args, max_num_seqs=args.batch_size))
         if args.multi_turn and args.compare_hf:
             raise ValueError("--compare-hf runs static batches: not with --multi-turn")
         load_s = time.perf_counter() - t
@@ -386,10 +372,7 @@ def run(args: argparse.Namespace) -> int:
     )
     t = time.perf_counter()
     with CompileCounter() as counter:
-        if args.multi_turn:  # later turns are longer: serve the whole conversations once
-            run_pass(llm, requests, math.inf, lambda *a: None)
-        else:
-            llm.warm_up([r.prompt for r in requests], [greedy_params(r) for r in requests])
+        llm.warmup(log)
     warm_s = time.perf_counter() - t
     log(
         f"warm-up: {llm.compiled_programs} step programs, {counter.count} compilations, "

@@ -226,7 +226,6 @@ def client_figures(requests, timings, duration, samples, before, after, model) -
             "kv_cache_usage_max": max(series("vllm:kv_cache_usage_perc")),
             "preemptions": delta.get("vllm:num_preemptions_total", 0.0),
             "step_programs_compiled": delta.get("jaxpp:step_programs", 0.0),
-            "covered_calls": delta.get("jaxpp:covered_calls_total", 0.0),
             "prefix_cache_hit_rate": delta.get("vllm:prefix_cache_hits_total", 0.0) / queries
             if queries
             else None,
@@ -257,5 +256,5 @@ def print_client_report(r: dict) -> None:
         f"{s['running_max']:.0f}, waiting max {s['waiting_max']:.0f}, KV pages in use max "
         f"{100 * s['kv_cache_usage_max']:.1f}%, preemptions {s['preemptions']:.0f}, prefix "
         f"cache hit rate {'n/a' if hit is None else f'{hit:.1%}'}, step programs compiled "
-        f"{s['step_programs_compiled']:.0f}, calls on a covering program {s['covered_calls']:.0f}"
+        f"{s['step_programs_compiled']:.0f}"
     )

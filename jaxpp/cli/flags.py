@@ -13,7 +13,12 @@ from jaxpp.cli.limits import (
     DEFAULT_MAX_SEQS_PER_REQUEST,
 )
 from jaxpp.cli.processes import add_process_flags
-from jaxpp.config import GENERATION_CONFIG_FIELDS, SamplingParams, generation_defaults
+from jaxpp.config import (
+    GENERATION_CONFIG_FIELDS,
+    EngineConfig,
+    SamplingParams,
+    generation_defaults,
+)
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -265,6 +270,14 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
+    """The EngineConfig a command line asks for: each field from the flag of its name (one a
+    command lacks, or leaves unset, keeps EngineConfig's default), then `overrides`."""
+    fields = (f.name for f in dataclasses.fields(EngineConfig))
+    values = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+    return EngineConfig(**{**values, **overrides})
+
+
 def add_engine_flags(group) -> None:
     """The engine's batching and KV-cache flags (generate and serve), into `group`."""
     group.add_argument(
@@ -292,14 +305,6 @@ def add_engine_flags(group) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="reuse the KV pages of a prompt's longest cached prefix (default: on)",
-    )
-    group.add_argument(
-        "--compile-in-background",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="a call whose step program is not compiled yet runs on a compiled one that covers "
-        "it while its own compiles in a background thread (one process only; default: on for "
-        "serve, off otherwise)",
     )
     group.add_argument(
         "--kv-cache-memory",

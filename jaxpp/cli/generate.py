@@ -14,6 +14,7 @@ from pathlib import Path
 from jaxpp import DEMO_MODEL
 from jaxpp.cli.errorlog import TracebackLog, log_path_for
 from jaxpp.cli.errors import EXIT_LINE_ERRORS, EXIT_OK, UsageError, one_line
+from jaxpp.cli.flags import engine_config
 from jaxpp.cli.formats import RequestBuilder
 from jaxpp.cli.limits import Limits
 from jaxpp.cli.lines import OversizedLine, count_lines, read_lines
@@ -26,27 +27,6 @@ from jaxpp.cli.sinks import FileSink, NullSink, StdoutSink, TextSink
 from jaxpp.distributed import barrier
 
 PROG = "jaxpp"
-
-
-def llm_kwargs(args: argparse.Namespace) -> dict:
-    """The LLM(...) keyword arguments a command line asks for: a new engine flag is one entry."""
-    return {
-        "dtype": args.dtype,
-        "pp": args.pp,
-        "tp": args.tp,
-        "dp": args.dp,
-        "layer_partition": args.layer_partition,
-        "num_microbatches": args.num_microbatches,
-        "max_model_len": args.max_model_len,
-        "seed": args.seed,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "kv_cache_memory": args.kv_cache_memory,
-        "enable_prefix_caching": args.enable_prefix_caching,
-        "compile_in_background": args.compile_in_background,
-        # LLM takes no None for it: left out, the engine's own default applies.
-        **({} if args.block_size is None else {"block_size": args.block_size}),
-    }
 
 
 def provide_cpu_devices(devices: int) -> None:
@@ -70,7 +50,7 @@ def load_llm(args: argparse.Namespace):
     provide_cpu_devices(args.dp * args.pp * args.tp)
     from jaxpp import LLM  # noqa: PLC0415
 
-    return LLM(args.model, **llm_kwargs(args))
+    return LLM(args.model, engine_config(args))
 
 
 def loaded_llm(args: argparse.Namespace):

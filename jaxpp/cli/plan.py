@@ -17,6 +17,7 @@ import json
 import sys
 
 from jaxpp.cli.errors import EXIT_USAGE
+from jaxpp.cli.flags import engine_config
 
 GB = 1e9
 
@@ -116,22 +117,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.search:
         devices = args.devices or cluster.get("num_npus") or dp * pp * tp
         return _search(args, planner, model, devices, hardware)
-    plan = planner.plan(
-        model,
-        pp=pp,
-        tp=tp,
-        dp=dp,
-        layer_partition=args.layer_partition,
-        num_microbatches=args.num_microbatches,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len,
-        dtype=args.dtype,
-        hardware=hardware,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        decode_chunk=args.decode_chunk,
-        enable_prefix_caching=args.enable_prefix_caching,
-    )
+    config = engine_config(args, pp=pp, tp=tp, dp=dp)
+    plan = planner.plan(model, hardware=hardware, config=config)
     batches = None if args.trace else _batch_sizes(args.batch_sizes, plan)
     report = {"plan": _memory_report(plan)}
     say = (lambda *a: None) if args.json else print

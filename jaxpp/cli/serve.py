@@ -78,8 +78,7 @@ def add_parser(subparsers, argv: list[str] | None = None) -> None:
     add_limit_flags(p)
     add_sampling_flags(p, model_in_argv(argv or []))
     add_process_flags(p)
-    # A server must not hold its requests for seconds while a new step program compiles.
-    p.set_defaults(func=run_serve, compile_in_background=True)
+    p.set_defaults(func=run_serve)
 
 
 class Prepared(NamedTuple):
@@ -101,6 +100,9 @@ def prepare(args: argparse.Namespace, exchange=None) -> Prepared:
 
     defaults, limits = _checked(args)
     llm = loaded_llm(args)
+    # Every program the traffic can meet, before the port opens: /health answers only when
+    # no request will wait for a compilation.
+    llm.warmup(log=lambda line: print(f"jaxpp serve: {line}", flush=True))
     name = args.served_model_name or Path(args.model).name
     builder = RequestBuilder(llm, defaults, args.seed, name, limits, streaming=True)
     metrics = Metrics(llm, name)
@@ -171,7 +173,9 @@ def _follow(args: argparse.Namespace) -> int:
     from jaxpp.server.loop import follow  # noqa: PLC0415
 
     _ignore_stop_signals()
-    follow(loaded_llm(args), broadcast_json)
+    llm = loaded_llm(args)
+    llm.warmup()  # the same programs in the same order as process 0's
+    follow(llm, broadcast_json)
     return EXIT_OK
 
 

@@ -46,12 +46,10 @@ class _EngineCollector:
         yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                       stats.prefix_cache_hit_tokens)  # fmt: skip
         yield counter("vllm:num_preemptions", "Requests preempted.", stats.preemptions)
-        # jaxpp's own: each new step program compiles (seconds on a CPU); meanwhile calls run
-        # on a compiled program that covers them, padded (LLM compile_in_background).
+        # jaxpp's own: programs compiled so far (all of them at start-up, LLM.warmup; a rarer
+        # sampler mode, such as logprobs, compiles when first met).
         yield gauge("jaxpp:step_programs", "Step programs compiled so far.",
                     self.llm.compiled_programs)  # fmt: skip
-        yield counter("jaxpp:covered_calls", "Ring calls run on a wider compiled program.",
-                      self.llm.pipeline.covered_calls)  # fmt: skip
 
 
 class Metrics:
