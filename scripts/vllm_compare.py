@@ -325,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     ensure_cpu_devices(args.pp)
+    commit = subprocess.run(  # the code measured: read before the hour the run may take
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()  # fmt: skip
     model_dir = preset_dir(args.preset, args.cache_dir)
     vocab = ModelConfig.from_dir(model_dir).vocab_size
     chosen = workloads(args.workloads, args.num_prompts, vocab, args.seed)
@@ -338,10 +342,6 @@ def main(argv: list[str] | None = None) -> int:
         rows = [compare([jaxpp, vllm], n, w, args.repeats, log) for n, w in chosen.items()]
     finally:
         vllm.close()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=Path(__file__).parent,
-    ).stdout.strip()  # fmt: skip
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "commit": commit,
