@@ -53,7 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxpp import ModelConfig  # noqa: E402
+from jaxpp import ModelConfig, SamplingParams  # noqa: E402
 from jaxpp.bench import ensure_cpu_devices  # noqa: E402
 from jaxpp.bench.workloads import (  # noqa: E402
     Request,
@@ -92,10 +92,12 @@ def workloads(names: list[str], num_prompts: int, vocab: int, seed: int) -> dict
 
 
 class JaxppEngine:
+    """jaxpp's offline `LLM`, in this process (public API only: LLM, SamplingParams)."""
+
     name = "jaxpp"
 
     def __init__(self, model_dir: Path, args: argparse.Namespace):
-        from jaxpp import LLM  # noqa: PLC0415
+        from jaxpp import LLM  # noqa: PLC0415 - imports JAX, after ensure_cpu_devices
 
         start = time.perf_counter()
         self.llm = LLM(
@@ -118,8 +120,6 @@ class JaxppEngine:
         self.llm.reset_prefix_cache()
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int]):
-        from jaxpp import SamplingParams  # noqa: PLC0415
-
         params = [
             SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in max_tokens
         ]
