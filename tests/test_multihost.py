@@ -222,3 +222,33 @@ def test_launch_starts_a_users_own_program(tmp_path):
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )  # fmt: skip
     assert missing.returncode == 2 and "cannot start 'no-such-program-xyz'" in missing.stderr
+
+
+def test_launch_keeps_each_childs_lines_whole(tmp_path):
+    """Two children write a line in pieces at the same moment (as an unbuffered print does: the
+    text, the separator, the newline; gloo logs word by word), then a last line without a
+    newline: the launcher's stdout still holds every line whole and nothing is lost. When the
+    children shared the launcher's stdout, their pieces interleaved ('RESULTRESULT  [0, ...]')
+    and test_launch_starts_a_users_own_program failed on a busy machine with exit 0."""
+    job = tmp_path / "pieces.py"
+    job.write_text(
+        "import os, pathlib, sys, time\n"
+        "me = int(os.environ['JAXPP_PROCESS_ID'])\n"
+        "os.write(1, b'line of %d: ' % me)\n"
+        "pathlib.Path(sys.argv[1], str(me)).touch()\n"
+        "other, deadline = pathlib.Path(sys.argv[1], str(1 - me)), time.monotonic() + 60\n"
+        "while not other.exists() and time.monotonic() < deadline:  # both are mid-line now\n"
+        "    time.sleep(0.01)\n"
+        "os.write(1, b'end\\n')\n"
+        "os.write(1, b'last of %d' % me)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxpp.cli", "launch", "--nproc", "2", "--", sys.executable,
+         str(job), str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(done.stdout.splitlines()) == [
+        "last of 0", "last of 1", "line of 0: end", "line of 1: end"
+    ], done.stdout  # fmt: skip

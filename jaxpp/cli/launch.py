@@ -14,6 +14,14 @@ seconds (default GRACE_S) to finish on their own (they run the same work, so the
 the same way), then are stopped (SIGTERM, and SIGKILL after as long again); the launcher exits
 with the first failing child's status (128 + signal for a child killed by a signal), naming it
 on stderr.
+
+Each child's stdout comes through a pipe of its own and is copied to the launcher's stdout a
+whole line at a time (a last line without a newline gets one), so lines of different children
+never mix: sharing one stdout, they did, because a line often leaves a process in pieces (an
+unbuffered print writes the text, the separator and the newline separately; gloo logs word by
+word), and on a busy machine two children's pieces interleaved ('RESULTRESULT  [0, ...]').
+The launcher returns only when every child has exited and its pipe is drained. stderr stays the
+launcher's own (progress bars and logs keep their terminal).
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from typing import BinaryIO
 
 GRACE_S = 10.0
 
@@ -83,7 +93,7 @@ def run_launch(args: argparse.Namespace, jaxpp_commands=()) -> int:
     if not args.grace >= 0:
         raise UsageError(f"--grace={args.grace} is invalid: expected seconds >= 0")
     coordinator = f"127.0.0.1:{_free_port()}"
-    children = []
+    children, relays = [], []
     for i in range(args.nproc):
         env = dict(
             os.environ,
@@ -95,11 +105,18 @@ def run_launch(args: argparse.Namespace, jaxpp_commands=()) -> int:
         )
         # A session of its own: a Ctrl-C reaches the children once, through the launcher.
         try:
-            children.append(subprocess.Popen(command, env=env, start_new_session=True))
+            child = subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, start_new_session=True
+            )
         except OSError as e:  # no such program, not executable
-            for child in children:
-                child.kill()
+            for started in children:
+                started.kill()
             raise UsageError(f"cannot start {command[0]!r}: {e.strerror}") from None
+        children.append(child)
+        # Daemon: should the launcher itself fail, a pipe held open by a program the child
+        # started in the background cannot keep it alive.
+        relays.append(threading.Thread(target=_relay_lines, args=(child.stdout,), daemon=True))
+        relays[-1].start()
 
     def forward(signum, _frame):
         for child in children:
@@ -108,7 +125,30 @@ def run_launch(args: argparse.Namespace, jaxpp_commands=()) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, forward)
-    return _wait(children, args.grace)
+    status = _wait(children, args.grace)
+    for relay in relays:  # a child's last lines may still be in its pipe when it has exited
+        relay.join()
+    return status
+
+
+_STDOUT_LOCK = threading.Lock()
+
+
+def _relay_lines(pipe: BinaryIO) -> None:
+    """Copy a child's stdout to ours, one whole line per write, until the pipe's end (the child
+    and whatever it started that shares its stdout have closed it). When our stdout is gone
+    (`jaxpp launch ... | head`), the pipe is closed, so the child's next write fails as it
+    would have on the launcher's stdout."""
+    with pipe:
+        for line in iter(pipe.readline, b""):
+            if not line.endswith(b"\n"):
+                line += b"\n"
+            with _STDOUT_LOCK:
+                try:
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.buffer.flush()
+                except OSError:  # BrokenPipeError, or stdout closed
+                    return
 
 
 def _wait(children: list[subprocess.Popen], grace: float) -> int:
