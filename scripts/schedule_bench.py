@@ -1,6 +1,7 @@
 """GPipe against 1F1B through `jaxpp.pipeline_value_and_grad` on the demo model: per schedule the
 ticks, the bubble (idle F/B slots of the tick table), the stash each device keeps (slots and
-bytes), XLA's temp bytes of the compiled program (per device) and the time of a step.
+bytes), XLA's temp bytes of the compiled program and its output bytes (the loss and the
+gradients), per device, and the time of a step.
 
     python scripts/schedule_bench.py [--stages 4] [--microbatches 16] [--batch 32] [--length 128]
                                      [--steps 5] [--lora 8]
@@ -55,6 +56,7 @@ def measure(llm, tokens: np.ndarray, schedule: str, M: int, steps: int, lora) ->
         "stash_slots": table.slots,
         "stash_bytes": stash_bytes(llm, tokens, schedule=schedule, microbatches=M),
         "temp_bytes": memory.temp_size_in_bytes,
+        "gradient_bytes": memory.output_size_in_bytes,
         "step_s": round(float(np.median(times)), 3),
     }
 
