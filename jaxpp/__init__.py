@@ -16,6 +16,7 @@ _LAZY = {
     "CheckpointError": "jaxpp.checkpoint",
     "plan": "jaxpp.planner",
     "pipeline_value_and_grad": "jaxpp.training",
+    "LoraConfig": "jaxpp.lora",
 }
 
 
@@ -33,6 +34,7 @@ __all__ = [
     "CheckpointError",
     "CompletionOutput",
     "Logprob",
+    "LoraConfig",
     "ModelConfig",
     "RequestOutput",
     "SamplingParams",

@@ -133,30 +133,30 @@ class Schedule(NamedTuple):
             ]
             for s in range(stages)
         ]
-        return _grid(cells, "stage {}")
+        return _grid([f"stage {s}" for s in range(stages)], cells)
 
     def drawn_stash(self) -> str:
         """Each device's slots after each tick: m its own input m, m' its mirror's, . none."""
         held = self.held()
         ticks, stages, slots = held.shape
-        name = {-1: "."} | {-2 - m: f"{m}'" for m in range(ticks)}
+
+        def name(code: int) -> str:
+            return "." if code == -1 else f"{-2 - code}'" if code < -1 else str(code)
+
         cells = [
-            [name.get(int(held[t, s, k]), str(held[t, s, k])) for t in range(ticks)]
-            for s in range(stages)
-            for k in range(slots)
+            [name(held[t, s, k]) for t in range(ticks)] for s in range(stages) for k in range(slots)
         ]
-        labels = [f"stage {s} slot {k}" for s in range(stages) for k in range(slots)]
-        return _grid(cells, "{}", labels)
+        return _grid([f"stage {s} slot {k}" for s in range(stages) for k in range(slots)], cells)
 
 
-def _grid(cells: list[list[str]], label: str, labels: list[str] | None = None) -> str:
-    ticks = len(cells[0])
-    labels = labels or [label.format(i) for i in range(len(cells))]
+def _grid(labels: list[str], cells: list[list[str]]) -> str:
+    """Rows of cells under a header of tick numbers, each row led by its label."""
     lead = max(len(x) for x in labels) + 2
     width = max(len(c) for row in cells for c in row) + 2
-    lines = ["tick".ljust(lead) + "".join(f"{t:<{width}}" for t in range(ticks))]
+    lines = ["tick".ljust(lead) + "".join(f"{t:<{width}}" for t in range(len(cells[0])))]
     lines += [
-        labels[i].ljust(lead) + "".join(f"{c:<{width}}" for c in row) for i, row in enumerate(cells)
+        label.ljust(lead) + "".join(f"{c:<{width}}" for c in row)
+        for label, row in zip(labels, cells, strict=True)
     ]
     return "\n".join(line.rstrip() for line in lines)
 
@@ -206,12 +206,12 @@ def _place(forward: np.ndarray, backward: np.ndarray) -> tuple:
             continue
         lower = max(lower, -(-int((need[:, s] + need[:, mirror]).max()) // 2))
         lenders.add(s if need[:, s].max() >= need[:, mirror].max() else mirror)
-    # With as many slots as the most any stage needs, nothing is parked: that always fits.
-    for slots in range(lower, max(int(need.max()), 1)):
+    enough = max(int(need.max()), 1)  # as many as any stage needs: nothing parked, it fits
+    for slots in range(lower, enough):
         placed = _try_place(forward, backward, slots, lenders)
         if placed is not None:
             return placed
-    return _try_place(forward, backward, max(int(need.max()), 1), lenders)
+    return _try_place(forward, backward, enough, lenders)
 
 
 def _try_place(forward: np.ndarray, backward: np.ndarray, slots: int, lenders: set[int]):
@@ -324,7 +324,10 @@ def set_parameters(llm, params: nnx.State, lora: LoraConfig | None = None) -> No
     them (serving is unchanged until `merge_lora`)."""
     if lora is not None:
         graphdef, current = _adapters(llm, lora)
-        if jax.tree.structure(params) != jax.tree.structure(current):
+        shapes = [np.shape(leaf) for leaf in jax.tree.leaves(params)]
+        if jax.tree.structure(params) != jax.tree.structure(current) or shapes != [
+            leaf.shape for leaf in jax.tree.leaves(current)
+        ]:
             raise ValueError(f"these are not the adapters of {lora}: their structure differs")
         llm.__dict__["_lora_adapters"][lora] = (graphdef, params)
         return
@@ -337,13 +340,15 @@ def merge_lora(llm, lora: LoraConfig) -> None:
     """Add the adapters of `lora` into `llm`'s weights (W + scale * a b): the engine serves
     the tuned model from its next step, `jaxpp.loading.save_engine_dir` writes it as a model
     dir that `jaxpp.LLM` loads. The adapters are then spent: the next ones start from zero."""
-    _, adapters = _adapters(llm, lora)
-    model = nnx.merge(llm.pipeline.graphdef, *_split_state(llm))
-    slots = nnx.merge(_adapters(llm, lora)[0], adapters).slots
-    for layer, slot in zip(model.layers, slots, strict=True):
-        merged = merged_slot(nnx.state(layer, nnx.Param), nnx.state(slot), lora)
-        nnx.update(layer, merged)
-    set_parameters(llm, nnx.state(model, nnx.Param))
+    graphdef, adapters = _adapters(llm, lora)
+    params, rest = _split_state(llm)
+    model = nnx.merge(llm.pipeline.graphdef, params, rest)
+    for layer, slot in zip(model.layers, nnx.merge(graphdef, adapters).slots, strict=True):
+        nnx.update(layer, merged_slot(nnx.state(layer, nnx.Param), nnx.state(slot), lora))
+    merged = jax.tree.map(
+        lambda new, old: jax.device_put(new, old.sharding), nnx.state(model, nnx.Param), params
+    )
+    set_parameters(llm, merged)
     del llm.__dict__["_lora_adapters"][lora]
 
 
@@ -465,6 +470,13 @@ def _varying_over(x, axes: set[str]):
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
+def _typed_like(grads, primal):
+    """Each gradient typed as varying where its parameter does. Not per replica: the parameters
+    are the same on every replica, so autodiff already sums their gradients over the replicas'
+    rows (the transpose of using one value everywhere)."""
+    return jax.tree.map(lambda g, p: _varying_over(g, _varying_axes(p)), grads, primal)
+
+
 def _stage_fn(pipe, model, lora: LoraConfig | None, cos, sin):
     """stage(trained, x): this device's layer slots over x [rows, T, D], where `trained` is
     what is differentiated: the slots' parameters, or with `lora` their adapters."""
@@ -485,9 +497,18 @@ def _stage_fn(pipe, model, lora: LoraConfig | None, cos, sin):
     return stage, layer_params
 
 
-def _loss_fn(norm_graphdef, vocab: int, count):
-    """loss(top, h, target, weight): the sum over counted positions of the cross-entropy /
-    count, vocab-parallel; top = (final norm's parameters, LM head or None, embedding)."""
+def _loss_fn(norm_graphdef, vocab: int, count, frozen_top: tuple, lora: LoraConfig | None):
+    """loss(trained_top, h, target, weight): (the sum over counted positions of the
+    cross-entropy / count, vocab-parallel; its gradients with respect to trained_top and h).
+    The top is (final norm's parameters, LM head or None, embedding): trained_top itself, or
+    with `lora` (trained_top = ()) the frozen one."""
+
+    def value_and_grads(trained_top, h, target, weight):
+        def of(top, h):
+            return loss(frozen_top if lora is not None else top, h, target, weight)
+
+        part, loss_vjp = jax.vjp(of, trained_top, h)
+        return part, *loss_vjp(jnp.ones_like(part))
 
     def loss(top, h, target, weight):
         norm_params, head, embed = top
@@ -506,7 +527,7 @@ def _loss_fn(norm_graphdef, vocab: int, count):
         target_logit = jax.lax.psum(jnp.where(mine, picked[..., 0], 0.0), VOCAB_AXES)
         return jnp.sum((top_logit + jnp.log(total) - target_logit) * weight) / count
 
-    return loss
+    return value_and_grads
 
 
 def _gradient_state(trained, grads) -> nnx.State:
@@ -550,7 +571,6 @@ def _build(llm, table: Schedule, shape: tuple[int, int, int], lora: LoraConfig |
         frozen_top = (norm_params, None if llm.config.tie_word_embeddings else model.lm_head[...])
         cos, sin = rope_tables(jnp.arange(T)[None], pipe.inv_freq, pipe.dtype)
         stage, layer_params = _stage_fn(pipe, model, lora, cos, sin)
-        loss_of = _loss_fn(norm_graphdef, llm.config.vocab_size, count)
         # What is differentiated (the layer slots' part, the rest), in the module it returns in.
         if lora is None:
             trained, primal = model, (layer_params, (*frozen_top, embed))
@@ -558,14 +578,7 @@ def _build(llm, table: Schedule, shape: tuple[int, int, int], lora: LoraConfig |
             trained = nnx.merge(adapter_graphdef, adapters)
             primal = ([nnx.state(slot) for slot in trained.slots], ())
 
-        def top_of(trained_top):
-            return trained_top if lora is None else (*frozen_top, embed)
-
-        def gradients_varying(grads):
-            """Each gradient typed as varying where its parameter does. Not per replica: the
-            parameters are the same on every replica, so autodiff already sums their
-            gradients over the replicas' rows (the transpose of using one value everywhere)."""
-            return jax.tree.map(lambda g, p: _varying_over(g, _varying_axes(p)), grads, primal)
+        loss_of = _loss_fn(norm_graphdef, llm.config.vocab_size, count, (*frozen_top, embed), lora)
 
         def tick(t, carry):
             x_in, g_in, stash, grads, loss = carry
@@ -583,11 +596,7 @@ def _build(llm, table: Schedule, shape: tuple[int, int, int], lora: LoraConfig |
             m = plan["backward"][t, S - 1]
             h_last = jax.lax.psum(jnp.where(s == S - 1, h, 0), "stage")
             weight = weights[jnp.maximum(m, 0)] * (m >= 0)
-            target = targets[jnp.maximum(m, 0)]
-            part, loss_vjp = jax.vjp(
-                lambda top, hh: loss_of(top_of(top), hh, target, weight), primal[1], h_last
-            )
-            d_top, d_h = loss_vjp(jnp.ones_like(part))
+            part, d_top, d_h = loss_of(primal[1], h_last, targets[jnp.maximum(m, 0)], weight)
             b = plan["backward"][t, s]
             cotangent = jnp.where(b >= 0, jnp.where(s == S - 1, d_h, g_in), 0)
             d_layers, d_x = stage_vjp(_varying_over(cotangent, flowing))
@@ -595,9 +604,10 @@ def _build(llm, table: Schedule, shape: tuple[int, int, int], lora: LoraConfig |
             if lora is None:  # the embedding's gradient for the backward that ended on stage 0
                 m0 = plan["backward"][t, 0]
                 d_x0 = jax.lax.psum(jnp.where((s == 0) & (m0 >= 0), d_x, 0), "stage")
-                _, embed_vjp = jax.vjp(lambda e: embed_lookup(e, tokens[jnp.maximum(m0, 0)]), embed)
-                d_top = (*d_top[:2], d_top[2] + embed_vjp(d_x0)[0])
-            grads = gradients_varying(jax.tree.map(jnp.add, grads, (d_layers, d_top)))
+                ids = tokens[jnp.maximum(m0, 0)]
+                d_lookup = jax.vjp(lambda e: embed_lookup(e, ids), embed)[1](d_x0)[0]
+                d_top = (*d_top[:2], d_top[2] + d_lookup)
+            grads = _typed_like(jax.tree.map(jnp.add, grads, (d_layers, d_top)), primal)
             return (
                 _varying_over(x_next, flowing),
                 _varying_over(g_next, flowing),
@@ -606,38 +616,35 @@ def _build(llm, table: Schedule, shape: tuple[int, int, int], lora: LoraConfig |
                 _varying_over(loss + part, {BATCH}),
             )
 
-        zero_x = _varying_over(
-            jnp.zeros((tokens.shape[1], T, embed.shape[-1]), pipe.dtype), flowing
-        )
+        zero_x = jnp.zeros((tokens.shape[1], T, embed.shape[-1]), pipe.dtype)
         carry = (
-            zero_x,
-            zero_x,
+            _varying_over(zero_x, flowing),  # the input arriving from the stage before
+            _varying_over(zero_x, flowing),  # the gradient arriving from the stage after
             _varying_over(jnp.zeros((table.slots, *zero_x.shape), pipe.dtype), flowing),
-            gradients_varying(jax.tree.map(jnp.zeros_like, primal)),
+            _typed_like(jax.tree.map(jnp.zeros_like, primal), primal),
             _varying_over(jnp.zeros((), jnp.float32), {BATCH}),
         )
         _, _, _, grads, loss = jax.lax.fori_loop(0, ticks, tick, carry)
         return jax.lax.psum(loss, BATCH), _gradient_state(trained, grads)
 
-    precision = "highest" if jnp.dtype(pipe.dtype) == jnp.float32 else None
+    grad_specs = _specs(params_abstract) if lora is None else adapter_specs
+    return _jitted(
+        llm, program, (_specs(params_abstract), _specs(rest_abstract), adapter_specs), grad_specs
+    )
+
+
+def _jitted(llm, program, state_specs: tuple, grad_specs):
+    """`program` over `llm`'s mesh (float32 matmuls at full precision), jitted."""
+    precision = "highest" if jnp.dtype(llm.pipeline.dtype) == jnp.float32 else None
 
     def precise(*args):
         with jax.default_matmul_precision(precision):
             return program(*args)
 
-    grad_specs = _specs(params_abstract) if lora is None else adapter_specs
     fn = jax.shard_map(
         precise,
         mesh=llm.mesh,
-        in_specs=(
-            _specs(params_abstract),
-            _specs(rest_abstract),
-            adapter_specs,
-            ROWS,
-            ROWS,
-            ROWS,
-            P(),
-        ),
+        in_specs=(*state_specs, ROWS, ROWS, ROWS, P()),
         out_specs=(P(), grad_specs),
         check_vma=True,
     )

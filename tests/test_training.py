@@ -330,7 +330,11 @@ def lora_reference(model, batch):
 
 @pytest.mark.parametrize(
     "layout,schedule",
-    [(dict(pp=2, tp=2, layer_partition="3,1"), "1f1b"), (dict(pp=4), "gpipe")],
+    [
+        (dict(pp=2, tp=2, layer_partition="3,1"), "1f1b"),
+        # the adapters' path is the same in every schedule and pp (`pytest -m slow`)
+        pytest.param(dict(pp=4), "gpipe", marks=pytest.mark.slow),
+    ],
     ids=["pp2-tp2-3,1-1f1b", "pp4-gpipe"],
 )
 def test_lora_gradients_equal_the_unpipelined(model, batch, lora_reference, layout, schedule):
