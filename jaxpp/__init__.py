@@ -17,6 +17,7 @@ _LAZY = {
     "CheckpointError": "jaxpp.checkpoint",
     "plan": "jaxpp.planner",
     "pipeline_value_and_grad": "jaxpp.training",
+    "LoraConfig": "jaxpp.lora",
 }
 
 
@@ -35,6 +36,7 @@ __all__ = [
     "CompletionOutput",
     "EngineConfig",
     "Logprob",
+    "LoraConfig",
     "ModelConfig",
     "RequestOutput",
     "SamplingParams",
