@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxpp.quantization import FP8Scheme, engine_scheme, parse_quantization
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -60,6 +62,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    quantization: FP8Scheme | None = None  # FP8 weights: the checkpoint's, or on load
 
     @property
     def is_moe_layer(self) -> tuple[bool, ...]:
@@ -174,7 +177,14 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=raw.get("pad_token_id"),
+            quantization=parse_quantization(raw.get("quantization_config"), source),
         )
+
+
+def with_quantization(cfg: ModelConfig, quantization: str | None) -> ModelConfig:
+    """`cfg` as an engine asked for `quantization` (None or "fp8") runs it: an FP8 checkpoint
+    keeps its scheme, a float one asked for "fp8" is quantized on load (quantization.py)."""
+    return dataclasses.replace(cfg, quantization=engine_scheme(cfg.quantization, quantization))
 
 
 def read_json_object(path: Path, broken_ok: bool = False) -> dict[str, Any] | None:

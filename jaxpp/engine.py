@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxpp.config import ModelConfig, SamplingParams, generation_defaults
+from jaxpp.config import ModelConfig, SamplingParams, generation_defaults, with_quantization
 from jaxpp.distributed import check_same, smallest, to_host
 from jaxpp.kv_pages import PagePool
 from jaxpp.layout import (
@@ -57,7 +57,8 @@ class LLM:
     """A decoder-only model split into pipeline stages over dp x pp x tp devices.
 
     `model` is a local Hugging Face directory (config.json, *.safetensors, tokenizer files).
-    `dtype` None keeps the checkpoint's dtype. The first dp*pp*tp devices are used.
+    `dtype` None keeps the checkpoint's dtype. The first dp*pp*tp devices are used. FP8
+    checkpoints load as FP8; `quantization="fp8"` quantizes a float one on load (docs/fp8.md).
 
     Serving: up to `max_num_seqs` sequences at once (default 256), their KV in pages of
     `block_size` positions from a pool of `kv_cache_memory` bytes per device (default: 90% of
@@ -92,6 +93,7 @@ class LLM:
         kv_cache_memory: int | None = None,
         enable_prefix_caching: bool = True,
         compile_in_background: bool = False,
+        quantization: str | None = None,
     ):
         for name, value in (
             ("pp", pp),
@@ -122,7 +124,9 @@ class LLM:
         # Processes of one job must agree before any of them loads (or waits in a collective).
         check_same(
             model=model_identity(self.model_dir),
-            layout=repr((dtype, pp, tp, dp, layer_partition, num_microbatches, max_model_len)),
+            layout=repr(
+                (dtype, pp, tp, dp, layer_partition, num_microbatches, max_model_len, quantization)
+            ),
             serving=repr(
                 (
                     seed,
@@ -134,7 +138,7 @@ class LLM:
                 )
             ),  # fmt: skip
         )
-        self.config = cfg = ModelConfig.from_dir(self.model_dir)
+        self.config = cfg = with_quantization(ModelConfig.from_dir(self.model_dir), quantization)
         self.dtype = model_dtype(dtype, cfg)
         self.mesh = make_mesh(dp, pp, tp)
         platform = self.mesh.devices.flat[0].platform
