@@ -226,11 +226,15 @@ class _LayerReader:
 
 
 def layout_record(abstract: nnx.State, grid: np.ndarray) -> dict:
-    """What an engine checkpoint is tied to: the layer grid and every parameter's shape."""
-    return {
+    """What an engine checkpoint is tied to: the layer grid, every parameter's shape, and
+    which are FP8 (listed only when some are: records of float models stay as they were)."""
+    flat = list(nnx.to_flat_state(abstract))
+    record = {
         "layer_grid": grid.tolist(),
-        "shapes": {_path(k): list(v.get_value().shape) for k, v in nnx.to_flat_state(abstract)},
+        "shapes": {_path(k): list(v.get_value().shape) for k, v in flat},
     }
+    fp8 = [_path(k) for k, v in flat if v.get_value().dtype == FP8]
+    return record | ({"fp8": fp8} if fp8 else {})
 
 
 def save_engine_checkpoint(state: nnx.State, grid: np.ndarray, out_dir: Path) -> None:
@@ -270,11 +274,13 @@ def _restore(model_dir: Path, abstract: nnx.State, mesh, grid: np.ndarray):
     wanted = layout_record(abstract, grid)
     if stored != wanted:
         partition = [int((row >= 0).sum()) for row in np.array(stored["layer_grid"])]
+        fp8 = "FP8 weights" if stored.get("fp8") else "no FP8 weights"
         raise CheckpointError(
             f"{model_dir}: this orbax checkpoint was converted for pp={len(partition)} with "
-            f"layer_partition={partition} (and its tp's vocabulary padding and KV heads), "
-            "which this engine's layout does not match: pass the layout it was converted for, "
-            "or convert the Hugging Face model again for this one"
+            f"layer_partition={partition} (and its tp's vocabulary padding and KV heads) and "
+            f"{fp8}, which this engine's layout does not match: pass the layout it was "
+            "converted for (quantization='fp8' for a model quantized on conversion), or "
+            "convert the Hugging Face model again for this one"
         )
     flat = list(nnx.to_flat_state(abstract))
     target = {

@@ -24,7 +24,7 @@ from flax import nnx
 
 from jaxpp.bench import Request as BenchRequest
 from jaxpp.bench import preset_path
-from jaxpp.config import ModelConfig
+from jaxpp.config import ModelConfig, with_quantization
 from jaxpp.costmodel import CostModel
 from jaxpp.hardware import Hardware, load_hardware, read_json
 from jaxpp.layout import (
@@ -59,6 +59,8 @@ class Plan:
     kv_budget: int  # what the engine gives the KV pool per device
     state: nnx.State  # the abstract parameter state
     enable_prefix_caching: bool = True  # as the engine: replays reuse cached prompt pages
+    # With FP8 weights: the same layout with the model's float weights, to compare against.
+    unquantized: Plan | None = None
 
     @property
     def shape(self):
@@ -170,15 +172,59 @@ def plan(
     decode_chunk: int = 16,
     kv_cache_memory: int | None = None,
     enable_prefix_caching: bool = True,
+    quantization: str | None = None,
 ) -> Plan:
     """The memory plan of a layout, as `LLM(model, pp=..., ...)` would allocate it on
     `hardware`. A layout whose weights do not fit is planned all the same (with one KV page)
-    and flagged by `Plan.overflow_bytes`."""
+    and flagged by `Plan.overflow_bytes`. With FP8 weights (an FP8 checkpoint, or
+    `quantization="fp8"`) `Plan.unquantized` is the same layout with float weights."""
     for name, value in (("pp", pp), ("tp", tp), ("dp", dp), ("decode_chunk", decode_chunk)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid: expected a positive integer")
     name, cfg = load_model_config(model)
+    cfg = with_quantization(cfg, quantization)
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
+    layout = dict(
+        pp=pp,
+        tp=tp,
+        dp=dp,
+        layer_partition=layer_partition,
+        num_microbatches=num_microbatches,
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+        dtype=dtype,
+        max_num_batched_tokens=max_num_batched_tokens,
+        block_size=block_size,
+        decode_chunk=decode_chunk,
+        kv_cache_memory=kv_cache_memory,
+        enable_prefix_caching=enable_prefix_caching,
+    )
+    result = _plan(name, cfg, hw, **layout)
+    if cfg.quantization is not None:
+        float_cfg = dataclasses.replace(cfg, quantization=None)
+        result.unquantized = _plan(name, float_cfg, hw, **layout)
+    return result
+
+
+def _plan(
+    name: str,
+    cfg: ModelConfig,
+    hw: Hardware,
+    *,
+    pp: int,
+    tp: int,
+    dp: int,
+    layer_partition,
+    num_microbatches: int | None,
+    max_num_seqs: int | None,
+    max_model_len: int | None,
+    dtype: str | None,
+    max_num_batched_tokens: int | None,
+    block_size: int,
+    decode_chunk: int,
+    kv_cache_memory: int | None,
+    enable_prefix_caching: bool,
+) -> Plan:
     lay = make_layout(
         cfg,
         model_dtype(dtype, cfg),
@@ -243,6 +289,7 @@ def search(
     max_num_seqs: int | None = None,
     max_num_batched_tokens: int | None = None,
     decode_chunk: int = 16,
+    quantization: str | None = None,
 ) -> list[Candidate]:
     """Every valid (dp, pp, tp, micro-batches) layout of exactly `devices` devices whose
     weights fit, ranked by modelled output tokens/s; each at the largest batch (halving from
@@ -270,6 +317,7 @@ def search(
                     hardware=hw,
                     max_num_batched_tokens=max_num_batched_tokens,
                     decode_chunk=decode_chunk,
+                    quantization=quantization,
                 )
             except ValueError:
                 continue

@@ -14,6 +14,7 @@ from jaxpp.cli.limits import (
 )
 from jaxpp.cli.processes import add_process_flags
 from jaxpp.config import GENERATION_CONFIG_FIELDS, SamplingParams, generation_defaults
+from jaxpp.quantization import QUANTIZATION_CHOICES
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -241,6 +242,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         help="Hugging Face model dir (default: the embedded demo model)",
     )
     m.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: the checkpoint's dtype")
+    add_quantization_flag(m)
     m.add_argument("--pp", type=_positive_int, default=1, help="pipeline stages (default: 1)")
     m.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel ways (default: 1)")
     m.add_argument(
@@ -262,6 +264,16 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         metavar="N",
         help="longest prompt + completion (default: the model's max positions)",
+    )
+
+
+def add_quantization_flag(group) -> None:
+    """--quantization (generate, serve, convert, plan, bench): FP8 weights from a float model."""
+    group.add_argument(
+        "--quantization",
+        choices=QUANTIZATION_CHOICES,
+        help="fp8: quantize a float checkpoint's linear weights to float8_e4m3fn on load, per "
+        "output channel (an FP8 checkpoint loads as FP8 without it; docs/fp8.md)",
     )
 
 

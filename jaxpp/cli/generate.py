@@ -32,6 +32,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
     """The LLM(...) keyword arguments a command line asks for: a new engine flag is one entry."""
     return {
         "dtype": args.dtype,
+        "quantization": args.quantization,
         "pp": args.pp,
         "tp": args.tp,
         "dp": args.dp,
