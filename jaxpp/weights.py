@@ -421,7 +421,8 @@ def input_scale(ckpt: Checkpoint, modules: list[str]) -> np.float32:
 
 
 def validate(cfg: ModelConfig, ckpt: Checkpoint, sources: dict) -> None:
-    """Every tensor the model needs is present, before any weight is read.
+    """Every tensor the model needs is present, and every weight the quantization_config
+    says is FP8 is, before any weight is read.
 
     MoE feed-forward tensors are left to their readers: which names exist depends on the
     checkpoint's expert layout (per expert or fused) and on which layers are MoE.
@@ -441,6 +442,8 @@ def validate(cfg: ModelConfig, ckpt: Checkpoint, sources: dict) -> None:
                 continue
             for module in hf_modules(cfg, path, layer):
                 if scheme.quantizes(module):
+                    ckpt.require(f"{module}.weight")
+                    _fp8_only(ckpt, f"{module}.weight", ckpt.view(f"{module}.weight"), scheme)
                     needed.append(f"{module}.{scheme.scale_name}")
                     if scheme.activations == "static":
                         needed.append(f"{module}.input_scale")

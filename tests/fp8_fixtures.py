@@ -12,6 +12,7 @@ with s = amax / 448 per tensor, per output channel or per (rows x columns) block
     fake_quantized_copy(src, dst)   the float checkpoint with every decoder linear weight
                                     quantized per output channel and dequantized again (the
                                     reference of quantization="fp8" on load)
+    replace_tensor(path, name, array_or_None)   break an FP8 file on purpose
 """
 
 from __future__ import annotations
@@ -161,3 +162,19 @@ def fake_quantized_copy(src: Path, dst: Path) -> Path:
 
 def _fake(w: np.ndarray) -> np.ndarray:
     return quantize(w.astype(np.float32), "channel", None)[2]
+
+
+def replace_tensor(path: Path, name: str, array: np.ndarray | None) -> None:
+    """Rewrite one .safetensors file in place with tensor `name` replaced (None: dropped);
+    through torch, whose safetensors reader knows float8 (numpy's does not)."""
+    import torch
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    tensors = load_torch(str(path))
+    assert name in tensors, sorted(tensors)
+    if array is None:
+        del tensors[name]
+    else:
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
+    save_torch(tensors, str(path), metadata={"format": "pt"})
