@@ -178,21 +178,21 @@ class _LayerReader:
 
     def __call__(self, slot: str, name: str, layer: int, shape, index) -> np.ndarray:
         weight = name.removesuffix("_input_scale").removesuffix("_scale")
-        stored_fp8 = self.params[f"layers.{slot}.{weight}"].dtype == FP8
-        if weight != name and not stored_fp8:
+        in_fp8 = self.params[f"layers.{slot}.{weight}"].dtype == FP8
+        if name != weight and not in_fp8:
             return np.ones(shape, np.float32)[index]  # a slot keeping this weight in floats
         if name.endswith("_input_scale"):
             modules = hf_modules(self.cfg, weight, layer)
             return np.full(shape, input_scale(self.ckpt, modules), np.float32)[index]
-        if not self.online:
-            part = "scale" if weight != name else "fp8" if stored_fp8 else "value"
-            return self._source(weight, layer, shape, part).take(index)
-        if weight == name and not stored_fp8:
+        if not in_fp8:
             return self._source(name, layer, shape, "value").take(index)
+        if not self.online:
+            part = "fp8" if name == weight else "scale"
+            return self._source(weight, layer, shape, part).take(index)
         weight_shape = self.params[f"layers.{slot}.{weight}"].shape[1:]
         scale_shape = self.params[f"layers.{slot}.{weight}_scale"].shape[1:]
         scale = self._online_scale(weight, layer, weight_shape, scale_shape)
-        if weight != name:
+        if name != weight:
             return scale[index]
         at = tuple(i if n > 1 else slice(None) for i, n in zip(index, scale.shape, strict=True))
         return quantize(self._source(name, layer, shape, "value").take(index), scale[at])
