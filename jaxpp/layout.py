@@ -197,9 +197,13 @@ def fp8_slots(layout: Layout) -> tuple[SlotFP8, ...] | None:
     if scheme is None:
         return None
     layers = range(cfg.num_layers)
-    linears = [p for p in layer_sources(cfg, 1) if p in FP8_LINEARS]
+    sources = layer_sources(cfg, 1)
+    linears = [p for p in sources if p in FP8_LINEARS]
     # Per weight and layer: its modules all FP8, not all, or None where the layer has none.
-    in_fp8 = {p: [_all_fp8(scheme, hf_modules(cfg, p, layer)) for layer in layers] for p in linears}
+    in_fp8 = {
+        p: [_all_fp8(scheme, hf_modules(cfg, p, layer, sources)) for layer in layers]
+        for p in linears
+    }
     block = scheme.weight_block[1] if scheme.strategy == "block" else None
     storage = FP8Storage(
         params=frozenset(p for p in linears if True in in_fp8[p]),

@@ -399,10 +399,11 @@ def final_norm(ckpt: Checkpoint, shape: tuple[int, ...]) -> Lazy:
     return _vector(ckpt, "model.norm.weight", shape)
 
 
-def hf_modules(cfg: ModelConfig, path: str, layer: int) -> list[str]:
+def hf_modules(cfg: ModelConfig, path: str, layer: int, sources: dict | None = None) -> list[str]:
     """The HF Linear modules our layer parameter `path` of `layer` is read from (none where the
-    layer does not have it: the other kind of layer of a model mixing dense and MoE ones)."""
-    template = layer_sources(cfg, 1)[path][0].format(l=layer)
+    layer does not have it: the other kind of layer of a model mixing dense and MoE ones).
+    `sources`: `layer_sources(cfg, ...)` when the caller has it."""
+    template = (sources or layer_sources(cfg, 1))[path][0].format(l=layer)
     if cfg.num_experts and path.startswith("mlp."):
         if cfg.is_moe_layer[layer] == path.startswith("mlp.dense."):
             return []
