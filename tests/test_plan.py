@@ -2,6 +2,7 @@
 schedule; its speed model, hardware profiles, search and CLI behave."""
 
 import json
+import re
 import time
 
 import pytest
@@ -128,6 +129,16 @@ def test_fp8_weights_open_layouts_and_halve_the_bytes_a_decode_tick_reads():
     ratio = fp8_row["tpot_s"]["mean"] / float_row["tpot_s"]["mean"]
     print(f"70B tp=2 on H200: {wide.unquantized.pages} -> {wide.pages} pages, TPOT x{ratio:.2f}")
     assert 0.5 < ratio < 0.56
+
+
+def test_cli_plans_fp8_beside_the_float_weights(capsys):
+    argv = ["plan", "--preset", "llama-3.1-70b", "--quantization", "fp8", "--tp", "2"]
+    assert main([*argv, "--hardware", "h200", "--batch-sizes", "1", "--max-model-len", "4096"]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    fp8 = r"FP8 weights \(online\): params 36\.\d+ GB per device against 70\.\d+ GB"
+    assert re.search(fp8, out)
+    assert re.search(r"where the bfloat16 weights hold [\d,]+ \(\+[\d,]+\)", out)
 
 
 def test_a_decode_tick_at_batch_1_reads_the_weights_once():
