@@ -23,6 +23,8 @@ _DTYPES = {
     "F32": np.float32,
     "F16": np.float16,
     "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,  # FP8 weights (quantization.py)
+    "F8_E5M2": ml_dtypes.float8_e5m2,  # read only to be refused by name
     "I64": np.int64,
     "I32": np.int32,
     "I16": np.int16,

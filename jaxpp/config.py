@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxpp.quantization import FP8Scheme, engine_scheme, parse_quantization
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -60,6 +62,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    quantization: FP8Scheme | None = None  # FP8 weights: the checkpoint's, or on load
 
     @property
     def is_moe_layer(self) -> tuple[bool, ...]:
@@ -174,7 +177,14 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=raw.get("pad_token_id"),
+            quantization=parse_quantization(raw.get("quantization_config"), source),
         )
+
+
+def with_quantization(cfg: ModelConfig, quantization: str | None) -> ModelConfig:
+    """`cfg` as an engine asked for `quantization` (None or "fp8") runs it: an FP8 checkpoint
+    keeps its scheme, a float one asked for "fp8" is quantized on load (quantization.py)."""
+    return dataclasses.replace(cfg, quantization=engine_scheme(cfg.quantization, quantization))
 
 
 def read_json_object(path: Path, broken_ok: bool = False) -> dict[str, Any] | None:
@@ -408,6 +418,7 @@ class EngineConfig:
     decode_chunk: int = 16  # ring rounds of a call while nothing waits
     kv_cache_memory: int | None = None  # bytes per device; None: 90% of what is free
     enable_prefix_caching: bool = True
+    quantization: str | None = None  # "fp8": a float checkpoint's linear weights, on load
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_partition, list):
@@ -433,7 +444,7 @@ class EngineConfig:
     def layout_fields(self) -> tuple:
         """What decides the model's placement over the devices."""
         return (self.dtype, self.pp, self.tp, self.dp, self.layer_partition,
-                self.num_microbatches, self.max_model_len)  # fmt: skip
+                self.num_microbatches, self.max_model_len, self.quantization)  # fmt: skip
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -74,7 +74,11 @@ class CostModel:
         share = layout.devices if hw.shared_host else 1
         self.bandwidth = hw.memory_bandwidth / share
         self.peak = hw.flops(self.dtype_name) / share
-        self.weights = _layer_weights(state, mesh, cfg.num_experts)
+        # Per slot: a slot holding a layer an FP8 checkpoint leaves unquantized keeps that
+        # weight in floats (layout.fp8_slots), so slots may differ in bytes.
+        self.weights = [
+            _layer_weights(state, mesh, cfg.num_experts, i) for i in range(layout.layers_per_stage)
+        ]
         head_leaf = "embed" if cfg.tie_word_embeddings else "lm_head"
         head = next(leaf for leaf in param_leaves(state) if leaf[0] == head_leaf)
         self.head_bytes = shard_bytes(mesh, head[1], head[2], head[3])
@@ -99,8 +103,8 @@ class CostModel:
         and whose prompt groups read `prompt_keys` (each by QUERY_BLOCK queries), sampling
         `head_rows` rows."""
         compute = 0.0
-        for is_moe in self.slot_kinds:
-            weight_bytes, macs = self._layer_gemms(is_moe, tokens)
+        for is_moe, weights in zip(self.slot_kinds, self.weights, strict=True):
+            weight_bytes, macs = self._layer_gemms(is_moe, weights, tokens)
             # Keys read, and this tick's written; each read by 1 or QUERY_BLOCK queries.
             kv_bytes = (decode_keys + prompt_keys + tokens) * self.kv_position_bytes
             score_flops = (decode_keys + prompt_keys * QUERY_BLOCK) * self.attention_flops
@@ -114,7 +118,6 @@ class CostModel:
             tensor
             + self._all_reduce("vocab", tokens * self.hidden_bytes)
             + self._all_reduce("stage", head_rows * self.hidden_bytes)
-            + self._all_reduce("data", 0)  # the work count
         )
         transfer = 0.0
         if self.layout.pp > 1:
@@ -124,8 +127,7 @@ class CostModel:
             compute + head + collectives + transfer, compute, head, transfer, collectives
         )
 
-    def _layer_gemms(self, is_moe: bool, tokens: int) -> tuple[float, float]:
-        w = self.weights
+    def _layer_gemms(self, is_moe: bool, w: LayerWeights, tokens: int) -> tuple[float, float]:
         weight_bytes, macs = float(w.always), float(w.always_macs * tokens)
         if not is_moe:
             return weight_bytes + w.dense_only, macs + w.dense_only_macs * tokens
@@ -154,25 +156,27 @@ class CostModel:
         )
 
 
-def _layer_weights(state: nnx.State, mesh, num_experts: int) -> LayerWeights:
-    """Slot 0's leaves (every slot has the same) on one device, by when they are read."""
+def _layer_weights(state: nnx.State, mesh, num_experts: int, slot: int) -> LayerWeights:
+    """Slot `slot`'s leaves on one device, by when they are read."""
     sums = dict.fromkeys(("always", "moe_only", "dense_only", "experts"), 0) | {
         f"{k}_macs": 0 for k in ("always", "moe_only", "dense_only", "expert")
     }
     for path, shape, dtype, spec in param_leaves(state):
-        if not path.startswith("layers.0."):
+        if not path.startswith(f"layers.{slot}."):
             continue
-        name = path.removeprefix("layers.0.")
+        name = path.removeprefix(f"layers.{slot}.")
         nbytes = shard_bytes(mesh, shape, dtype, spec)
         kind = "always"
-        if num_experts and name in EXPERT_LEAVES:
+        if num_experts and name.removesuffix("_scale") in EXPERT_LEAVES:
             kind = "experts"
         elif name.startswith(MOE_ONLY):
             kind = "moe_only"
         elif name.startswith(DENSE_ONLY):
             kind = "dense_only"
         sums[kind] += nbytes
-        if len(shape) >= 3:  # GEMM weights [stages, in, ...]; norms and flags are [stages, d]
+        # GEMM weights [stages, in, ...] (FP8 ones: 1 byte per element); norms and flags are
+        # [stages, d], an FP8 weight's scales are read but multiply nothing.
+        if len(shape) >= 3 and not name.endswith("_scale"):
             macs = nbytes // np.dtype(dtype).itemsize
             if kind == "experts":
                 sums["expert_macs"] += macs // num_experts

@@ -30,7 +30,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxpp.config import EngineConfig, ModelConfig, SamplingParams, generation_defaults
+from jaxpp.config import (
+    EngineConfig,
+    ModelConfig,
+    SamplingParams,
+    generation_defaults,
+    with_quantization,
+)
 from jaxpp.distributed import check_same, smallest, to_host
 from jaxpp.kv_pages import PagePool
 from jaxpp.layout import (
@@ -58,7 +64,8 @@ class LLM:
     """A decoder-only model split into pipeline stages over dp x pp x tp devices.
 
     `model` is a local Hugging Face directory (config.json, *.safetensors, tokenizer files).
-    `dtype` None keeps the checkpoint's dtype. The first dp*pp*tp devices are used.
+    `dtype` None keeps the checkpoint's dtype. The first dp*pp*tp devices are used. FP8
+    checkpoints load as FP8; `quantization="fp8"` quantizes a float one on load (docs/fp8.md).
 
     Serving: up to `max_num_seqs` sequences at once (default 256), their KV in pages of
     `block_size` positions from a pool of `kv_cache_memory` bytes per device (default: 90% of
@@ -87,7 +94,9 @@ class LLM:
             layout=repr(config.layout_fields()),
             serving=repr(config),
         )
-        self.config = cfg = ModelConfig.from_dir(self.model_dir)
+        self.config = cfg = with_quantization(
+            ModelConfig.from_dir(self.model_dir), config.quantization
+        )
         self.mesh = make_mesh(config.dp, config.pp, config.tp)
         # The static shapes, shared with `jaxpp plan` (layout.py).
         self.model_layout = lay = make_layout(cfg, config, self.mesh.devices.flat[0].platform)

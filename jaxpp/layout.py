@@ -6,7 +6,7 @@ state (`nnx.eval_shape` of the real `Transformer`), the KV page pools (`pipeline
 the page count and the ring's `PipelineShape`. Bytes per device are read off the shardings
 (`NamedSharding(mesh, spec).shard_shape(global_shape)`) with the specs of sharding.py's table,
 exactly as the engine places its arrays, so a plan's figures cannot drift from what `LLM`
-allocates.
+allocates: FP8 weights (fp8.py) count 1 byte per parameter, their scales 4 per scale.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from jaxpp.batch import Buckets
 from jaxpp.config import EngineConfig, ModelConfig
+from jaxpp.fp8 import FP8Storage, SlotFP8
 from jaxpp.model import Transformer
 from jaxpp.partition import layer_grid, layer_partition
 from jaxpp.pipeline import KVCache, PipelineShape, pool_shapes
 from jaxpp.sharding import MESH_AXES, logical_to_spec, padded_vocab
+from jaxpp.weights import FP8_LINEARS, hf_modules, layer_sources
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DEFAULT_MAX_NUM_SEQS = 256  # rows: a few numbers each on the device, so vLLM's default
@@ -161,8 +163,51 @@ def abstract_model(layout: Layout) -> Transformer:
             layout.vocab_padded,
             layout.kv_heads,
             layout.dtype,
+            fp8_slots(layout),
         )
     )
+
+
+def fp8_slots(layout: Layout) -> tuple[SlotFP8, ...] | None:
+    """How each layer slot stores its linear weights in FP8 (None: the model has none).
+
+    A weight has scales where any layer's checkpoint modules are all FP8 (or everywhere, for
+    on-load quantization); a slot stores it in FP8 where every layer it holds has it so, and
+    keeps it in the model's dtype where one of them is in the checkpoint's ignore list."""
+    cfg, scheme = layout.config, layout.config.quantization
+    if scheme is None:
+        return None
+    layers = range(cfg.num_layers)
+    sources = layer_sources(cfg, 1)
+    linears = [p for p in sources if p in FP8_LINEARS]
+    # Per weight and layer: its modules all FP8, not all, or None where the layer has none.
+    in_fp8 = {
+        p: [_all_fp8(scheme, hf_modules(cfg, p, layer, sources)) for layer in layers]
+        for p in linears
+    }
+    block = scheme.weight_block[1] if scheme.strategy == "block" else None
+    storage = FP8Storage(
+        params=frozenset(p for p in linears if True in in_fp8[p]),
+        block_in=block,
+        tensor=layout.tp,
+        activations=scheme.activations,
+        activation_scale_ub=scheme.activation_scale_ub,
+    )
+    return tuple(
+        SlotFP8(
+            storage,
+            frozenset(
+                p
+                for p in storage.params
+                if all(in_fp8[p][layer] is not False for layer in column if layer >= 0)
+            ),
+        )
+        for column in layout.grid.T
+    )
+
+
+def _all_fp8(scheme, modules: list[str]) -> bool | None:
+    return all(scheme.quantizes(m) for m in modules) if modules else None
 
 
 def default_token_budget(platform: str) -> int:

@@ -12,6 +12,11 @@ each device's shard straight from its files (no host ever holds a full copy). It
 layout it was converted for (stages, layer partition, padded vocabulary, stored KV heads), which
 `ENGINE_LAYOUT` records; another layout is refused with what to pass.
 
+FP8 weights (fp8.py) are read as stored, with their scales in the engine's layout; a weight
+the engine keeps in FP8 that the checkpoint stores in floats is quantized here, block by block
+as it streams from the files, with per-output-channel scales of the whole layer's weight
+(`LLM(quantization="fp8")`): no process ever holds more than one layer's tensor of it.
+
 Either way the result comes with `load_stats`: bytes read by this process, the checkpoint's
 bytes on disk and the seconds it took.
 """
@@ -19,6 +24,7 @@ bytes on disk and the seconds it took.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -31,8 +37,17 @@ from flax import nnx
 
 from jaxpp.checkpoint import Checkpoint, CheckpointError
 from jaxpp.config import ModelConfig
+from jaxpp.fp8 import FP8, channel_scale, quantize
 from jaxpp.sharding import logical_to_spec
-from jaxpp.weights import Lazy, final_norm, layer_sources, validate, vocab_table
+from jaxpp.weights import (
+    Lazy,
+    final_norm,
+    hf_modules,
+    input_scale,
+    layer_sources,
+    validate,
+    vocab_table,
+)
 
 ENGINE_LAYOUT = "jaxpp_layout.json"  # marks an orbax checkpoint in the engine's layout
 PARAMS = "params"  # its orbax directory
@@ -96,11 +111,13 @@ def _path(key: tuple) -> str:
 def _from_safetensors(ckpt, abstract, cfg, mesh, grid, kv_replicas, windows):
     sources = layer_sources(cfg, kv_replicas)
     validate(cfg, ckpt, sources)
+    state = list(nnx.to_flat_state(abstract))
+    layer = _LayerReader(ckpt, cfg, sources, {_path(k): v.get_value() for k, v in state})
     flat = []
-    for key, var in nnx.to_flat_state(abstract):
+    for key, var in state:
         value = var.get_value()
         shape, dtype = value.shape, np.dtype(value.dtype)
-        block = _block_reader(_path(key), shape, dtype, cfg, ckpt, sources, grid, windows)
+        block = _block_reader(_path(key), shape, dtype, cfg, ckpt, layer, grid, windows)
         # Devices holding the same block (replicas over "tensor" or "data") share one read.
         blocks: dict[str, np.ndarray] = {}
 
@@ -115,7 +132,7 @@ def _from_safetensors(ckpt, abstract, cfg, mesh, grid, kv_replicas, windows):
     return nnx.from_flat_state(flat), ckpt.bytes_read, ckpt.total_bytes
 
 
-def _block_reader(path, shape, dtype, cfg, ckpt, sources, grid, windows) -> Callable:
+def _block_reader(path, shape, dtype, cfg, ckpt, layer, grid, windows) -> Callable:
     """index -> the numpy block `index` of parameter `path`, read from the checkpoint."""
     if path.startswith("layers."):
         _, slot, name = path.split(".", 2)
@@ -126,7 +143,6 @@ def _block_reader(path, shape, dtype, cfg, ckpt, sources, grid, windows) -> Call
             return lambda index: windows[:, int(slot)][index].astype(np.int32)
         if name == "mlp.is_moe":
             return lambda index: np.array(cfg.is_moe_layer + (False,))[layers][index]
-        template, read = sources[name]
         one_layer = shape[1:]
 
         def slot_block(index):
@@ -136,8 +152,8 @@ def _block_reader(path, shape, dtype, cfg, ckpt, sources, grid, windows) -> Call
                 if layers[s] < 0:  # empty slot of an uneven partition: never computed
                     rows.append(np.zeros(one_layer, dtype)[rest])
                 else:
-                    source = read(ckpt, template.format(l=int(layers[s])), one_layer)
-                    rows.append(source.take(rest).astype(dtype))
+                    block = layer(slot, name, int(layers[s]), one_layer, rest)
+                    rows.append(block.astype(dtype))
             return np.stack(rows)
 
         return slot_block
@@ -151,15 +167,74 @@ def _block_reader(path, shape, dtype, cfg, ckpt, sources, grid, windows) -> Call
     return lambda index: tables[path]().take(index).astype(dtype)
 
 
+class _LayerReader:
+    """One layer's block of a layer-slot parameter: a weight as the engine stores it (floats,
+    or FP8: read as stored, or quantized on load), or an FP8 weight's scales."""
+
+    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, sources: dict, params: dict):
+        self.ckpt, self.cfg, self.sources, self.params = ckpt, cfg, sources, params
+        self.online = cfg.quantization is not None and cfg.quantization.method == "online"
+        self.scales: dict[tuple[str, int], np.ndarray] = {}  # on-load scales per weight, layer
+
+    def __call__(self, slot: str, name: str, layer: int, shape, index) -> np.ndarray:
+        weight = name.removesuffix("_input_scale").removesuffix("_scale")
+        in_fp8 = self.params[f"layers.{slot}.{weight}"].dtype == FP8
+        if name != weight and not in_fp8:
+            return np.ones(shape, np.float32)[index]  # a slot keeping this weight in floats
+        if name.endswith("_input_scale"):
+            modules = hf_modules(self.cfg, weight, layer)
+            return np.full(shape, input_scale(self.ckpt, modules), np.float32)[index]
+        if not in_fp8:
+            return self._source(name, layer, shape, "value").take(index)
+        if not self.online:
+            part = "fp8" if name == weight else "scale"
+            return self._source(weight, layer, shape, part).take(index)
+        weight_shape = self.params[f"layers.{slot}.{weight}"].shape[1:]
+        scale_shape = self.params[f"layers.{slot}.{weight}_scale"].shape[1:]
+        scale = self._online_scale(weight, layer, weight_shape, scale_shape)
+        if name != weight:
+            return scale[index]
+        at = tuple(i if n > 1 else slice(None) for i, n in zip(index, scale.shape, strict=True))
+        return quantize(self._source(name, layer, shape, "value").take(index), scale[at])
+
+    def _source(self, name: str, layer: int, shape, part: str) -> Lazy:
+        template, read = self.sources[name]
+        return read(self.ckpt, template.format(l=layer), shape, part)
+
+    def _online_scale(self, name: str, layer: int, shape, scale_shape) -> np.ndarray:
+        """Per-output-channel scales of weight `name` of `layer` [*batch, *in, *out], from the
+        largest |w| over its input axes (where its scale has extent 1), read in slices of
+        64 MiB along the first: the whole layer's, so that the scales, hence the answers, do
+        not depend on how the weight is split over devices."""
+        if (name, layer) not in self.scales:
+            source = self._source(name, layer, shape, "value")
+            pairs = enumerate(zip(shape, scale_shape, strict=True))
+            axes = tuple(a for a, (n, m) in pairs if m == 1 < n)
+            first = axes[0] if axes else 0
+            rows = max(1, (64 << 20) // (4 * math.prod(shape) // shape[first]))
+            amax = np.zeros(scale_shape, np.float32)
+            for lo in range(0, shape[first], rows):
+                index = [slice(None)] * len(shape)
+                index[first] = slice(lo, min(lo + rows, shape[first]))
+                block = np.abs(source.take(tuple(index)).astype(np.float32))
+                amax = np.maximum(amax, block.max(axis=axes, keepdims=True))
+            self.scales[(name, layer)] = channel_scale(amax)
+        return self.scales[(name, layer)]
+
+
 # --- orbax, in the engine's layout --------------------------------------------------------------
 
 
 def layout_record(abstract: nnx.State, grid: np.ndarray) -> dict:
-    """What an engine checkpoint is tied to: the layer grid and every parameter's shape."""
-    return {
+    """What an engine checkpoint is tied to: the layer grid, every parameter's shape, and
+    which are FP8 (listed only when some are: records of float models stay as they were)."""
+    flat = list(nnx.to_flat_state(abstract))
+    record = {
         "layer_grid": grid.tolist(),
-        "shapes": {_path(k): list(v.get_value().shape) for k, v in nnx.to_flat_state(abstract)},
+        "shapes": {_path(k): list(v.get_value().shape) for k, v in flat},
     }
+    fp8 = [_path(k) for k, v in flat if v.get_value().dtype == FP8]
+    return record | ({"fp8": fp8} if fp8 else {})
 
 
 def save_engine_checkpoint(state: nnx.State, grid: np.ndarray, out_dir: Path) -> None:
@@ -199,11 +274,13 @@ def _restore(model_dir: Path, abstract: nnx.State, mesh, grid: np.ndarray):
     wanted = layout_record(abstract, grid)
     if stored != wanted:
         partition = [int((row >= 0).sum()) for row in np.array(stored["layer_grid"])]
+        fp8 = "FP8 weights" if stored.get("fp8") else "no FP8 weights"
         raise CheckpointError(
             f"{model_dir}: this orbax checkpoint was converted for pp={len(partition)} with "
-            f"layer_partition={partition} (and its tp's vocabulary padding and KV heads), "
-            "which this engine's layout does not match: pass the layout it was converted for, "
-            "or convert the Hugging Face model again for this one"
+            f"layer_partition={partition} (and its tp's vocabulary padding and KV heads) and "
+            f"{fp8}, which this engine's layout does not match: pass the layout it was "
+            "converted for (quantization='fp8' for a model quantized on conversion), or "
+            "convert the Hugging Face model again for this one"
         )
     flat = list(nnx.to_flat_state(abstract))
     target = {

@@ -27,21 +27,30 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpp.config import ModelConfig
-from jaxpp.model import MLP, STACK_AXES, LayerInfo, _stacked
+from jaxpp.fp8 import FP8, SlotFP8, dequantize
+from jaxpp.model import MLP, STACK_AXES, LayerInfo, _linear, _stacked
 
 
 class MoEBlock(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, stack: tuple[int, ...]):
+    """The routed experts in FP8 (fp8.py) are dequantized inside the program and multiplied by
+    `ragged_dot` as float weights, whatever JAXPP_FP8_GEMM says."""
+
+    def __init__(self, cfg: ModelConfig, dtype, stack: tuple[int, ...], fp8: SlotFP8 | None = None):
         d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         self.router = _stacked(stack, (d, e), ("embed", "router"), dtype)
-        self.gate_proj = _stacked(stack, (e, d, f), ("experts", "embed", "moe_ffn"), dtype)
-        self.up_proj = _stacked(stack, (e, d, f), ("experts", "embed", "moe_ffn"), dtype)
-        self.down_proj = _stacked(stack, (e, f, d), ("experts", "moe_ffn", "embed"), dtype)
+        in_axes, out_axes = ("experts", "embed", "moe_ffn"), ("experts", "moe_ffn", "embed")
+        for name, shape, axes in (
+            ("gate_proj", (e, d, f), in_axes),
+            ("up_proj", (e, d, f), in_axes),
+            ("down_proj", (e, f, d), out_axes),
+        ):
+            _linear(self, name, f"mlp.{name}", stack, shape, axes, 1, dtype, fp8, n_batch=1)
         fs = cfg.shared_expert_intermediate_size
-        self.shared = MLP(d, fs, False, dtype, stack) if fs else None
+        self.shared = MLP(d, fs, False, dtype, stack, fp8, "mlp.shared") if fs else None
         self.shared_gate = _stacked(stack, (d, 1), ("embed", None), dtype) if fs else None
         mixed = not all(cfg.is_moe_layer)
-        self.dense = MLP(d, cfg.intermediate_size, False, dtype, stack) if mixed else None
+        ffn = cfg.intermediate_size
+        self.dense = MLP(d, ffn, False, dtype, stack, fp8, "mlp.dense") if mixed else None
         self.is_moe = LayerInfo(jnp.ones(stack, jnp.bool_), logical_axes=STACK_AXES)
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
@@ -65,12 +74,18 @@ class MoEBlock(nnx.Module):
         order = jnp.argsort(chosen, stable=True)
         group_sizes = jnp.bincount(chosen, length=experts).astype(jnp.int32)
         rows = x[owner[order]]
-        gate = jax.lax.ragged_dot(rows, self.gate_proj[...], group_sizes)
-        up = jax.lax.ragged_dot(rows, self.up_proj[...], group_sizes)
-        out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, self.down_proj[...], group_sizes)
+        gate = jax.lax.ragged_dot(rows, self._experts("gate_proj", x.dtype), group_sizes)
+        up = jax.lax.ragged_dot(rows, self._experts("up_proj", x.dtype), group_sizes)
+        down = self._experts("down_proj", x.dtype)
+        out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, down, group_sizes)
         out = jax.lax.psum(out, "tensor") * weights[order][:, None]
         y = jnp.zeros_like(x).at[owner[order]].add(out)
         if self.shared is not None:
             shared = jax.lax.psum(self.shared.partial_sum(x), "tensor")
             y = y + jax.nn.sigmoid(x @ self.shared_gate[...]) * shared
         return y.reshape(shape)
+
+    def _experts(self, name: str, dtype) -> jax.Array:
+        """Every expert's weight `name` [E, in, out], dequantized when stored in FP8."""
+        w = getattr(self, name)[...]
+        return dequantize(w, getattr(self, f"{name}_scale")[...], dtype) if w.dtype == FP8 else w

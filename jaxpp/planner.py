@@ -24,7 +24,7 @@ from flax import nnx
 
 from jaxpp.bench import Request as BenchRequest
 from jaxpp.bench import preset_path
-from jaxpp.config import EngineConfig, ModelConfig
+from jaxpp.config import EngineConfig, ModelConfig, with_quantization
 from jaxpp.costmodel import CostModel
 from jaxpp.hardware import Hardware, load_hardware, read_json
 from jaxpp.layout import (
@@ -56,6 +56,8 @@ class Plan:
     kv_budget: int  # what the engine gives the KV pool per device
     state: nnx.State  # the abstract parameter state
     enable_prefix_caching: bool = True  # as the engine: replays reuse cached prompt pages
+    # With FP8 weights: the same layout with the model's float weights, to compare against.
+    unquantized: Plan | None = None
 
     @property
     def shape(self):
@@ -159,10 +161,21 @@ def plan(
 ) -> Plan:
     """The memory plan of a layout, as `LLM(model, config)` (or `LLM(model, **settings)`: pp=...,
     tp=..., EngineConfig's fields) would allocate it on `hardware`. A layout whose weights do
-    not fit is planned all the same (with one KV page) and flagged by `Plan.overflow_bytes`."""
+    not fit is planned all the same (with one KV page) and flagged by `Plan.overflow_bytes`.
+    With FP8 weights (an FP8 checkpoint, or `quantization="fp8"`) `Plan.unquantized` is the
+    same layout with float weights."""
     config = config or EngineConfig(**settings)
     name, cfg = load_model_config(model)
+    cfg = with_quantization(cfg, config.quantization)
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
+    result = _plan(name, cfg, hw, config)
+    if cfg.quantization is not None:
+        float_cfg = dataclasses.replace(cfg, quantization=None)
+        result.unquantized = _plan(name, float_cfg, hw, config)
+    return result
+
+
+def _plan(name: str, cfg: ModelConfig, hw: Hardware, config: EngineConfig) -> Plan:
     lay = make_layout(cfg, config, hw.platform)
     _, state = nnx.split(abstract_model(lay))
     params = params_device_bytes(state, lay.mesh)
@@ -216,6 +229,7 @@ def search(
     max_num_seqs: int | None = None,
     max_num_batched_tokens: int | None = None,
     decode_chunk: int = 16,
+    quantization: str | None = None,
 ) -> list[Candidate]:
     """Every valid (dp, pp, tp, micro-batches) layout of exactly `devices` devices whose
     weights fit, ranked by modelled output tokens/s; each at the largest batch (halving from
@@ -243,6 +257,7 @@ def search(
                     hardware=hw,
                     max_num_batched_tokens=max_num_batched_tokens,
                     decode_chunk=decode_chunk,
+                    quantization=quantization,
                 )
             except ValueError:
                 continue

@@ -417,6 +417,11 @@ def _batch(llm, token_ids, loss_mask):
 
 def _split_state(llm) -> tuple[nnx.State, nnx.State]:
     """The model's parameters, and the rest of its state (layer masks, windows)."""
+    if llm.config.quantization is not None:
+        raise ValueError(
+            "gradients need float weights: this engine holds FP8 weights "
+            f"({llm.config.quantization.method}); load the float checkpoint without quantization"
+        )
     model = nnx.merge(llm.pipeline.graphdef, llm.state)
     return nnx.state(model, nnx.Param), nnx.state(model, nnx.Not(nnx.Param))
 

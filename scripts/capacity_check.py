@@ -20,9 +20,9 @@ import time
 
 from jaxpp.bench.serving import greedy_params
 from jaxpp.bench.workloads import preset_dir, read_trace
-from jaxpp.config import ModelConfig
+from jaxpp.config import EngineConfig, ModelConfig
 from jaxpp.engine import LLM
-from jaxpp.layout import default_token_budget, kv_bytes_per_page, make_layout, model_dtype
+from jaxpp.layout import kv_bytes_per_page, make_layout
 
 
 def serve(model_dir, requests, kv_cache_memory: int | None, args) -> tuple[list, dict, float]:
@@ -44,18 +44,8 @@ def serve(model_dir, requests, kv_cache_memory: int | None, args) -> tuple[list,
 
 def page_bytes_of(cfg: ModelConfig, args) -> int:
     """KV bytes of one page at pp = tp = dp = 1, from the engine's own layout (no weights)."""
-    layout = make_layout(
-        cfg,
-        model_dtype("float32", cfg),
-        dp=1,
-        pp=1,
-        tp=1,
-        layer_partition_spec=None,
-        num_microbatches=None,
-        max_model_len=args.slot_len,
-        block_size=args.block_size,
-        token_budget=default_token_budget("cpu"),
-    )
+    config = EngineConfig(dtype="float32", max_model_len=args.slot_len, block_size=args.block_size)
+    layout = make_layout(cfg, config, "cpu")
     return kv_bytes_per_page(layout)
 
 

@@ -13,6 +13,10 @@ Rows (greedy, ignore_eos, all requests at t=0):
                      +-50%) all at once: output tok/s against the 16,000 bar (no transformers
                      run: SGLang 16,215 and vLLM 12,553 published on one H100)
     decode_b64_pp2   decode_b64 at pp=2, where the machine has two GPUs (skipped otherwise)
+    decode_b1_fp8, decode_b64_fp8            decode_b1 / decode_b64 with the weights quantized
+    decode_b1_fp8_w8a8, decode_b64_fp8_w8a8  to FP8 on load (docs/fp8.md): W8A16 (weights
+                     dequantized in the matmul), then W8A8 (FP8 x FP8 GEMMs); against the bf16
+                     row (speed-up, same tokens), not against transformers
     float32          logits of the demo model in float32 against transformers float32 (eager)
     attention        one layer's paged attention alone, the XLA path against the Pallas kernel
                      (paged_kernel.py) on the rows' shapes: which backend wins where
@@ -76,6 +80,10 @@ ROWS = {
     "prefill_4x2048": ("long", 4, 2048, 1),
     "serving_1000": ("serve", 1000, 860, 650),
     "decode_b64_pp2": ("short_pp2", 64, 128, 256),
+    "decode_b1_fp8": ("short_fp8", 1, 128, 256),
+    "decode_b64_fp8": ("short_fp8", 64, 128, 256),
+    "decode_b1_fp8_w8a8": ("short_fp8_w8a8", 1, 128, 256),
+    "decode_b64_fp8_w8a8": ("short_fp8_w8a8", 64, 128, 256),
 }
 SMALL_ROWS = {
     "decode_b1": ("short", 1, 16, 8),
@@ -86,9 +94,20 @@ SMALL_ROWS = {
     "prefill_4x2048": ("long", 2, 256, 1),
     "serving_1000": ("serve", 24, 32, 16),
     "decode_b64_pp2": ("short_pp2", 8, 16, 8),
+    "decode_b1_fp8": ("short_fp8", 1, 16, 8),
+    "decode_b64_fp8": ("short_fp8", 8, 16, 8),
+    "decode_b1_fp8_w8a8": ("short_fp8_w8a8", 1, 16, 8),
+    "decode_b64_fp8_w8a8": ("short_fp8_w8a8", 8, 16, 8),
+}
+# FP8 rows -> the bf16 row they are measured against (same requests, same engine shape).
+FP8_ROWS = {
+    "decode_b1_fp8": "decode_b1",
+    "decode_b64_fp8": "decode_b64",
+    "decode_b1_fp8_w8a8": "decode_b1",
+    "decode_b64_fp8_w8a8": "decode_b64",
 }
 SPREAD = {"serving_1000": 0.5}  # length spread of a row's requests (range ratio); else 0
-NO_TRANSFORMERS = {"serving_1000"}  # rows against published figures instead
+NO_TRANSFORMERS = {"serving_1000", *FP8_ROWS}  # rows against published figures or bf16
 SERVING_BAR = 16_000  # output tok/s of serving_1000 to clear on one H200
 ENGINES = {
     "short": dict(max_num_seqs=256, max_model_len=512, max_num_batched_tokens=8192),
@@ -102,6 +121,10 @@ SMALL_ENGINES = {
     "serve": dict(max_num_seqs=16, max_model_len=128, max_num_batched_tokens=128),
     "short_pp2": dict(max_num_seqs=16, max_model_len=64, max_num_batched_tokens=64, pp=2),
 }
+# "gemm": JAXPP_FP8_GEMM while the engine's programs compile (fp8.py reads it when tracing).
+for table in (ENGINES, SMALL_ENGINES):
+    table["short_fp8"] = dict(table["short"], quantization="fp8", gemm="w8a16")
+    table["short_fp8_w8a8"] = dict(table["short"], quantization="fp8", gemm="w8a8")
 
 
 def log(*a) -> None:
@@ -130,13 +153,29 @@ def steady_decode(llm, requests: list[Request]) -> dict:
 
 
 def decode_bytes(llm, batch: int, mean_position: float) -> float:
-    """Bytes one steady decode tick reads: every weight of the layers and LM head once, and the
-    live KV of `batch` rows at their mean position."""
+    """Bytes one steady decode tick reads: every weight of the layers and the LM head once (an
+    FP8 weight 1 byte per parameter, plus its scales), and the live KV of `batch` rows at
+    their mean position."""
+    from flax import nnx  # noqa: PLC0415
+
+    skip = () if llm.config.tie_word_embeddings else ("embed",)  # a lookup reads one row
+    weights = sum(v.get_value().nbytes for k, v in nnx.to_flat_state(llm.state) if k[0] not in skip)
     nums = model_numbers(llm.config)
-    size = np.dtype(llm.dtype).itemsize
-    return (nums["layer_params"] + nums["head_params"]) * size + (
-        batch * mean_position * nums["kv_elems_per_token"] * size
+    return (
+        weights + batch * mean_position * nums["kv_elems_per_token"] * np.dtype(llm.dtype).itemsize
     )
+
+
+def against_bf16(row: dict, bf16: dict, tokens: dict, name: str) -> dict:
+    """An FP8 row against its bf16 row: output tok/s and steady tick ratios, and the share of
+    requests whose greedy tokens are the same."""
+    ticks = (bf16.get("steady") or {}).get("tick_s"), (row.get("steady") or {}).get("tick_s")
+    ours, theirs = tokens[name], tokens[FP8_ROWS[name]]
+    return {
+        "speedup": row["jaxpp"]["output_tokens_per_s"] / bf16["jaxpp"]["output_tokens_per_s"],
+        "steady_tick_speedup": ticks[0] / ticks[1] if all(ticks) else None,
+        "same_tokens": sum(a == b for a, b in zip(ours, theirs, strict=True)) / len(ours),
+    }
 
 
 def profile_decode(llm, requests: list[Request], out: Path, calls: int = 6) -> list[dict]:
@@ -313,6 +352,7 @@ def main() -> int:
     report["hf_load_s"] = time.perf_counter() - t
     peak = peak_flops("bfloat16", args.peak_tflops)
     llm, engine_name = None, None
+    tokens: dict[str, list] = {}  # row -> jaxpp's tokens (FP8 rows compare with bf16's)
     for name, (engine, n, prompt, new) in rows.items():
         if engines[engine].get("pp", 1) > len(jax.devices()):
             log(f"{name}: skipped, {len(jax.devices())} device(s) here")
@@ -322,7 +362,9 @@ def main() -> int:
             gc.collect()
             jax.clear_caches()
             t = time.perf_counter()
-            llm = jaxpp.LLM(ckpt, dtype="bfloat16", **engines[engine])
+            kwargs = dict(engines[engine])
+            os.environ["JAXPP_FP8_GEMM"] = kwargs.pop("gemm", "auto")
+            llm = jaxpp.LLM(ckpt, dtype="bfloat16", **kwargs)
             engine_name = engine
             report[f"load_{engine}_s"] = time.perf_counter() - t
             log(f"jaxpp {engine} engine loaded in {report[f'load_{engine}_s']:.1f}s")
@@ -344,7 +386,8 @@ def main() -> int:
         row["jaxpp"]["ticks"] = best.stats["ticks"]
         row["jaxpp"]["calls"] = best.stats["calls"]
         jaxpp_tokens = [list(o.outputs[0].token_ids) for o in best.outputs]
-        if name in NO_TRANSFORMERS:
+        tokens[name] = jaxpp_tokens
+        if name == "serving_1000":
             row["of_bar"] = row["jaxpp"]["output_tokens_per_s"] / SERVING_BAR
         elif new > 1:
             steady = steady_decode(llm, requests)
@@ -361,6 +404,8 @@ def main() -> int:
                 "flops_per_s": flops / best.duration,
                 "mfu": flops / best.duration / peak if peak else None,
             }
+        if FP8_ROWS.get(name) in report["rows"]:
+            row["vs_bf16"] = against_bf16(row, report["rows"][FP8_ROWS[name]], tokens, name)
         log(
             f"{name}: jaxpp {best.duration:.3f}s, warm {row['warm_s']:.1f}s "
             f"({warm.compilations} compilations)"
@@ -407,7 +452,7 @@ def print_table(report: dict) -> None:
             what = f"{j['duration_s'] * 1e3:.1f} ms, {r['prefill']['flops_per_s'] / 1e12:.0f} TF/s"
             what += f" ({100 * mfu:.0f}% MFU)" if mfu else ""
             tail = ""
-        elif name in NO_TRANSFORMERS:
+        elif name == "serving_1000":
             what = f"{j['output_tokens_per_s']:.0f} out tok/s, TTFT p50 {j['ttft_s']['p50']:.3f}s"
             print(f"| {name} | {what} | - | - | {100 * r['of_bar']:.0f}% of {SERVING_BAR} |")
             continue
@@ -420,6 +465,11 @@ def print_table(report: dict) -> None:
                     f"{s['tick_s'] * 1e3:.2f} ms = {100 * s['of_copy']:.0f}% of copy rate "
                     f"({s['copy_bound_s'] * 1e3:.2f} ms)"
                 )
+        if name in FP8_ROWS:  # against the bf16 row, not transformers
+            v = r.get("vs_bf16")
+            ratio = f"{v['speedup']:.2f}x, {100 * v['same_tokens']:.0f}% same tokens" if v else "-"
+            print(f"| {name} | {what} | {FP8_ROWS[name]} (bf16) | {ratio} | {tail} |")
+            continue
         print(
             f"| {name} | {what} | {r['hf']['output_tokens_per_s']:.0f} out tok/s | "
             f"{r['ratio']:.2f}x | {tail} |"

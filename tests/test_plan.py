@@ -2,9 +2,11 @@
 schedule; its speed model, hardware profiles, search and CLI behave."""
 
 import json
+import re
 import time
 
 import pytest
+from fp8_fixtures import write_fp8_checkpoint
 from hf_fixtures import build_model_dir, random_seqs
 from test_parallel import _build_moe
 
@@ -23,6 +25,17 @@ def models(tmp_path_factory):
         "moe": _build_moe(root, "qwen2_moe"),
         "llama6": build_model_dir(root, "llama", num_hidden_layers=6),  # test_pipeline's
         "mistral": build_model_dir(root, "mistral"),
+        # block-wise FP8 with layer 1's down_proj left in floats: at pp=2 its slot keeps it so
+        "fp8": write_fp8_checkpoint(
+            build_model_dir(root, "llama", name="llama6", num_hidden_layers=6),
+            root,
+            "llama6-fp8",
+            method="compressed-tensors",
+            strategy="block",
+            block=(32, 48),
+            ignore=("lm_head", "model.layers.1.mlp.down_proj"),
+            keep_float=lambda m: m in ("lm_head", "model.layers.1.mlp.down_proj"),
+        )[0],
     }
 
 
@@ -37,6 +50,8 @@ ENGINE_LAYOUTS = [
     ("llama6", dict(pp=3, layer_partition=[1, 1, 4])),  # a custom partition
     ("mistral", dict(dtype="bfloat16")),  # 2-byte weights and cache, a sliding window
     ("mistral", dict(block_size=7, max_num_seqs=4)),  # rows asked for; pages of 7
+    ("dense", dict(quantization="fp8", dp=2, pp=2, tp=2)),  # FP8 weights and scales, on load
+    ("fp8", dict(pp=2, tp=2)),  # an FP8 checkpoint: block scales split over tensor ranks
 ]
 
 
@@ -97,6 +112,32 @@ def test_large_models_plan_fast_without_weights():
     # 126 layers of 405B in bfloat16 over 128 devices: about 811 GB / 128.
     plan = jaxpp.plan("llama-3.1-405b", pp=16, tp=8, hardware="h100-sxm")
     assert 6.3e9 < plan.params_bytes < 6.5e9
+
+
+def test_fp8_weights_open_layouts_and_halve_the_bytes_a_decode_tick_reads():
+    """Llama-3.1-70B fits one H200 in FP8, not in bfloat16; 405B four, not eight; a fixed
+    layout gains KV pages; a batch-1 decode tick reads about half the bytes."""
+    for preset, tp in (("llama-3.1-70b", 1), ("llama-3.1-405b", 4)):
+        fp8 = jaxpp.plan(preset, tp=tp, quantization="fp8", hardware="h200", max_num_seqs=1)
+        assert not fp8.overflow_bytes and fp8.unquantized.overflow_bytes
+        assert 0.5 < fp8.params_bytes / fp8.unquantized.params_bytes < 0.53
+    wide = jaxpp.plan("llama-3.1-70b", tp=2, quantization="fp8", hardware="h200", max_num_seqs=1)
+    assert wide.pages > 1.3 * wide.unquantized.pages
+    [fp8_row] = wide.speed([1], 128, 64)
+    [float_row] = wide.unquantized.speed([1], 128, 64)
+    ratio = fp8_row["tpot_s"]["mean"] / float_row["tpot_s"]["mean"]
+    print(f"70B tp=2 on H200: {wide.unquantized.pages} -> {wide.pages} pages, TPOT x{ratio:.2f}")
+    assert 0.5 < ratio < 0.56
+
+
+def test_cli_plans_fp8_beside_the_float_weights(capsys):
+    argv = ["plan", "--preset", "llama-3.1-70b", "--quantization", "fp8", "--tp", "2"]
+    assert main([*argv, "--hardware", "h200", "--batch-sizes", "1", "--max-model-len", "4096"]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    fp8 = r"FP8 weights \(online\): params 36\.\d+ GB per device against 70\.\d+ GB"
+    assert re.search(fp8, out)
+    assert re.search(r"where the bfloat16 weights hold [\d,]+ \(\+[\d,]+\)", out)
 
 
 def test_a_decode_tick_at_batch_1_reads_the_weights_once():

@@ -148,6 +148,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--num-microbatches", type=int, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--quantization",
+        choices=["fp8"],
+        default=None,
+        help="fp8: quantize the checkpoint's linear weights to FP8 on load (docs/fp8.md)",
+    )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
         "--max-num-batched-tokens",

@@ -1,7 +1,7 @@
 """`jaxpp convert HF_DIR OUT_DIR`: a Hugging Face model as an orbax checkpoint in the engine's own
 stacked, stage-major layout, so that `jaxpp.LLM(OUT_DIR)` restores each device's shard straight
 from its files (loading.py). The checkpoint is tied to the layout it is converted for (--pp,
---tp, --layer-partition): pass the layout you will serve with.
+--tp, --layer-partition, --quantization): pass the layout you will serve with.
 
 OUT_DIR gets `params/` (orbax), `jaxpp_layout.json`, and the model's config (its dtype set to
 the converted one), generation config and tokenizer files.
@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from jaxpp.cli.errors import UsageError
-from jaxpp.cli.flags import DTYPE_CHOICES
+from jaxpp.cli.flags import DTYPE_CHOICES, add_quantization_flag
 from jaxpp.cli.generate import provide_cpu_devices
 
 
@@ -30,6 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline stages to serve with (default 1)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ways (default: 1)")
     p.add_argument("--layer-partition", metavar="N,N,...", help="default: even split")
+    add_quantization_flag(p)
     p.set_defaults(func=run_convert)
 
 
@@ -50,6 +51,7 @@ def run_convert(args: argparse.Namespace) -> int:
         pp=args.pp,
         tp=args.tp,
         layer_partition=args.layer_partition,
+        quantization=args.quantization,
         max_model_len=2,
         max_num_seqs=1,
         max_num_batched_tokens=1,

@@ -19,6 +19,7 @@ from jaxpp.config import (
     SamplingParams,
     generation_defaults,
 )
+from jaxpp.quantization import QUANTIZATION_CHOICES
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -246,6 +247,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         help="Hugging Face model dir (default: the embedded demo model)",
     )
     m.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: the checkpoint's dtype")
+    add_quantization_flag(m)
     m.add_argument("--pp", type=_positive_int, default=1, help="pipeline stages (default: 1)")
     m.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel ways (default: 1)")
     m.add_argument(
@@ -276,6 +278,16 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     fields = (f.name for f in dataclasses.fields(EngineConfig))
     values = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
     return EngineConfig(**{**values, **overrides})
+
+
+def add_quantization_flag(group) -> None:
+    """--quantization (generate, serve, convert, plan, bench): FP8 weights from a float model."""
+    group.add_argument(
+        "--quantization",
+        choices=QUANTIZATION_CHOICES,
+        help="fp8: quantize a float checkpoint's linear weights to float8_e4m3fn on load, per "
+        "output channel (an FP8 checkpoint loads as FP8 without it; docs/fp8.md)",
+    )
 
 
 def add_engine_flags(group) -> None:

@@ -3,6 +3,7 @@
     jaxpp plan --preset llama-3.1-405b --pp 16 --tp 8 --dtype bfloat16 --hardware h100-sxm
     jaxpp plan --model path/to/hf-dir --pp 4 --cluster-config cluster.json --trace t.jsonl
     jaxpp plan --preset llama-3.1-70b --search --devices 8 --hardware l4 --max-tpot-ms 200
+    jaxpp plan --preset llama-3.1-70b --quantization fp8 --hardware h200   # FP8 weights
 
 No weights are read: the model is its config.json. Memory per device is the engine's own
 (jaxpp/layout.py); speed is modelled (jaxpp/costmodel.py, jaxpp/replay.py; docs/plan.md says
@@ -17,7 +18,7 @@ import json
 import sys
 
 from jaxpp.cli.errors import EXIT_USAGE
-from jaxpp.cli.flags import engine_config
+from jaxpp.cli.flags import add_quantization_flag, engine_config
 
 GB = 1e9
 
@@ -46,6 +47,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequence rows (default 256)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    add_quantization_flag(p)
     p.add_argument(
         "--max-num-batched-tokens",
         type=int,
@@ -186,6 +188,23 @@ def _memory_report(plan) -> dict:
         "kv_capacity_tokens": plan.kv_capacity_tokens,
         "kv_budget_bytes": plan.kv_budget,
         "sequences_of_max_model_len": plan.sequences_at_once(lay.max_model_len),
+    } | _fp8_report(plan)
+
+
+def _fp8_report(plan) -> dict:
+    """With FP8 weights: what the same layout holds with the model's float weights."""
+    base = plan.unquantized
+    if base is None:
+        return {}
+    return {
+        "fp8": {
+            "method": plan.layout.config.quantization.method,
+            "params_bytes": plan.params_bytes,
+            "unquantized_params_bytes": base.params_bytes,
+            "kv_pages": plan.pages,
+            "unquantized_kv_pages": base.pages,
+            "unquantized_overflow_bytes": base.overflow_bytes,
+        }
     }
 
 
@@ -219,6 +238,20 @@ def _memory_text(plan, r: dict) -> str:
         )
     else:
         lines.append("  fits on every device")
+    if "fp8" in r:
+        f = r["fp8"]
+        base = plan.unquantized
+        held = (
+            f"does not fit (over by {f['unquantized_overflow_bytes'] / GB:.2f} GB)"
+            if f["unquantized_overflow_bytes"]
+            else f"hold {f['unquantized_kv_pages']:,}"
+        )
+        lines.append(
+            f"  FP8 weights ({f['method']}): params {f['params_bytes'] / GB:.3f} GB per device "
+            f"against {f['unquantized_params_bytes'] / GB:.3f} GB in {d['dtype']}; "
+            f"{plan.pages:,} KV pages, where the {d['dtype']} weights {held}"
+            + (f" (+{plan.pages - base.pages:,})" if not base.overflow_bytes else "")
+        )
     return "\n".join(lines)
 
 
@@ -278,6 +311,7 @@ def _search(args, planner, model, devices: int, hardware) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         decode_chunk=args.decode_chunk,
+        quantization=args.quantization,
     )
     if not found:
         raise ValueError(f"no layout of {devices} devices fits the weights of {model}")
