@@ -67,10 +67,11 @@ class Programs:
         """Programs compiled so far (a few per configuration, never one per request)."""
         return len(self._seen)
 
-    def lowered(self) -> list[tuple[Callable, tuple]]:
-        """(jitted program, the shapes of its arguments) of every program compiled so far: what a
-        test lowers to read the optimized HLO."""
-        return list(self._seen.values())
+    def lowered(self, kind: str | None = None) -> list[tuple[Callable, tuple]]:
+        """(jitted program, the shapes of its arguments) of every program compiled so far, or
+        of those of one kind ("forward", "sample", "count"): what a test lowers to read the
+        optimized HLO."""
+        return [p for name, p in self._seen.items() if kind in (None, name[0])]
 
     def optimized_hlo(self) -> list[str]:
         return [p.lower(*shapes).compile().as_text() for p, shapes in self.lowered()]

@@ -265,7 +265,7 @@ def test_w8a8_engine_runs_fp8_dots(checkpoints, answers, monkeypatch):
     path = checkpoints["ct_channel"][0]
     llm = jaxpp.LLM(path, **ENGINE)
     got = llm.logits(SEQS)
-    jitted, shapes = llm.pipeline.lowered_programs()[0]
+    jitted, shapes = llm.programs.lowered("forward")[0]
     dots = re.findall(r"dot_general.*f8E4M3FN.*f8E4M3FN", jitted.lower(*shapes).as_text())
     worst = max(rel_err(a, b) for a, b in zip(got, _logits(path, answers), strict=True))
     print(f"{len(dots)} FP8 dots, {worst:.3f} from W8A16")
