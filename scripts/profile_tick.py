@@ -4,11 +4,12 @@ operations summed by what they compute.
     JAX_NUM_CPU_DEVICES=P python scripts/profile_tick.py --preset llama-32m --pp P \
         --input-len 264 --output-len 132 --range-ratio 0.94 --num-prompts 256 --batch-size 32
 
-serves the workload once untimed (every step program compiles), then again under
-`jax.profiler`, and prints per category the milliseconds per tick (summed over the operations'
-own time, children excluded, over all XLA threads) and its share. Each operation of the
-optimized HLO is put in a category by the innermost `jax.named_scope` in its name (the tick's
-phases are scoped in the step program), else by its JAX primitive ("unscoped:...").
+compiles every program (`LLM.warmup`), serves the workload, and traces `--calls` calls from
+the middle of the run under `jax.profiler` (a whole run overflows the profiler's buffer), then
+prints per category the milliseconds per tick of those calls (the operations' own time,
+loops' bodies excluded from the loops, over all XLA threads) and its share. Each operation of
+the optimized HLO is put in a category by the innermost `jax.named_scope` in its name (the
+tick's phases are scoped in the programs), else by its JAX primitive ("unscoped:...").
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import os
 import re
 import sys
 import tempfile
+import time
 
-# Scope names (jax.named_scope in the step program) -> category, innermost first.
+CONTAINER = re.compile(r"(while|call|conditional)\b")  # operations that run other operations
+# Scope names (jax.named_scope in the programs) -> category, innermost first.
 SCOPES = (
     "attend_decode", "attend_prompt", "write_kv", "qkv", "o_proj", "mlp", "norm", "embed",
     "lm_head", "sample", "ring", "entry", "grammar", "verify", "propose",
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calls", type=int, default=40, help="calls traced, from the middle")
     p.add_argument("--trace-dir", default=None, help="keep the profiler's trace here")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -49,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import jax  # noqa: PLC0415
 
-    from jaxpp.bench.serving import run_pass  # noqa: PLC0415
     from jaxpp.bench.workloads import preset_dir, random_requests  # noqa: PLC0415
     from jaxpp.config import ModelConfig  # noqa: PLC0415
     from jaxpp.engine import LLM  # noqa: PLC0415
@@ -61,17 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(model_dir, dtype=args.dtype, pp=args.pp, max_num_seqs=args.batch_size)
     llm.warmup()
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="jaxpp-profile-")
-    jax.profiler.start_trace(trace_dir)
-    result = run_pass(llm, requests, math.inf, lambda *a: None)
-    jax.profiler.stop_trace()
-    ticks = result.stats["ticks"]
+    window = _serve(llm, requests, args.calls, trace_dir, jax)
+    ticks = window["ticks"]
     categories = categorize(llm, trace_dir)
     total = sum(categories.values())
     report = {
         "ticks": ticks,
-        "duration_s": result.duration,
-        "tick_ms": 1e3 * result.duration / ticks,
-        "output_tok_s": sum(len(o.outputs[0].token_ids) for o in result.outputs) / result.duration,
+        "duration_s": window["seconds"],
+        "tick_ms": 1e3 * window["seconds"] / ticks,
+        "output_tok_s": window["tokens"] / window["seconds"],
         "op_ms_per_tick": {k: v / 1e3 / ticks for k, v in categories.most_common()},
         "op_share": {k: v / total for k, v in categories.most_common()},
     }
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report))
         return 0
     print(
-        f"{ticks} ticks in {result.duration:.1f} s: {report['tick_ms']:.1f} ms per tick, "
+        f"{ticks} ticks in {window['seconds']:.1f} s: {report['tick_ms']:.1f} ms per tick, "
         f"{report['output_tok_s']:.1f} output tok/s; operations' own time per tick:"
     )
     for name, ms in report["op_ms_per_tick"].items():
@@ -87,8 +88,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _serve(llm, requests, calls: int, trace_dir: str, jax) -> dict:
+    """Serve `requests` (all at once), tracing `calls` calls from the middle of the run;
+    returns the traced window's ticks, seconds and tokens."""
+    from jaxpp.bench.serving import greedy_params  # noqa: PLC0415
+
+    for r in requests:
+        llm.add_request(r.prompt, greedy_params(r))
+    llm.scheduler.reset_stats()
+    stats = llm.scheduler.stats
+    total = sum(r.output_len for r in requests)
+    window: dict = {}
+    while llm.has_unfinished_requests():
+        if not window and stats.tokens >= total // 3:  # a third of the way in
+            jax.profiler.start_trace(trace_dir)
+            window = {"calls": stats.calls, "ticks": stats.ticks, "tokens": stats.tokens,
+                      "start": time.perf_counter()}  # fmt: skip
+        llm.step()
+        if window and "seconds" not in window and stats.calls - window["calls"] >= calls:
+            jax.profiler.stop_trace()
+            window = {
+                "ticks": stats.ticks - window["ticks"],
+                "tokens": stats.tokens - window["tokens"],
+                "seconds": time.perf_counter() - window["start"],
+            }
+    return window
+
+
 def categorize(llm, trace_dir: str) -> collections.Counter:
-    """Microseconds of the step programs' operations per category, from the trace."""
+    """Microseconds of the programs' operations per category, from the trace."""
     where = _operation_categories(llm)
     times: collections.Counter = collections.Counter()
     for path in glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True):
@@ -99,26 +127,12 @@ def categorize(llm, trace_dir: str) -> collections.Counter:
 
 
 def _own_times(events: list[dict]):
-    """((program, operation), its own microseconds) of every XLA thunk event: its span less
-    the spans of the events it encloses on the same thread (a while loop's body runs inside)."""
-    by_thread = collections.defaultdict(list)
+    """((program, operation), microseconds) of every XLA thunk event but loops and calls,
+    whose bodies are events of their own (on whichever thread ran them)."""
     for e in events:
         a = e.get("args", {})
-        if e.get("ph") == "X" and "hlo_op" in a:
-            by_thread[e["tid"]].append(
-                (e["ts"], e["ts"] + e["dur"], (a["hlo_module"], a["hlo_op"]))
-            )
-    for spans in by_thread.values():
-        spans.sort(key=lambda s: (s[0], -s[1]))
-        stack: list[list] = []  # [end, name, own]
-        for start, end, name in spans:
-            while stack and stack[-1][0] <= start:
-                yield stack[-1][1], stack.pop()[2]
-            if stack:
-                stack[-1][2] -= end - start
-            stack.append([end, name, end - start])
-        while stack:
-            yield stack[-1][1], stack.pop()[2]
+        if e.get("ph") == "X" and "hlo_op" in a and not CONTAINER.match(a["hlo_op"]):
+            yield (a["hlo_module"], a["hlo_op"]), e["dur"]
 
 
 def _operation_categories(llm) -> dict[tuple[str, str], str]:

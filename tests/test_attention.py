@@ -1,7 +1,7 @@
 """Attention over pages (attention.py) against a dense numpy reference: random ragged batches of
 query groups over sequences scattered into random pages, decode groups and prompt blocks, with
 and without sliding windows, GQA ratios 1, 2 and 4, page sizes that do and do not divide a
-chunk, chunks small enough for several loop iterations, the loop bounded by the data (CPU) and
+item, steps small enough for several loop iterations, the loop bounded by the data (CPU) and
 by max_model_len (accelerators); unused pages hold NaN and never matter. The GPU
 kernel (paged_kernel.py) answers the same cases in Pallas' interpreter, and lowers to Triton for
 the model families' shapes (the lowering runs on the CPU; only Triton's own compile needs a GPU)."""
@@ -73,7 +73,8 @@ def test_matches_dense_reference(block, hq, hkv, queries, window, backend, monke
     if backend == "xla-static":  # an accelerator's bound: the chunks of a max_model_len row
         monkeypatch.setattr(attention, "trips_from_data", lambda: False)
     kind = "decode" if queries == 1 else "prompt"
-    monkeypatch.setitem(attention.CHUNK_POSITIONS, kind, 8)  # several iterations per group
+    monkeypatch.setitem(attention.ITEM_POSITIONS, kind, 8)  # several items per group ...
+    monkeypatch.setitem(attention.ITEMS_PER_STEP, kind, 3)  # ... and several steps
     rng = np.random.default_rng(block * 100 + queries + window)
     lengths = rng.integers(1, 40, size=6).tolist()
     q, q_pos, seq, keys, values, k_pool, v_pool, tables = _case(

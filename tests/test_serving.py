@@ -109,11 +109,13 @@ def test_answers_do_not_depend_on_row_pages_budget_or_neighbours(model_dir, prom
         assert all(m in (-1, expected) for m, expected in zip(row, ring, strict=True)), row
 
 
-def test_long_sequences_read_many_attention_chunks(model_dir, prompts, alone, monkeypatch):
-    """Attention chunks of 8 positions (2 pages of 4): each sequence reads up to 7 of them, in
-    decode and over its cached prefix, next to shorter ones."""
-    monkeypatch.setitem(jaxpp.attention.CHUNK_POSITIONS, "decode", 8)
-    monkeypatch.setitem(jaxpp.attention.CHUNK_POSITIONS, "prompt", 8)
+def test_long_sequences_read_many_attention_items(model_dir, prompts, alone, monkeypatch):
+    """Attention items of 8 positions (2 pages of 4), 3 a step: each sequence reads up to 7 of
+    them, in decode and over its cached prefix, next to shorter ones."""
+    monkeypatch.setitem(jaxpp.attention.ITEM_POSITIONS, "decode", 8)
+    monkeypatch.setitem(jaxpp.attention.ITEM_POSITIONS, "prompt", 8)
+    monkeypatch.setitem(jaxpp.attention.ITEMS_PER_STEP, "decode", 3)
+    monkeypatch.setitem(jaxpp.attention.ITEMS_PER_STEP, "prompt", 3)
     llm = jaxpp.LLM(str(model_dir), dtype="float32", block_size=4, max_num_batched_tokens=24)
     picked = [1, 6, 0]
     outs = llm.generate([prompts[i] for i in picked], [_greedy(BUDGETS[i]) for i in picked])
