@@ -304,6 +304,68 @@ def _sliding_windows(
 
 
 @dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on a request's output, with vLLM's names (exactly one of the first five).
+
+    `json` a JSON schema (a dict, or its text); `regex` a regular expression the whole output
+    matches; `choice` one of these strings; `grammar` an EBNF (GBNF `::=`) or Lark grammar
+    without recursive rules; `json_object` any JSON object (nested at most
+    grammar.JSON_OBJECT_DEPTH deep). `whitespace_pattern` is the regex of the whitespace a
+    schema's JSON may hold between tokens (default `[ ]?`); `disable_any_whitespace` makes it
+    none. docs/structured_outputs.md says what is supported and why.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    whitespace_pattern: str | None = None
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+    def __post_init__(self) -> None:
+        given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs needs exactly one of json, regex, choice, grammar, "
+                f"json_object; got {given or 'none'}"
+            )
+        if isinstance(self.json, dict):  # canonical text: one cache key per schema
+            object.__setattr__(self, "json", json.dumps(self.json))  # key order is output order
+        checks = [
+            ("json", self.json is None or isinstance(self.json, str), "a JSON schema"),
+            ("regex", self.regex is None or isinstance(self.regex, str), "a string"),
+            ("grammar", self.grammar is None or isinstance(self.grammar, str), "a string"),
+            ("json_object", self.json_object in (None, True, False), "a bool"),
+            ("disable_any_whitespace", isinstance(self.disable_any_whitespace, bool), "a bool"),
+            (
+                "whitespace_pattern",
+                self.whitespace_pattern is None or isinstance(self.whitespace_pattern, str),
+                "a string",
+            ),
+        ]
+        if self.choice is not None:
+            choice = _as_tuple(self.choice, "structured_outputs.choice", "a list of strings")
+            object.__setattr__(self, "choice", choice)
+            checks.append(
+                ("choice", bool(choice) and all(isinstance(c, str) for c in choice),
+                 "a non-empty list of strings"),
+            )  # fmt: skip
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(
+                    f"structured_outputs.{name}={getattr(self, name)!r} is invalid: "
+                    f"expected {expected}"
+                )
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling settings, with vLLM's names and meanings."""
 
@@ -323,8 +385,19 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     n: int = 1  # completions of the prompt (sample j seeded seed + j when a seed is given)
+    # Guided decoding: every token is drawn from those the constraint allows (grammar.py).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):  # as dataclasses.asdict sends it
+            object.__setattr__(
+                self, "structured_outputs", StructuredOutputsParams(**self.structured_outputs)
+            )
+        if not isinstance(self.structured_outputs, StructuredOutputsParams | None):
+            raise ValueError(
+                f"SamplingParams.structured_outputs={self.structured_outputs!r} is invalid: "
+                "expected a StructuredOutputsParams"
+            )
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         object.__setattr__(self, "stop", _as_tuple(stop, "stop", "a string or a list of strings"))
         object.__setattr__(
@@ -419,11 +492,12 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes per device; None: 90% of what is free
     enable_prefix_caching: bool = True
     quantization: str | None = None  # "fp8": a float checkpoint's linear weights, on load
+    grammar_states: int = 4096  # structured outputs' device pool of automaton states (grammar.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_partition, list):
             object.__setattr__(self, "layer_partition", tuple(self.layer_partition))
-        for name in ("pp", "tp", "dp", "block_size", "decode_chunk"):
+        for name in ("pp", "tp", "dp", "block_size", "decode_chunk", "grammar_states"):
             _check_positive(name, getattr(self, name))
         for name in ("num_microbatches", "max_model_len", "max_num_seqs",
                      "max_num_batched_tokens", "kv_cache_memory"):  # fmt: skip

@@ -38,6 +38,7 @@ from jaxpp.config import (
     with_quantization,
 )
 from jaxpp.distributed import check_same, smallest, to_host
+from jaxpp.grammar import EXCEPTIONS_PER_STATE, Compiler, GrammarPool, VocabLayout
 from jaxpp.kv_pages import PagePool
 from jaxpp.layout import (
     abstract_model,
@@ -52,7 +53,7 @@ from jaxpp.loading import load_params, model_identity
 from jaxpp.model import rope_inv_freq
 from jaxpp.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxpp.pipeline import ROW, Pipeline, Ring, RowControl, empty_log, empty_penalties, empty_ring
-from jaxpp.programs import GREEDY, SAMPLING, Programs
+from jaxpp.programs import GREEDY, GREEDY_GRAMMAR, SAMPLING, SAMPLING_GRAMMAR, Programs
 from jaxpp.sampling import SamplerRows
 from jaxpp.scheduler import Call, Request, Scheduler, SlotLayout
 from jaxpp.sharding import make_mesh
@@ -78,6 +79,9 @@ class LLM:
     one reuses the KV pages of their common full pages instead of computing them again.
     Programs compile the first time a call needs them; `warmup()` compiles every one greedy
     and seeded traffic can meet first (a server does, before it says it is ready).
+    `grammar_states`: the device pool for structured outputs' automata (grammar.py), in states
+    (each a bitmask of the vocabulary: vocab/8 bytes, split over the vocab-parallel devices)
+    and grammar.EXCEPTIONS_PER_STATE transition exceptions per state (8 bytes each).
     """
 
     def __init__(self, model: str | Path, config: EngineConfig | None = None, **settings):
@@ -133,8 +137,8 @@ class LLM:
         self._group_of: dict[int, int] = {}  # a sample's serial -> its group
 
     def _load_and_build(self, lay) -> None:
-        """This process's shards of the weights, the ring's programs and state, the pool and
-        the scheduler."""
+        """This process's shards of the weights, the ring's programs and state, the KV page
+        pool, the scheduler and the device pool of structured outputs' automata."""
         cfg, config = self.config, self.engine_config
         abstract = abstract_model(lay)
         graphdef, abstract_state = nnx.split(abstract)
@@ -162,6 +166,15 @@ class LLM:
             self.layout, pool, lay.token_budget, config.pp, config.decode_chunk,
             cfg.eos_token_ids, stop_check=self._stop_string_hit,
         )  # fmt: skip
+        # Structured outputs: constraint -> automaton (host), and the device pool holding them.
+        shards = config.pp * config.tp
+        self.vocab_layout = VocabLayout(cfg.vocab_size, shards, lay.vocab_padded // shards)
+        self._grammar_compiler: Compiler | None = None
+        states = config.grammar_states
+        self.grammar_pool = GrammarPool(
+            self.mesh, self.vocab_layout, states, EXCEPTIONS_PER_STATE * states
+        )
+        self._grammar_users: dict[int, str] = {}  # serial -> the automaton it holds in the pool
 
     @property
     def tokenizer(self):
@@ -171,6 +184,14 @@ class LLM:
             found = _load_tokenizer(self.model_dir)
             self._tokenizer = False if found is None else found
         return None if self._tokenizer is False else self._tokenizer
+
+    @property
+    def grammar_compiler(self) -> Compiler:
+        """Structured-output constraint -> automaton for this model's vocabulary (cached; safe to
+        call from another thread, as a server's request handlers do)."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = Compiler(self.tokenizer, self.vocab_layout)
+        return self._grammar_compiler
 
     @property
     def kv_pages(self) -> int:
@@ -242,10 +263,26 @@ class LLM:
             arrival=time.perf_counter(),
             score=score,
         )
+        if params.structured_outputs is not None:
+            self._hold_automaton(request)
         self._serial += 1
         self._requests[request.id] = (text, ids)
         self.scheduler.add(request)
         return request
+
+    def _hold_automaton(self, request: Request) -> None:
+        """Compile (or find) the request's constraint and place its automaton in the device
+        pool, before the request is queued: a constraint that cannot be served is its own
+        ValueError."""
+        automaton = self.grammar_compiler.compile(request.params.structured_outputs)
+        request.automaton = automaton
+        request.grammar_base = self.grammar_pool.acquire(automaton)
+        self._grammar_users[request.id] = automaton.key
+
+    def _release_automaton(self, serial: int) -> None:
+        key = self._grammar_users.pop(serial, None)
+        if key is not None:
+            self.grammar_pool.release(key)
 
     def _check_fits(self, prompt_len: int, max_tokens: int) -> None:
         """A request the KV pool can never hold, even alone, is refused (any other waits for
@@ -361,6 +398,7 @@ class LLM:
         for s in serials:
             self._requests.pop(s, None)
             self._group_of.pop(s, None)
+            self._release_automaton(s)
 
     def step(self) -> list[RequestOutput]:
         """Plan and dispatch the next ring call, then read the previous call's log: returns the
@@ -398,7 +436,7 @@ class LLM:
         if call.mode.penalties and penalties.counts.shape[1] == 0:
             penalties = empty_penalties(self.mesh, penalties.counts.shape[0], self.vocab_padded)
         log = empty_log(self.mesh, self.shape, self.dp, call.mode.logprobs, call.start_tick)
-        stages, rows, _ = self.ring
+        stages, rows, _, automata = self.ring
         ctl, uploaded, collected = self._control, {}, []
         for batch in call.batches:
             if id(batch) not in uploaded:
@@ -409,14 +447,28 @@ class LLM:
             args = (self.state, stages, rows, ctl.tag, self._tables, batch, log)
             stages, leaving, log, *more = self.programs.forward(call.collect, *args)
             collected += more
-            extra = (penalties,) if call.mode.penalties else ()
-            rows, log, *extra = self.programs.sample(
-                call.mode, self.state, rows, ctl, leaving, log, *extra
+            rows, log, penalties, automata = self._sample(
+                call.mode, rows, leaving, log, penalties, automata
             )
-            penalties = extra[0] if extra else penalties
             self._pace(leaving.tick)
-        self.ring = Ring(stages, rows, penalties)
+        self.ring = Ring(stages, rows, penalties, automata)
         return log, collected
+
+    def _sample(self, mode, rows, leaving, log, penalties, automata):
+        """One tick's sample program: a penalties mode also takes and updates the penalty
+        counts, a grammar mode the rows' automata (and reads the pool's tables); returns
+        (rows, log, penalties, automata)."""
+        extra = (penalties,) if mode.penalties else ()
+        if mode.grammar:
+            extra += (automata, self.grammar_pool.allocate())
+        rows, log, *updated = self.programs.sample(
+            mode, self.state, rows, self._control, leaving, log, *extra
+        )
+        if mode.penalties:
+            penalties = updated.pop(0)
+        if mode.grammar:
+            automata = updated.pop(0)
+        return rows, log, penalties, automata
 
     def _pace(self, done) -> None:
         """Keep at most TICKS_AHEAD ticks enqueued: wait for the oldest when there are more.
@@ -444,6 +496,7 @@ class LLM:
                 SamplerRows(**{k: put(v) for k, v in c["sampler"].items()}),
                 put(c["prompt_len"]),
                 put(c["generated0"]),
+                put(c["grammar_start"]),
             )
         if call.tables is not None:
             self._tables = put(call.tables)
@@ -473,16 +526,18 @@ class LLM:
         return done
 
     def warmup(self, log: Callable[[str], None] | None = None) -> int:
-        """Compile every program greedy and seeded traffic can meet: the forward program of
-        each token bucket and the greedy and sampling sample programs, by running idle ticks
-        (nothing is in flight when it runs). Returns how many programs were compiled;
-        `log(line)` hears a progress line per program and the total."""
+        """Compile every program greedy and seeded traffic can meet, constrained or not: the
+        forward program of each token bucket and the greedy and sampling sample programs, each
+        also in its grammar mode (structured outputs; the device pool of automata is allocated
+        for it), by running idle ticks (nothing is in flight when it runs). Returns how many
+        programs were compiled; `log(line)` hears a progress line per program and the total."""
         if self.has_unfinished_requests():
             raise RuntimeError("warmup() needs an engine with no requests in flight")
         before, start = self.compiled_programs, time.perf_counter()
         buckets = self.scheduler.buckets.sizes
+        modes = (GREEDY, SAMPLING, GREEDY_GRAMMAR, SAMPLING_GRAMMAR)
         for i, bucket in enumerate(buckets):
-            for mode in (GREEDY, SAMPLING) if i == 0 else (GREEDY,):
+            for mode in modes if i == 0 else (GREEDY,):
                 call = self.scheduler.idle_call(bucket)  # one tick of the ring each
                 call.mode = mode
                 self._dispatch(call)
@@ -536,8 +591,9 @@ class LLM:
         outputs = self.generate(ids, sampling_params, finished)
         return outputs
 
-    def chat_prompt(self, messages: Sequence[dict]) -> str:
-        """The prompt text the tokenizer's chat template makes of `messages`."""
+    def chat_prompt(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
+        """The prompt text the tokenizer's chat template makes of `messages` (and of `tools`,
+        OpenAI's function list, for templates that show them)."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{self.model_dir}: the tokenizer has no chat template")
         for i, m in enumerate(messages):
@@ -548,7 +604,7 @@ class LLM:
             ):
                 raise ValueError(f"message {i} must be {{'role': str, 'content': str}}, got {m!r}")
         return self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=True
+            list(messages), tools=tools, tokenize=False, add_generation_prompt=True
         )
 
     def logits(self, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
@@ -567,6 +623,7 @@ class LLM:
 
     def _output(self, request: Request, stats: dict) -> RequestOutput:
         text, ids = self._requests.pop(request.id)
+        self._release_automaton(request.id)
         decode_time = request.finish_time - request.first_token_time
         n = len(request.tokens)
         metrics = RequestMetrics(
@@ -617,6 +674,8 @@ class LLM:
         if token_ids and token_ids[-1] in stop_ids and len(token_ids) > p.min_tokens:
             # EOS / a stop token ended it: vLLM keeps the token in token_ids.
             finish, reason = "stop", token_ids[-1]
+        elif request.grammar_complete:  # its constraint is met and allows nothing more
+            finish = "stop"
         text = self.detokenize(token_ids, p)
         hits = [(text.find(s), s) for s in p.stop if s in text]
         if hits:

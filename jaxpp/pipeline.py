@@ -34,7 +34,8 @@ A tick is two programs, dispatched back to back without waiting:
                  activations move on; the last stage's outputs of the rows to sample are summed
                  onto every device (`Leaving`)
     sample(mode) the vocab-parallel head over those rows, the sampler (sampling.py), the rows'
-                 next token, position and stop; the tick's log entry
+                 next token, position and stop (and, in a grammar mode, where each row's
+                 structured-output automaton goes: grammar.py); the tick's log entry
 
 so a program is compiled per token bucket T and per sampler mode, not per combination: the
 handful of programs a configuration can meet is compiled before it serves (programs.py).
@@ -60,8 +61,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpp.attention import QUERY_BLOCK, paged_attention, write_kv
 from jaxpp.batch import TickBatch
+from jaxpp.grammar import TABLE_SPECS
 from jaxpp.model import VOCAB_AXES, embed_lookup, local_logits, rope_tables
-from jaxpp.sampling import SamplerMode, SamplerRows, sample
+from jaxpp.sampling import SamplerMode, SamplerRows, grammar_advance, sample
 from jaxpp.sharding import LOGICAL_TO_MESH, logical_to_spec
 
 # One pool per layer slot, like the weights (slicing a layer out of a stacked pool would copy
@@ -125,10 +127,18 @@ class Penalties(NamedTuple):
     seen: jax.Array  # bool [rows, Vpad]: prompt and output tokens
 
 
+class Automata(NamedTuple):
+    """Where each row's structured-output automaton is (grammar.py; read and updated only by
+    the grammar sample programs, so that the others' arguments never change with it)."""
+
+    state: jax.Array  # i32 [rows]: a state id of the device pool (GrammarTables); -1 = none
+
+
 class Ring(NamedTuple):
     stages: StageState
     rows: RowState
     penalties: Penalties
+    automata: Automata
 
 
 class RowControl(NamedTuple):
@@ -138,6 +148,7 @@ class RowControl(NamedTuple):
     sampler: SamplerRows  # [rows] sampling settings of that request
     prompt_len: jax.Array  # i32 [rows]: its prompt (positions past it hold recomputed outputs)
     generated0: jax.Array  # i32 [rows]: tokens it had generated before this prefill
+    grammar_start: jax.Array  # i32 [rows]: its automaton's state at its first token; -1 = none
 
 
 class Leaving(NamedTuple):
@@ -228,7 +239,7 @@ class Pipeline:
 
     @staticmethod
     def control_spec() -> RowControl:
-        return RowControl(ROW, SamplerRows(*[ROW] * len(SamplerRows._fields)), ROW, ROW)
+        return RowControl(ROW, SamplerRows(*[ROW] * len(SamplerRows._fields)), ROW, ROW, ROW)
 
     @staticmethod
     def log_spec() -> StepLog:
@@ -402,43 +413,55 @@ class Pipeline:
     # --- the sampling program ----------------------------------------------------------------
 
     def sample_program(self, mode: SamplerMode):
-        """sample(state, rows, control, leaving, log[, penalties]) -> (rows, log[, penalties]):
-        the next token of every row of the micro-batch leaving the last stage. One program per
-        sampler mode; only a penalties mode takes (and updates) the penalty counts."""
+        """sample(state, rows, control, leaving, log[, penalties][, automata, tables]) -> (rows,
+        log[, penalties][, automata]): the next token of every row of the micro-batch leaving
+        the last stage. One program per sampler mode; only a penalties mode takes (and updates)
+        the penalty counts, only a grammar mode the rows' automata and the pool's tables."""
         leaving_spec = Leaving(ROW, ROW, ROW, ROW, REPLICATED, REPLICATED)
         ins = (self.state_specs, self.row_spec(), self.control_spec(), leaving_spec,
                self.log_spec())  # fmt: skip
         outs = (self.row_spec(), self.log_spec())
         donate = (1, 4)
         if mode.penalties:
-            spec = Penalties(ROW, ROW)
-            ins, outs, donate = ins + (spec,), outs + (spec,), (1, 4, 5)
+            donate += (len(ins),)
+            ins, outs = ins + (Penalties(ROW, ROW),), outs + (Penalties(ROW, ROW),)
+        if mode.grammar:  # the tables are read only: the pool keeps them
+            donate += (len(ins),)
+            ins, outs = ins + (Automata(ROW), TABLE_SPECS), outs + (Automata(ROW),)
         fn = functools.partial(self._sample, mode=mode)
         fn.__name__ = "sample"
         return self._jit(fn, ins, outs, donate=donate)
 
     def _sample(self, state, rows: RowState, ctl: RowControl, leaving: Leaving, log: StepLog,
-                *penalties: Penalties, mode: SamplerMode):  # fmt: skip
+                *extra, mode: SamplerMode):  # fmt: skip
         """Sample the next token of every row of the leaving micro-batch that decoded or ended
         its prompt; update the rows (one stops the moment its stop token or token budget is
-        reached) and write the tick's log entry."""
+        reached, or when its automaton has no way on) and write the tick's log entry. `extra`:
+        the penalties (mode.penalties), then the automata and their tables (mode.grammar)."""
         mb, vocab = self.shape.rows, self.shape.vocab_size
+        penalties = extra[0] if mode.penalties else None
+        automata, tables = extra[-2:] if mode.grammar else (None, None)
         model = nnx.merge(self.graphdef, state)
         with jax.named_scope("lm_head"):
             logits = local_logits(model, leaving.hidden, vocab)
         with jax.named_scope("sample"):
             ids = leaving.microbatch * mb + jnp.arange(mb)
             sampled = leaving.tag >= 0
-            first = leaving.first
             sampler = SamplerRows(*(a[ids] for a in ctl.sampler))
-            generated = jnp.where(first, ctl.generated0[ids], rows.generated[ids])
-            counts = penalties[0].counts[ids] if mode.penalties else None
-            seen = penalties[0].seen[ids] if mode.penalties else None
-            got = sample(logits, sampler, generated, counts, seen, vocab, mode)
+            generated = jnp.where(leaving.first, ctl.generated0[ids], rows.generated[ids])
+            counts = penalties.counts[ids] if mode.penalties else None
+            seen = penalties.seen[ids] if mode.penalties else None
+            at = _automaton_state(ctl, automata, ids, leaving.first) if mode.grammar else None
+            walk = (at, tables) if mode.grammar else None
+            got = sample(logits, sampler, generated, counts, seen, vocab, mode, walk)
             hit_stop = (got.tokens[:, None] == sampler.stop_ids).any(-1) & (
                 generated + 1 > sampler.min_tokens
             )
             finished = hit_stop | (generated + 1 >= sampler.max_tokens)
+            if mode.grammar:  # a row whose automaton has no way on is complete
+                with jax.named_scope("grammar"):
+                    following = grammar_advance(at, got.tokens, tables)
+                    finished |= (following >= 0) & tables.terminal[jnp.maximum(following, 0)]
             # A row the host has withdrawn (tag -1) stops, even for a token that entered before.
             cont = sampled & ~finished & (ctl.tag[ids] >= 0)
 
@@ -451,21 +474,42 @@ class Pipeline:
                 generated=put(rows.generated, generated + 1),
                 live=put(rows.live, cont),
             )
+            updated = ()
             if mode.penalties:
-                hit = jax.nn.one_hot(got.tokens, counts.shape[1], dtype=jnp.int32)
-                hit = hit * sampled[:, None]
-                counts = penalties[0].counts.at[ids].add(hit)
-                penalties = (Penalties(counts, penalties[0].seen.at[ids].set(seen | (hit > 0))),)
-        k = leaving.tick - log.start
-        log = log._replace(
-            tags=log.tags.at[k, 0].set(jnp.where(sampled, leaving.tag, -1)),
-            tokens=log.tokens.at[k, 0].set(got.tokens),
-            logprob=log.logprob.at[k, 0].set(got.logprob),
-            top_ids=log.top_ids.at[k, 0].set(got.top_ids),
-            top_logprobs=log.top_logprobs.at[k, 0].set(got.top_logprobs),
-            live=log.live.at[k, 0].set(jnp.sum(rows.live.astype(jnp.int32))),
-        )
-        return (rows, log, *penalties)
+                updated += (_counted(penalties, ids, got.tokens, sampled, seen),)
+            if mode.grammar:
+                updated += (Automata(put(automata.state, following)),)
+        return (rows, _logged(log, leaving, sampled, got, rows), *updated)
+
+
+def _automaton_state(ctl: RowControl, automata: Automata, ids, first) -> jax.Array:
+    """Each row's automaton state before its token: its request's start at its first token,
+    the ring's after it; -1 where its request has no constraint (whatever an earlier occupant
+    of the row left in the ring)."""
+    start = ctl.grammar_start[ids]
+    now = jnp.where(first, start, automata.state[ids])
+    return jnp.where(start < 0, -1, now)
+
+
+def _counted(penalties: Penalties, ids, tokens, sampled, seen) -> Penalties:
+    """The penalty counts with each sampled row's new token counted (and seen)."""
+    hit = jax.nn.one_hot(tokens, penalties.counts.shape[1], dtype=jnp.int32)
+    hit = hit * sampled[:, None]
+    counts = penalties.counts.at[ids].add(hit)
+    return Penalties(counts, penalties.seen.at[ids].set(seen | (hit > 0)))
+
+
+def _logged(log: StepLog, leaving: Leaving, sampled, got, rows: RowState) -> StepLog:
+    """The log with the tick's entry: what each row of the leaving micro-batch sampled."""
+    k = leaving.tick - log.start
+    return log._replace(
+        tags=log.tags.at[k, 0].set(jnp.where(sampled, leaving.tag, -1)),
+        tokens=log.tokens.at[k, 0].set(got.tokens),
+        logprob=log.logprob.at[k, 0].set(got.logprob),
+        top_ids=log.top_ids.at[k, 0].set(got.top_ids),
+        top_logprobs=log.top_logprobs.at[k, 0].set(got.top_logprobs),
+        live=log.live.at[k, 0].set(jnp.sum(rows.live.astype(jnp.int32))),
+    )
 
 
 def _enter(batch: TickBatch, rows: RowState, tag, t, sh: PipelineShape):
@@ -604,7 +648,9 @@ def empty_ring(
         generated=put(np.zeros(rows, np.int32), ROW),
         live=put(np.zeros(rows, bool), ROW),
     )
-    return Ring(stages, row_state, empty_penalties(mesh, rows, vocab_padded if penalties else 0))
+    penalty_counts = empty_penalties(mesh, rows, vocab_padded if penalties else 0)
+    automata = Automata(put(np.full(rows, -1, np.int32), ROW))
+    return Ring(stages, row_state, penalty_counts, automata)
 
 
 def empty_penalties(mesh: Mesh, rows: int, width: int) -> Penalties:

@@ -7,12 +7,14 @@ nothing unlisted can mismatch: a new shape compiles a new program, never a wrong
 
 `LLM.warmup` compiles, before anything is served, every program a configuration can meet in
 greedy and seeded traffic: `forward` for each token bucket and `sample` for the greedy and the
-sampling modes (by running idle ticks through these programs). Rarer modes (logprobs,
-penalties, LLM.logits' collecting forward) compile the first time a call needs them, once each.
+sampling modes, each also in its grammar mode (structured outputs), by running idle ticks
+through these programs. Rarer modes (logprobs, penalties, LLM.logits' collecting forward)
+compile the first time a call needs them, once each.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -23,6 +25,9 @@ from jaxpp.sampling import SamplerMode
 
 GREEDY = SamplerMode(full_vocab=False, penalties=False, logprobs=0)
 SAMPLING = SamplerMode(full_vocab=True, penalties=False, logprobs=0)
+# The same with rows under a structured-output automaton (grammar.py).
+GREEDY_GRAMMAR = dataclasses.replace(GREEDY, grammar=True)
+SAMPLING_GRAMMAR = dataclasses.replace(SAMPLING, grammar=True)
 
 
 class Programs:

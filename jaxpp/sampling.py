@@ -7,9 +7,15 @@ Batches with sampled rows, penalties or logprobs gather the full row (one all-ga
 [rows, vocab] per tick) and every device draws the same token from the same numbers.
 
 Per-request settings are arrays (`SamplerRows`), so one compiled program serves any mix of greedy
-and sampled requests. Randomness is a pure function of (request seed, token index, vocab id):
-Gumbel noise drawn over the true vocabulary (not the padded one), so a seeded request gives the
-same tokens alone or in any batch, at any position, under any pp/tp/dp layout.
+and sampled requests. Structured outputs (grammar.py) walk a token automaton on the device: in
+the grammar sample programs (`SamplerMode.grammar`: calls with a constrained row) each device
+masks its own vocab shard to the tokens the row's state allows (`grammar_allowed`), and after
+the draw every device finds the next state (`grammar_advance`); the other programs take no
+tables and compute none of it.
+
+Randomness is a pure function of (request seed, token index, vocab id): Gumbel noise drawn over
+the true vocabulary (not the padded one), so a seeded request gives the same tokens alone or in
+any batch, at any position, under any pp/tp/dp layout.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpp.config import SamplingParams
+from jaxpp.grammar import GrammarTables
 from jaxpp.model import VOCAB_AXES, vocab_shard_index
 
 
@@ -48,6 +55,7 @@ class SamplerMode:
     full_vocab: bool  # some row samples, has penalties or wants logprobs: gather the vocab
     penalties: bool  # track per-row token counts
     logprobs: int  # top-N logprobs to return per token (0 = only the chosen token's)
+    grammar: bool = False  # some row decodes under a structured-output automaton
 
     @staticmethod
     def of(params: list[SamplingParams]) -> SamplerMode:
@@ -57,6 +65,7 @@ class SamplerMode:
             full_vocab=penalties or wants_logprobs or any(not p.greedy for p in params),
             penalties=penalties,
             logprobs=max((p.logprobs or 0) for p in params),
+            grammar=any(p.structured_outputs is not None for p in params),
         )
 
 
@@ -138,17 +147,22 @@ def sample(
     seen: jax.Array | None,
     vocab_size: int,
     mode: SamplerMode,
+    grammar: tuple[jax.Array, GrammarTables] | None = None,
 ) -> Sampled:
     """Next tokens for `rows` from this device's vocab shard of their logits.
 
     local_logits [R, Vshard] f32 (padded ids already -inf); generated [R] tokens generated so
-    far (the index of the token being drawn); counts/seen [R, Vpad] for penalties.
+    far (the index of the token being drawn); counts/seen [R, Vpad] for penalties; grammar
+    (mode.grammar): each row's automaton state (-1: none) and the automata.
     """
     width = local_logits.shape[-1]
     ids = vocab_shard_index() * width + jnp.arange(width)
+    is_stop = (ids[None, :, None] == rows.stop_ids[:, None, :]).any(-1)
     # min_tokens: stop tokens are banned until enough tokens were generated.
-    banned = (ids[None, :, None] == rows.stop_ids[:, None, :]).any(-1)
-    banned &= (generated < rows.min_tokens)[:, None]
+    banned = is_stop & (generated < rows.min_tokens)[:, None]
+    if mode.grammar:
+        with jax.named_scope("grammar"):
+            banned |= ~grammar_allowed(*grammar, is_stop)
     logits = jnp.where(banned, -jnp.inf, local_logits)
     if not mode.full_vocab:
         tokens = _sharded_argmax(logits, ids)
@@ -167,6 +181,41 @@ def sample(
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(logprobs, mode.logprobs)
     return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_lp)
+
+
+def grammar_allowed(states: jax.Array, tables: GrammarTables, is_stop: jax.Array) -> jax.Array:
+    """bool [R, Vshard]: the tokens of this device's vocab shard that each row's automaton
+    state allows (its packed mask bits; its stop tokens too where the state accepts); a row
+    with no automaton (state -1) is allowed everything. A terminal state is never sampled
+    from: the row ended on the token that reached it (grammar_advance)."""
+    rows, width = is_stop.shape
+    at = jnp.maximum(states, 0)
+    words = tables.mask[at]  # [R, words]: this shard's words of each row's state
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    allowed = bits.reshape(rows, -1)[:, :width].astype(bool)
+    allowed |= is_stop & tables.accepting[at][:, None]
+    return allowed | (states < 0)[:, None]
+
+
+def grammar_advance(states: jax.Array, tokens: jax.Array, tables: GrammarTables) -> jax.Array:
+    """i32 [R]: each row's state after its token: the token's entry among the state's
+    exceptions (sorted by token: a binary search of a fixed number of unrolled steps, as many
+    as the exception table's size needs; no loop of unknown trip count), else the state's
+    default. Rows with no automaton stay -1."""
+    at = jnp.maximum(states, 0)
+    lo, end = tables.exc_start[at], tables.exc_end[at]
+    hi = end
+    last = tables.exc_token.shape[0] - 1
+    for _ in range(tables.exc_token.shape[0].bit_length()):
+        mid = (lo + hi) // 2
+        less = tables.exc_token[jnp.clip(mid, 0, last)] < tokens
+        open_ = lo < hi
+        lo = jnp.where(open_ & less, mid + 1, lo)
+        hi = jnp.where(open_ & ~less, mid, hi)
+    hit = jnp.clip(lo, 0, last)
+    found = (lo < end) & (tables.exc_token[hit] == tokens)
+    following = jnp.where(found, tables.exc_next[hit], tables.default_next[at])
+    return jnp.where(states < 0, -1, following)
 
 
 def _sharded_argmax(logits: jax.Array, ids: jax.Array) -> jax.Array:

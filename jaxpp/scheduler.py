@@ -45,6 +45,7 @@ import numpy as np
 from jaxpp.attention import QUERY_BLOCK
 from jaxpp.batch import Buckets, Chunk, TickBatch, TickPlan, pack
 from jaxpp.config import SamplingParams
+from jaxpp.grammar import Automaton
 from jaxpp.kv_pages import PagePool
 from jaxpp.sampling import SamplerMode, host_sampler_rows, set_sampler_row, stop_token_ids
 from jaxpp.stats import RunStats
@@ -71,6 +72,11 @@ class Request:
     finish_time: float | None = None
     stopped_by_string: bool = False
     preemptions: int = 0
+    # Structured outputs: its automaton, where the device pool holds it (its first state's id)
+    # and its state after `tokens` (the host walks it as the device does).
+    automaton: Automaton | None = None
+    grammar_base: int = -1
+    grammar_state: int = 0
     # While admitted (one admission):
     tag: int = -1  # names this admission in the device log
     row: int | None = None
@@ -83,6 +89,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_time is not None
+
+    @property
+    def grammar_complete(self) -> bool:
+        """Its automaton has no way on: the output is complete (the device stopped it)."""
+        return self.automaton is not None and bool(self.automaton.terminal[self.grammar_state])
 
     @property
     def last_position(self) -> int:
@@ -188,6 +199,7 @@ class Scheduler:
         self.tags = np.full(layout.slots, -1, np.int32)
         self.prompt_len = np.zeros(layout.slots, np.int32)
         self.generated0 = np.zeros(layout.slots, np.int32)
+        self.grammar_start = np.full(layout.slots, -1, np.int32)
         self.sampler = host_sampler_rows(layout.slots)
         self.control_changed = True
         self.calls = 0
@@ -335,6 +347,7 @@ class Scheduler:
             "tag": self.tags.copy(),
             "prompt_len": self.prompt_len.copy(),
             "generated0": self.generated0.copy(),
+            "grammar_start": self.grammar_start.copy(),
             "sampler": {k: v.copy() for k, v in self.sampler.items()},
         }
 
@@ -454,6 +467,9 @@ class Scheduler:
         self.tags[row] = request.tag
         self.prompt_len[row] = len(request.prompt)
         self.generated0[row] = len(request.tokens)
+        self.grammar_start[row] = (
+            -1 if request.automaton is None else request.grammar_base + request.grammar_state
+        )
         params = request.params
         if request.score:  # sample nothing: the first token ends it
             params = dataclasses.replace(params, max_tokens=1, min_tokens=0)
@@ -560,8 +576,10 @@ class Scheduler:
         p = request.params
         n = len(request.tokens)
         stops = stop_token_ids(p, self.eos_token_ids)
+        if request.automaton is not None:
+            request.grammar_state = request.automaton.next_state(request.grammar_state, token)
         # The device's rule, to the letter: it has stopped the row on exactly these.
-        if (token in stops and n > p.min_tokens) or n >= p.max_tokens:
+        if (token in stops and n > p.min_tokens) or n >= p.max_tokens or request.grammar_complete:
             self._finish(request, now)
         elif p.stop and self.stop_check is not None and self.stop_check(request):
             request.stopped_by_string = True

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import jaxpp
 from jaxpp import SamplingParams, cli
+from jaxpp.grammar import Compiler, VocabLayout
 from jaxpp.outputs import CompletionOutput, Logprob, RequestOutput
 
 GOOD_BEFORE = {"id": "before", "prompt": "def add(a, b):", "max_tokens": 3}
@@ -155,9 +156,12 @@ class TokenizerFakeLLM(FakeEngine):
         super().__init__(tokenizer, max_model_len)
         self.model_dir = model_dir
         self.config = SimpleNamespace(vocab_size=4096, bos_token_id=0, eos_token_ids=(1,))
+        # Structured outputs are compiled (and refused) as the engine does; `complete` ignores
+        # them.
+        self.grammar_compiler = Compiler(tokenizer, VocabLayout(4096, 1, 4096))
 
-    def chat_prompt(self, messages):
-        return jaxpp.LLM.chat_prompt(self, messages)
+    def chat_prompt(self, messages, tools=None):
+        return jaxpp.LLM.chat_prompt(self, messages, tools)
 
     def complete(self, prompt: list[int], params: SamplingParams) -> CompletionOutput:
         ids = [7] * min(params.max_tokens, 2)

@@ -95,7 +95,7 @@ class FakeLLM(FakeEngine):
         self.written_before_step: list[list[dict]] = []
         self.finished_before_step: list[int] = []
 
-    def chat_prompt(self, messages):
+    def chat_prompt(self, messages, tools=None):
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i} must be {{'role': str, 'content': str}}")

@@ -93,6 +93,25 @@ PLAUSIBLE = {
     "top_logprobs": st.integers(-1, 30),
     "max_completion_tokens": st.integers(-1, 70),
     "model": text,
+    "structured_outputs": st.sampled_from(
+        [
+            {"choice": ["a", "b"]},
+            {"regex": "[a-z]{1,3}"},
+            {"json_object": True},
+            {"grammar": "root ::= root"},
+            {"json": {"type": "integer", "multipleOf": 2}},
+        ]
+    )
+    | st.dictionaries(st.sampled_from(["json", "regex", "choice", "x"]), text, max_size=2),
+    "response_format": st.sampled_from([{"type": "json_object"}, {"type": "text"}, {"type": 3}]),
+    "guided_choice": st.lists(text, max_size=3),
+    "tools": st.lists(
+        st.fixed_dictionaries(
+            {"type": st.just("function"), "function": st.fixed_dictionaries({"name": text})}
+        ),
+        max_size=2,
+    ),
+    "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function"}]),
 }
 
 

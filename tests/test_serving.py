@@ -192,7 +192,8 @@ def test_compiled_programs_are_a_fixed_set_without_host_round_trips(
     llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=4, max_num_batched_tokens=32)
     compiled = llm.warmup()
     buckets = llm.scheduler.buckets.sizes
-    assert compiled == llm.compiled_programs == len(buckets) + 2  # + greedy and sampling
+    # + greedy and sampling, each also in its grammar mode (structured outputs)
+    assert compiled == llm.compiled_programs == len(buckets) + 4
     with CompileCounter() as counter:
         llm.generate(prompts, [_greedy(b) for b in BUDGETS])
     assert counter.count == 0, counter.names

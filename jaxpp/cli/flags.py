@@ -202,6 +202,7 @@ def add_generate_parser(subparsers, run, model_dir: Path = DEMO_MODEL) -> None:
     )
     add_engine_flags(cb)
     add_sampling_flags(p, model_dir)
+    add_tool_flags(p)
     add_process_flags(p)
     p.set_defaults(func=run)
 
@@ -233,6 +234,25 @@ def add_limit_flags(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"largest logprobs / top_logprobs a request may ask for (default: "
         f"{DEFAULT_MAX_LOGPROBS})",
+    )
+
+
+def add_tool_flags(p: argparse.ArgumentParser) -> None:
+    """Tool calling's tool_choice "auto" (generate and serve), with vLLM's flag names."""
+    from jaxpp.cli.tools import PARSERS  # noqa: PLC0415
+
+    t = p.add_argument_group("tool calling")
+    t.add_argument(
+        "--tool-call-parser",
+        choices=PARSERS,
+        default=None,
+        help='how tool_choice "auto" reads tool calls from the text: hermes (<tool_call> JSON: '
+        'Hermes, Qwen2/2.5/3) or llama3_json (Llama 3.1+); without it "auto" is refused',
+    )
+    t.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='accepted as vLLM spells it: --tool-call-parser alone enables "auto"',
     )
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 from typing import Any
 
+from jaxpp.cli import structured, tools
 from jaxpp.cli.errors import (
     CHAT_TEMPLATE_ERROR,
     CONTEXT_LENGTH_EXCEEDED,
@@ -46,6 +47,7 @@ SAMPLING_FIELDS = (
     "frequency_penalty",
     "repetition_penalty",
     "skip_special_tokens",
+    "structured_outputs",
 )
 # OpenAI body fields mapped onto SamplingParams (the vLLM extras top_k, min_p, ... included).
 _OPENAI_SAMPLING = (
@@ -75,6 +77,7 @@ _OPENAI_BODY = {
         "stream_options",
         *_OPENAI_SAMPLING,
         *_OPENAI_IGNORED,
+        *structured.BODY_FIELDS,
     },
     "chat": {
         "messages",
@@ -86,6 +89,8 @@ _OPENAI_BODY = {
         "stream_options",
         *_OPENAI_SAMPLING,
         *_OPENAI_IGNORED,
+        *structured.BODY_FIELDS,
+        *tools.BODY_FIELDS,
     },
 }
 OPENAI_KEYS = {"custom_id", "method", "url", "body"}
@@ -114,6 +119,7 @@ class Job:
     logprobs: Any = None  # OpenAI: ("completion", n) or ("chat", n)
     stream: bool = False  # the server answers with server-sent events (never a batch line)
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
+    tools: Any = None  # chat: tools.ToolCalling, how the answer's tool calls are read
     results: list = dataclasses.field(default_factory=list)
     left: int = 0
 
@@ -174,8 +180,10 @@ class RequestBuilder:
         model_name: str,
         limits: Limits,
         streaming: bool = False,
+        tool_call_parser: str | None = None,
     ):
-        """`streaming`: requests may ask for `stream: true` (the server; a batch line may not)."""
+        """`streaming`: requests may ask for `stream: true` (the server; a batch line may not).
+        `tool_call_parser`: how tool_choice "auto" reads tool calls (tools.PARSERS), or None."""
         from jaxpp import SamplingParams  # noqa: PLC0415
 
         self.streaming = streaming
@@ -186,6 +194,7 @@ class RequestBuilder:
         self.model_name = model_name
         self.limits = limits
         self.vocab_size = llm.config.vocab_size
+        self.tool_call_parser = tool_call_parser
 
     def request_id(self, obj: dict, name: str, line: int) -> Any:
         """The line's id (`name` is "id" or "custom_id"), its line number when it has none."""
@@ -263,7 +272,17 @@ class RequestBuilder:
             )
         return ids
 
-    def chat(self, messages: Any) -> tuple[str, list[int]]:
+    def constraint(self, spec: Any) -> Any:
+        """A StructuredOutputsParams, compiled now (the engine finds it in its cache), so that
+        a constraint the grammar engine refuses is this request's error."""
+        if spec is not None:
+            try:
+                self.llm.grammar_compiler.compile(spec)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+        return spec
+
+    def chat(self, messages: Any, tool_list: list | None = None) -> tuple[str, list[int]]:
         if not isinstance(messages, list) or not messages:
             raise RequestError(
                 f"messages must be a non-empty list of {{role, content}} objects, "
@@ -274,7 +293,7 @@ class RequestBuilder:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise RequestError("the model has no chat template: send a 'prompt' instead")
         with failure_as(CHAT_TEMPLATE_ERROR, "the chat template refused the messages"):
-            text = self.llm.chat_prompt(flat)
+            text = self.llm.chat_prompt(flat, tool_list)
         # The template already holds any BOS: encode without adding special tokens again.
         with failure_as(INVALID_PROMPT, "the tokenizer cannot encode the chat prompt"):
             ids = list(tokenizer.encode(text, add_special_tokens=False))
@@ -293,7 +312,11 @@ class RequestBuilder:
             raise RequestError(
                 "a line needs exactly one of 'prompt' (text or token ids) or 'messages' (a chat)"
             )
-        params = self.params({k: obj[k] for k in SAMPLING_FIELDS if k in obj}, id_key(job_id))
+        fields = {k: obj[k] for k in SAMPLING_FIELDS if k in obj}
+        if "structured_outputs" in fields:
+            spec = structured.from_body({"structured_outputs": fields["structured_outputs"]})
+            fields["structured_outputs"] = self.constraint(spec)
+        params = self.params(fields, id_key(job_id))
         job = Job(line, job_id, "plain")
         if "prompt" in obj:
             ids = self.encode(obj["prompt"])
@@ -356,6 +379,7 @@ class RequestBuilder:
         # The echoed model name is cut: an answer never grows with a hostile field.
         job = Job(line, job_id, kind, model=str(body.get("model") or self.model_name)[:200])
         job.stream, job.include_usage = stream, include_usage
+        overrides["structured_outputs"] = self.constraint(self._constraint_of(body, job))
         if kind == "chat":
             if body.get("max_completion_tokens") is not None:
                 overrides["max_tokens"] = body["max_completion_tokens"]
@@ -369,7 +393,8 @@ class RequestBuilder:
             if "messages" not in body:
                 raise RequestError("body.messages is required for /v1/chat/completions")
             self.limits.check_sequences(n, 1)
-            _, ids = self.chat(body["messages"])
+            tool_list = job.tools.template_tools() if job.tools is not None else None
+            _, ids = self.chat(body["messages"], tool_list)
             prompts = [ids]
         else:
             if body.get("logprobs") is not None:
@@ -397,6 +422,23 @@ class RequestBuilder:
         job.prompt_tokens = sum(len(ids) for ids in prompts)
         return job
 
+    def _constraint_of(self, body: dict, job: Job) -> Any:
+        """The request's structured-output constraint: its own fields', or (chat) the one its
+        tool_choice needs (job.tools is set); two are refused."""
+        spec = structured.from_body(body)
+        if job.kind != "chat":
+            return spec
+        job.tools = tools.from_body(body, self.tool_call_parser)
+        needed = job.tools.constraint() if job.tools is not None else None
+        if needed is None:
+            return spec
+        if spec is not None:
+            raise RequestError(
+                f"tool_choice {job.tools.mode!r} constrains the output already: drop "
+                "response_format / structured_outputs"
+            )
+        return structured.from_body({"structured_outputs": needed})
+
 
 def _flat_message(index: int, message: Any) -> dict:
     """One chat message with its text parts joined: {"role": str, "content": str, ...}."""
@@ -412,6 +454,7 @@ def _flat_message(index: int, message: Any) -> dict:
         ):
             raise RequestError(f"message {index}: only text content parts are supported")
         message = {**message, "content": "".join(x["text"] for x in content)}
+    message = tools.template_message(index, message)
     if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
         raise RequestError(
             f"message {index} must be {{'role': str, 'content': str}}, got {short_repr(message)}"

@@ -192,7 +192,9 @@ def run_generate(args: argparse.Namespace) -> int:
     log = TracebackLog(log_path_for(args.output))
     try:
         llm = loaded_llm(args)
-        builder = RequestBuilder(llm, defaults, args.seed, model.name, limits)
+        builder = RequestBuilder(
+            llm, defaults, args.seed, model.name, limits, tool_call_parser=args.tool_call_parser
+        )
         progress = Progress(
             _progress_mode(args) if primary else None,
             total,

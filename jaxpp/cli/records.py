@@ -7,6 +7,7 @@ import time
 import uuid
 from typing import Any
 
+from jaxpp.cli import tools
 from jaxpp.cli.errors import RequestError
 from jaxpp.cli.formats import Job
 
@@ -51,12 +52,15 @@ def result_record(job: Job) -> dict:
     choices = []
     for index, c in enumerate(job.results):
         choice: dict[str, Any] = {"index": index}
-        if job.kind == "chat":
+        finish = c.finish_reason
+        if job.kind == "chat" and job.tools is not None:
+            choice["message"], finish = tools.reply(job.tools, c.text, finish)
+        elif job.kind == "chat":
             choice["message"] = {"role": "assistant", "content": c.text}
         else:
             choice["text"] = c.text
         choice["logprobs"] = openai_logprobs(job.logprobs, c)
-        choice["finish_reason"] = c.finish_reason
+        choice["finish_reason"] = finish
         choices.append(choice)
     completion_tokens = sum(len(c.token_ids) for c in job.results)
     body = {

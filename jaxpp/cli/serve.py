@@ -27,6 +27,7 @@ from jaxpp.cli.flags import (
     add_limit_flags,
     add_model_flags,
     add_sampling_flags,
+    add_tool_flags,
     model_in_argv,
 )
 from jaxpp.cli.preflight import check_flags, model_config
@@ -77,6 +78,7 @@ def add_parser(subparsers, argv: list[str] | None = None) -> None:
     add_engine_flags(engine)
     add_limit_flags(p)
     add_sampling_flags(p, model_in_argv(argv or []))
+    add_tool_flags(p)
     add_process_flags(p)
     p.set_defaults(func=run_serve)
 
@@ -104,7 +106,15 @@ def prepare(args: argparse.Namespace, exchange=None) -> Prepared:
     # no request will wait for a compilation.
     llm.warmup(log=lambda line: print(f"jaxpp serve: {line}", flush=True))
     name = args.served_model_name or Path(args.model).name
-    builder = RequestBuilder(llm, defaults, args.seed, name, limits, streaming=True)
+    builder = RequestBuilder(
+        llm,
+        defaults,
+        args.seed,
+        name,
+        limits,
+        streaming=True,
+        tool_call_parser=args.tool_call_parser,
+    )
     metrics = Metrics(llm, name)
     loop = EngineLoop(
         llm, llm.max_num_seqs + args.max_waiting, metrics.observe, exchange or (lambda w: w)

@@ -13,6 +13,7 @@ or the server is stopping). A client that disconnects has its sequences aborted 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import time
@@ -24,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from jaxpp.cli import structured, tools
 from jaxpp.cli.errors import RequestError
 from jaxpp.cli.formats import Job, RequestBuilder, parse_line
 from jaxpp.cli.records import openai_logprobs, result_record
@@ -105,7 +107,14 @@ def build_app(
                     404, f"model {str(model)[:200]!r} is not served here (only {model_name!r})",
                     "model_not_found",
                 )  # fmt: skip
-            job = builder.openai({"url": url, "body": body}, 0, uuid.uuid4().hex)
+            build = functools.partial(
+                builder.openai, {"url": url, "body": body}, 0, uuid.uuid4().hex
+            )
+            # A new structured-output constraint compiles while its request is built (grammar.py:
+            # seconds on a large vocabulary): in a worker thread, so that the event loop serves
+            # the others meanwhile.
+            constrained = any(k in body for k in (*structured.BODY_FIELDS, *tools.BODY_FIELDS))
+            job = await asyncio.to_thread(build) if constrained else build()
         except RequestError as e:
             return error_response(400, str(e), e.code)
         except Exception:  # noqa: BLE001 - a bug, not the client's: 500, the server goes on
@@ -160,9 +169,15 @@ def build_app(
             "model": job.model,
         }
 
-        def chunk(index: int, text: str, finish: str | None = None, logprobs=None) -> str:
+        # Tool calls are read from the whole answer: its text is held back and sent as one
+        # delta of content and tool_calls (tools.stream_delta) with the finish reason.
+        held = chat and job.tools is not None and job.tools.mode != "none"
+
+        def chunk(index: int, text: str, finish: str | None = None, logprobs=None, delta=None):
             choice = {"index": index}
-            if chat:
+            if delta is not None:
+                choice["delta"] = delta
+            elif chat:
                 choice["delta"] = {"content": text} if text or finish is None else {}
             else:
                 choice["text"] = text
@@ -181,13 +196,19 @@ def build_app(
             while left:
                 index, event = await events.get()
                 if event.kind == DELTA:
-                    yield chunk(index, event.text)
+                    if not held:
+                        yield chunk(index, event.text)
                 elif event.kind == DONE:
                     c = event.completion
                     generated += len(c.token_ids)
                     left -= 1
-                    yield chunk(index, event.text, c.finish_reason,
-                                openai_logprobs(job.logprobs, c))  # fmt: skip
+                    delta, finish = (
+                        tools.stream_delta(job.tools, c.text, c.finish_reason)
+                        if held
+                        else (None, c.finish_reason)
+                    )
+                    yield chunk(index, event.text, finish, openai_logprobs(job.logprobs, c),
+                                delta)  # fmt: skip
                 else:
                     yield _sse({"error": _error_body(event)})
                     return
