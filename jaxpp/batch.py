@@ -12,8 +12,10 @@ and length; per row of the entering micro-batch the slot whose output gives its 
     groups                       (4, 16)                   (20, 8)
 
 A decode slot names only its row: the device feeds the row's next token at the row's next
-position, if the row is still live there (the host plans one call ahead of what it has read,
-so a row it believes decoding may have finished on the device; the device's row state says).
+position (a speculating row's next k slots: its drafts at the positions after, their
+`position` the offset 1 .. k: speculation.py), if the row is still live there (the host plans
+one call ahead of what it has read, so a row it believes decoding may have finished on the
+device; the device's row state says).
 Decode slots come first, prompt chunks follow, each cut into query groups of at most
 `QUERY_BLOCK` tokens of one row (attention.py). A program is compiled per bucket, never per
 mix: T comes from a handful of sizes (`Buckets`), the rest of a tick is data.
@@ -38,7 +40,8 @@ class TickBatch(NamedTuple):
 
     token: np.ndarray  # i32 [replicas, T]: a prompt token's id; -1: decode slot or empty
     row: np.ndarray  # i32 [replicas, T]: the slot's row within its replica; -1: empty
-    position: np.ndarray  # i32 [replicas, T]: a prompt token's position (decode: the device's)
+    position: np.ndarray  # i32 [replicas, T]: a prompt token's position; a decode slot's
+    # offset after its row's next token (0, or 1 .. k for a speculating row's drafts)
     group_start: np.ndarray  # i32 [replicas, G]: first slot of each prompt query group
     group_len: np.ndarray  # i32 [replicas, G]: its queries; 0 = unused
     sample: np.ndarray  # i32 [replicas, mb]: per row of the micro-batch, the slot whose
@@ -65,10 +68,15 @@ class TickPlan:
 
     decode: list[int] = dataclasses.field(default_factory=list)  # rows that feed a token
     chunks: list[Chunk] = dataclasses.field(default_factory=list)
+    drafts: int = 0  # slots for drafts after each decode row's token (speculation.py)
+
+    @property
+    def decode_slots(self) -> int:
+        return len(self.decode) * (self.drafts + 1)
 
     @property
     def slots(self) -> int:
-        return len(self.decode) + sum(len(c.tokens) for c in self.chunks)
+        return self.decode_slots + sum(len(c.tokens) for c in self.chunks)
 
     @property
     def groups(self) -> int:
@@ -94,9 +102,10 @@ def pack(plans: list[TickPlan], bucket: int, rows: int, microbatch: int) -> Tick
     first_row = microbatch * rows
     for d, plan in enumerate(plans):
         assert plan.slots <= bucket and plan.groups <= groups, (plan.slots, bucket)
-        n = len(plan.decode)
-        batch.row[d, :n] = plan.decode
-        batch.sample[d, np.asarray(plan.decode, np.int64) - first_row] = np.arange(n)
+        width, n = plan.drafts + 1, plan.decode_slots
+        batch.row[d, :n] = np.repeat(plan.decode, width)
+        batch.position[d, :n] = np.tile(np.arange(width), len(plan.decode))
+        batch.sample[d, np.asarray(plan.decode, np.int64) - first_row] = np.arange(0, n, width)
         g = 0
         for chunk in plan.chunks:
             size = len(chunk.tokens)

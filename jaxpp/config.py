@@ -472,6 +472,71 @@ class SamplingParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (speculation.py), with vLLM's `--speculative-config` names: prompt
+    lookup proposes the `num_speculative_tokens` tokens that followed the latest earlier
+    occurrence of the sequence's last n-gram (the longest n in [prompt_lookup_min,
+    prompt_lookup_max] that occurs), and the ring verifies them in one trip."""
+
+    num_speculative_tokens: int
+    method: str = "ngram"
+    prompt_lookup_max: int | None = None  # both unset: 5 and 5; one set: the other copies it
+    prompt_lookup_min: int | None = None
+    # A call verifies drafts only while this many requests or fewer decode (None: always):
+    # above it the verify slots cost more than they return (measured in docs/performance.md).
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(
+                f"speculative_config method={self.method!r} is not supported: jaxpp proposes "
+                "with prompt lookup on the device ('ngram'); a draft model is not supported"
+            )
+        _check_positive("num_speculative_tokens", self.num_speculative_tokens)
+        high = self.prompt_lookup_max or self.prompt_lookup_min or 5
+        low = self.prompt_lookup_min or self.prompt_lookup_max or 5
+        for name, value in (("prompt_lookup_max", high), ("prompt_lookup_min", low)):
+            _check_positive(name, value)
+        if low > high:
+            raise ValueError(
+                f"speculative_config prompt_lookup_min={low} is more than prompt_lookup_max={high}"
+            )
+        object.__setattr__(self, "prompt_lookup_max", high)
+        object.__setattr__(self, "prompt_lookup_min", low)
+        if self.disable_by_batch_size is not None:
+            _check_positive("disable_by_batch_size", self.disable_by_batch_size)
+
+    @staticmethod
+    def of(raw: SpeculativeConfig | dict | str | None) -> SpeculativeConfig | None:
+        """From a dict or its JSON text (vLLM's keys; "model": "ngram" means the method)."""
+        if raw is None or isinstance(raw, SpeculativeConfig):
+            return raw
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {raw!r}")
+        raw = dict(raw)
+        model = raw.pop("model", None)
+        if model is not None and model != "ngram":
+            raise ValueError(
+                f"speculative_config model={model!r}: a draft model is not supported; use "
+                '{"method": "ngram", "num_speculative_tokens": k}'
+            )
+        if model == "ngram":
+            raw.setdefault("method", "ngram")
+        known = {f.name for f in dataclasses.fields(SpeculativeConfig)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown keys {unknown} (known: {sorted(known)})")
+        if "num_speculative_tokens" not in raw:
+            raise ValueError("speculative_config needs num_speculative_tokens")
+        return SpeculativeConfig(**raw)
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """An engine's serving and layout settings, validated once: what `LLM`, `jaxpp.plan`, the
     CLI's flags and `jaxpp bench` read (the model-dependent checks, such as a partition's sum
@@ -493,8 +558,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     quantization: str | None = None  # "fp8": a float checkpoint's linear weights, on load
     grammar_states: int = 4096  # structured outputs' device pool of automaton states (grammar.py)
+    speculative_config: SpeculativeConfig | None = None  # or its dict / JSON text (vLLM's keys)
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "speculative_config", SpeculativeConfig.of(self.speculative_config)
+        )
         if isinstance(self.layer_partition, list):
             object.__setattr__(self, "layer_partition", tuple(self.layer_partition))
         for name in ("pp", "tp", "dp", "block_size", "decode_chunk", "grammar_states"):

@@ -53,7 +53,15 @@ from jaxpp.loading import load_params, model_identity
 from jaxpp.model import rope_inv_freq
 from jaxpp.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxpp.pipeline import ROW, Pipeline, Ring, RowControl, empty_log, empty_penalties, empty_ring
-from jaxpp.programs import GREEDY, GREEDY_GRAMMAR, SAMPLING, SAMPLING_GRAMMAR, Programs
+from jaxpp.programs import (
+    GREEDY,
+    GREEDY_GRAMMAR,
+    GREEDY_VERIFY,
+    SAMPLING,
+    SAMPLING_GRAMMAR,
+    SAMPLING_VERIFY,
+    Programs,
+)
 from jaxpp.sampling import SamplerRows
 from jaxpp.scheduler import Call, Request, Scheduler, SlotLayout
 from jaxpp.sharding import make_mesh
@@ -150,7 +158,8 @@ class LLM:
         self.max_num_seqs = row_count(lay, config.max_num_seqs)
         budget = config.kv_cache_memory or smallest(_default_kv_budget(self.mesh, self.state))
         pages = page_count(lay, budget)
-        self.shape = pipeline_shape(lay, self.max_num_seqs, pages, config.decode_chunk)
+        speculative = config.speculative_config
+        self.shape = pipeline_shape(lay, self.max_num_seqs, pages, config.decode_chunk, speculative)
         self.layout = SlotLayout(config.dp, self.microbatches, self.shape.rows)
         self.pipeline = Pipeline(
             self.mesh, graphdef, layer_graphdef, self.state, rope_inv_freq(cfg), self.dtype,
@@ -164,7 +173,8 @@ class LLM:
         )  # fmt: skip
         self.scheduler = Scheduler(
             self.layout, pool, lay.token_budget, config.pp, config.decode_chunk,
-            cfg.eos_token_ids, stop_check=self._stop_string_hit,
+            cfg.eos_token_ids, stop_check=self._stop_string_hit, drafts=self.shape.drafts,
+            verify_limit=speculative.disable_by_batch_size if speculative else None,
         )  # fmt: skip
         # Structured outputs: constraint -> automaton (host), and the device pool holding them.
         shards = config.pp * config.tp
@@ -436,7 +446,7 @@ class LLM:
         if call.mode.penalties and penalties.counts.shape[1] == 0:
             penalties = empty_penalties(self.mesh, penalties.counts.shape[0], self.vocab_padded)
         log = empty_log(self.mesh, self.shape, self.dp, call.mode.logprobs, call.start_tick)
-        stages, rows, _, automata = self.ring
+        stages, rows, _, automata, text = self.ring
         ctl, uploaded, collected = self._control, {}, []
         for batch in call.batches:
             if id(batch) not in uploaded:
@@ -444,23 +454,26 @@ class LLM:
             batch = uploaded[id(batch)]
             if call.mode.penalties:  # the prompt tokens entering are seen by their rows
                 penalties = self.programs.count(penalties, ctl.prompt_len, batch)
-            args = (self.state, stages, rows, ctl.tag, self._tables, batch, log)
-            stages, leaving, log, *more = self.programs.forward(call.collect, *args)
+            args = (self.state, stages, rows, ctl.tag, self._tables, batch, log, text,
+                    ctl.text_start, ctl.last_position)  # fmt: skip
+            stages, leaving, log, text, *more = self.programs.forward(call.collect, *args)
             collected += more
-            rows, log, penalties, automata = self._sample(
-                call.mode, rows, leaving, log, penalties, automata
+            rows, log, penalties, automata, text = self._sample(
+                call.mode, rows, leaving, log, penalties, automata, text
             )
             self._pace(leaving.tick)
-        self.ring = Ring(stages, rows, penalties, automata)
+        self.ring = Ring(stages, rows, penalties, automata, text)
         return log, collected
 
-    def _sample(self, mode, rows, leaving, log, penalties, automata):
+    def _sample(self, mode, rows, leaving, log, penalties, automata, text):
         """One tick's sample program: a penalties mode also takes and updates the penalty
-        counts, a grammar mode the rows' automata (and reads the pool's tables); returns
-        (rows, log, penalties, automata)."""
+        counts, a grammar mode the rows' automata (and reads the pool's tables), a speculating
+        engine's the rows' text; returns (rows, log, penalties, automata, text)."""
         extra = (penalties,) if mode.penalties else ()
         if mode.grammar:
             extra += (automata, self.grammar_pool.allocate())
+        if self.shape.drafts:
+            extra += (text,)
         rows, log, *updated = self.programs.sample(
             mode, self.state, rows, self._control, leaving, log, *extra
         )
@@ -468,7 +481,9 @@ class LLM:
             penalties = updated.pop(0)
         if mode.grammar:
             automata = updated.pop(0)
-        return rows, log, penalties, automata
+        if self.shape.drafts:
+            text = updated.pop(0)
+        return rows, log, penalties, automata, text
 
     def _pace(self, done) -> None:
         """Keep at most TICKS_AHEAD ticks enqueued: wait for the oldest when there are more.
@@ -497,6 +512,8 @@ class LLM:
                 put(c["prompt_len"]),
                 put(c["generated0"]),
                 put(c["grammar_start"]),
+                put(c["text_start"]),
+                put(c["last_position"]),
             )
         if call.tables is not None:
             self._tables = put(call.tables)
@@ -536,6 +553,8 @@ class LLM:
         before, start = self.compiled_programs, time.perf_counter()
         buckets = self.scheduler.buckets.sizes
         modes = (GREEDY, SAMPLING, GREEDY_GRAMMAR, SAMPLING_GRAMMAR)
+        if self.shape.drafts:
+            modes += (GREEDY_VERIFY, SAMPLING_VERIFY)
         for i, bucket in enumerate(buckets):
             for mode in modes if i == 0 else (GREEDY,):
                 call = self.scheduler.idle_call(bucket)  # one tick of the ring each

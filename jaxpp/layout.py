@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from jaxpp.batch import Buckets
-from jaxpp.config import EngineConfig, ModelConfig
+from jaxpp.config import EngineConfig, ModelConfig, SpeculativeConfig
 from jaxpp.fp8 import FP8Storage, SlotFP8
 from jaxpp.model import Transformer
 from jaxpp.partition import layer_grid, layer_partition
@@ -221,14 +221,19 @@ def row_count(layout: Layout, requested: int | None) -> int:
     return unit * math.ceil((requested or DEFAULT_MAX_NUM_SEQS) / unit)
 
 
-def pipeline_shape(layout: Layout, rows: int, pages: int, decode_chunk: int) -> PipelineShape:
+def pipeline_shape(layout: Layout, rows: int, pages: int, decode_chunk: int,
+                   speculative: SpeculativeConfig | None = None) -> PipelineShape:  # fmt: skip
     """The ring's static shape for `rows` sequence rows and `pages` KV pages per replica."""
     mb = rows // (layout.dp * layout.microbatches)
+    drafts = speculative.num_speculative_tokens if speculative else 0
+    lookup = (speculative.prompt_lookup_min, speculative.prompt_lookup_max) if drafts else (0, 0)
     return PipelineShape(
         stages=layout.pp,
         microbatches=layout.microbatches,
         rows=mb,
-        max_tokens=Buckets.of(mb, layout.token_budget).sizes[-1],
+        max_tokens=Buckets.of(mb * (drafts + 1), layout.token_budget).sizes[-1],
+        drafts=drafts,
+        lookup=lookup,
         block_size=layout.block_size,
         pages=pages,
         pages_per_seq=layout.pages_per_seq,

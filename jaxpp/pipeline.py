@@ -65,6 +65,7 @@ from jaxpp.grammar import TABLE_SPECS
 from jaxpp.model import VOCAB_AXES, embed_lookup, local_logits, rope_tables
 from jaxpp.sampling import SamplerMode, SamplerRows, grammar_advance, sample
 from jaxpp.sharding import LOGICAL_TO_MESH, logical_to_spec
+from jaxpp.speculation import propose, verify, write_prompt, write_sampled
 
 # One pool per layer slot, like the weights (slicing a layer out of a stacked pool would copy
 # it every tick). K keeps positions last and V head_dim last: both attention dots are plain
@@ -99,6 +100,8 @@ class Entry(NamedTuple):
     group_len: jax.Array  # i32 [G_max]
     sample: jax.Array  # i32 [mb]: slot sampled for each row of the micro-batch, -1 = none
     tag: jax.Array  # i32 [mb]: the request of each sampled row, latched at entry; -1 = none
+    draft: jax.Array  # i32 [mb, k]: each row's drafts in the slots after its sampled one
+    # (speculation.py); -1 = none
 
 
 class StageState(NamedTuple):
@@ -139,6 +142,8 @@ class Ring(NamedTuple):
     rows: RowState
     penalties: Penalties
     automata: Automata
+    text: jax.Array  # i32 [rows, L]: each row's token at each position, for prompt lookup
+    # (speculation.py); [rows, 0] when the engine does not speculate
 
 
 class RowControl(NamedTuple):
@@ -149,17 +154,24 @@ class RowControl(NamedTuple):
     prompt_len: jax.Array  # i32 [rows]: its prompt (positions past it hold recomputed outputs)
     generated0: jax.Array  # i32 [rows]: tokens it had generated before this prefill
     grammar_start: jax.Array  # i32 [rows]: its automaton's state at its first token; -1 = none
+    text_start: jax.Array  # i32 [rows]: its first position that rides (a cached prefix does not)
+    last_position: jax.Array  # i32 [rows]: the last position it may write (drafts stop there)
 
 
 class Leaving(NamedTuple):
     """The micro-batch leaving the last stage at a tick, handed from forward to sample."""
 
-    hidden: jax.Array  # [replicas * mb, D]: the last stage's output of each row's sampled slot
+    hidden: jax.Array  # [replicas * mb, k + 1, D]: the last stage's output of each row's
+    # sampled slot and the k after it (its drafts' slots, when it has drafts)
+    draft: jax.Array  # i32 [replicas * mb, k]: the row's drafts; -1 = none
     tag: jax.Array  # i32 [replicas * mb]: the request sampled in each row; -1 = none
     first: jax.Array  # bool [replicas * mb]: the slot ended a prompt (its first new token)
     position: jax.Array  # i32 [replicas * mb]: the row's position after the sampled token
     microbatch: jax.Array  # i32 scalar
     tick: jax.Array  # i32 scalar
+
+
+LEAVING_SPEC = Leaving(*[ROW] * 5, REPLICATED, REPLICATED)
 
 
 class StepLog(NamedTuple):
@@ -171,6 +183,9 @@ class StepLog(NamedTuple):
     logprob: jax.Array  # f32 [K, replicas, mb]
     top_ids: jax.Array  # i32 [K, replicas, mb, N]
     top_logprobs: jax.Array  # f32 [K, replicas, mb, N]
+    drafts: jax.Array  # i32 [K, replicas, mb, k]: the drafts each row had (-1 = none); the
+    # first `accepted` were output before `tokens`
+    accepted: jax.Array  # i32 [K, replicas, mb]
     work: jax.Array  # i32 [K, replicas, stages]: real tokens each stage computed
     live: jax.Array  # i32 [K, replicas]: rows decoding after the tick
 
@@ -194,6 +209,18 @@ class PipelineShape:
     pages_per_seq: int  # block-table columns: pages of a max_model_len sequence
     log_ticks: int  # ticks a call's log holds (its longest call)
     vocab_size: int  # the real vocabulary (padded ids are masked)
+    drafts: int = 0  # speculative tokens a verifying row feeds after its next token (k)
+    lookup: tuple[int, int] = (0, 0)  # prompt lookup's n-gram sizes (min, max)
+
+    @property
+    def decode_slots(self) -> int:
+        """Slots at the front of a tick that decode rows can take (k + 1 per row)."""
+        return self.rows * (self.drafts + 1)
+
+    @property
+    def text_len(self) -> int:
+        """Positions of a row's text (0: the engine does not speculate)."""
+        return self.pages_per_seq * self.block_size if self.drafts else 0
 
     @property
     def max_groups(self) -> int:
@@ -231,7 +258,7 @@ class Pipeline:
     # --- the specs of the programs' arguments ------------------------------------------------
 
     def stage_spec(self) -> StageState:
-        return StageState(self.cache_spec, RIDING, Entry(*[PER_REPLICA] * 7), REPLICATED)
+        return StageState(self.cache_spec, RIDING, Entry(*[PER_REPLICA] * 8), REPLICATED)
 
     @staticmethod
     def row_spec() -> RowState:
@@ -239,12 +266,12 @@ class Pipeline:
 
     @staticmethod
     def control_spec() -> RowControl:
-        return RowControl(ROW, SamplerRows(*[ROW] * len(SamplerRows._fields)), ROW, ROW, ROW)
+        return RowControl(ROW, SamplerRows(*[ROW] * len(SamplerRows._fields)), *[ROW] * 5)
 
     @staticmethod
     def log_spec() -> StepLog:
         per_tick = P(None, BATCH)
-        return StepLog(REPLICATED, *[per_tick] * 5, PER_STAGE, per_tick)
+        return StepLog(REPLICATED, *[per_tick] * 7, PER_STAGE, per_tick)
 
     def _jit(self, fn, in_specs, out_specs, donate):
         """shard_map + jit, with float32 pinned to float32 and outputs placed as the specs say
@@ -275,25 +302,30 @@ class Pipeline:
         collected]): one tick of every stage, given each row's state (read only) and request
         (RowControl.tag; the sampler's settings are not its business, so that their shapes
         never recompile it). jit keys it by the batch's bucket."""
-        leaving_spec = Leaving(ROW, ROW, ROW, ROW, REPLICATED, REPLICATED)
-        outs = (self.stage_spec(), leaving_spec, self.log_spec())
+        outs = (self.stage_spec(), LEAVING_SPEC, self.log_spec(), ROW)
         if collect:
             outs += (Collected(P(BATCH, None, VOCAB_AXES), ROW, ROW),)
         batch_spec = TickBatch(*[ROW] * len(TickBatch._fields))
         ins = (self.state_specs, self.stage_spec(), self.row_spec(), ROW, ROW, batch_spec,
-               self.log_spec())  # fmt: skip
+               self.log_spec(), ROW, ROW, ROW)  # fmt: skip
         tick = functools.partial(self._forward, collect=collect, fill=self.bubble_fill)
         tick.__name__ = "forward_collect" if collect else "forward"
-        return self._jit(tick, ins, outs, donate=(1, 6))
+        return self._jit(tick, ins, outs, donate=(1, 6, 7))
 
     def _forward(self, state, stages: StageState, rows: RowState, tag, tables, batch: TickBatch,
-                 log: StepLog, *, collect: bool, fill):  # fmt: skip
+                 log: StepLog, text, text_start, last_position, *, collect: bool,
+                 fill):  # fmt: skip
+        """The tick; `text` [rows, L] gains the entering prompt tokens, and the decode rows
+        that have slots for drafts get them from it (speculation.py; L = 0: no speculation)."""
         sh = self.shape
         S, T = sh.stages, batch.token.shape[1]
         model, layers = self._split(state)
         s = jax.lax.axis_index("stage")
         t = stages.tick
-        entry, tokens = _enter(jax.tree.map(lambda a: a[0], batch), rows, tag, t, sh)
+        batch = jax.tree.map(lambda a: a[0], batch)
+        if sh.drafts:
+            text = write_prompt(text, batch.row, batch.position, batch.token)
+        entry, tokens = _enter(batch, rows, tag, t, sh, (text, text_start, last_position))
         history = jax.tree.map(
             lambda h, e: jax.lax.dynamic_update_index_in_dim(h[:, 0], e, t % S, 0)[:, None],
             stages.history,
@@ -309,7 +341,7 @@ class Pipeline:
         out, cache = self._run_stage(layers, x, stages.cache, mine, tables)
 
         leaving = jax.tree.map(lambda h: h[(t - S + 1) % S, 0], history)
-        slot = jnp.clip(leaving.sample, 0, T - 1)
+        slot = jnp.clip(leaving.sample[:, None] + jnp.arange(sh.drafts + 1), 0, T - 1)
         with jax.named_scope("ring"):
             final = jax.lax.psum(jnp.where(s == S - 1, out[slot], 0), "stage")
             riding = stages.riding
@@ -319,6 +351,7 @@ class Pipeline:
         slot_position = leaving.position[jnp.clip(leaving.sample, 0, sh.max_tokens - 1)]
         handed = Leaving(
             hidden=final,
+            draft=leaving.draft,
             tag=leaving.tag,
             first=(leaving.sample >= 0) & ~leaving.decode[jnp.maximum(leaving.sample, 0)],
             position=slot_position + 1,
@@ -330,12 +363,12 @@ class Pipeline:
         log = log._replace(work=log.work.at[t - log.start, 0, 0].set(work))
         stages = StageState(cache, riding, history, t + 1)
         if not collect:
-            return stages, handed, log
+            return stages, handed, log, text
         every = _truncate(leaving, T)
         hidden = jax.lax.psum(jnp.where(s == S - 1, out, 0), "stage")
         tags = jnp.where(every.row >= 0, tag[jnp.maximum(every.row, 0)], -1)
         logits = local_logits(model, hidden, sh.vocab_size)
-        return stages, handed, log, Collected(logits[None], tags[None], every.position[None])
+        return stages, handed, log, text, Collected(logits[None], tags[None], every.position[None])
 
     def count_program(self):
         """count(penalties, prompt_len, batch) -> penalties: the prompt tokens entering at a
@@ -381,10 +414,10 @@ class Pipeline:
         return x, KVCache(tuple(ks), tuple(vs))
 
     def _attend(self, q, k_pool, v_pool, window, entry: Entry, tables):
-        """Attention of every slot of the entry: decode slots (the first min(T, mb), a group
-        each) and prompt query groups, each over its own sequence's pages."""
+        """Attention of every slot of the entry: decode slots (the first min(T, mb * (k + 1)),
+        a group each) and prompt query groups, each over its own sequence's pages."""
         T = q.shape[0]
-        decodes = min(T, self.shape.rows)
+        decodes = min(T, self.shape.decode_slots)
         row = jnp.maximum(entry.row, 0)
         with jax.named_scope("attend_decode"):
             dec_pos = jnp.where(entry.decode & (entry.row >= 0), entry.position, -1)[:decodes]
@@ -413,12 +446,13 @@ class Pipeline:
     # --- the sampling program ----------------------------------------------------------------
 
     def sample_program(self, mode: SamplerMode):
-        """sample(state, rows, control, leaving, log[, penalties][, automata, tables]) -> (rows,
-        log[, penalties][, automata]): the next token of every row of the micro-batch leaving
-        the last stage. One program per sampler mode; only a penalties mode takes (and updates)
-        the penalty counts, only a grammar mode the rows' automata and the pool's tables."""
-        leaving_spec = Leaving(ROW, ROW, ROW, ROW, REPLICATED, REPLICATED)
-        ins = (self.state_specs, self.row_spec(), self.control_spec(), leaving_spec,
+        """sample(state, rows, control, leaving, log[, penalties][, automata, tables][, text])
+        -> (rows, log[, penalties][, automata][, text]): the next token(s) of every row of the
+        micro-batch leaving the last stage. One program per sampler mode; only a penalties mode
+        takes (and updates) the penalty counts, only a grammar mode the rows' automata and the
+        pool's tables; a speculating engine's programs write what they emit into the rows'
+        text, and a verify mode checks the rows' drafts (speculation.py)."""
+        ins = (self.state_specs, self.row_spec(), self.control_spec(), LEAVING_SPEC,
                self.log_spec())  # fmt: skip
         outs = (self.row_spec(), self.log_spec())
         donate = (1, 4)
@@ -428,6 +462,9 @@ class Pipeline:
         if mode.grammar:  # the tables are read only: the pool keeps them
             donate += (len(ins),)
             ins, outs = ins + (Automata(ROW), TABLE_SPECS), outs + (Automata(ROW),)
+        if self.shape.drafts:
+            donate += (len(ins),)
+            ins, outs = ins + (ROW,), outs + (ROW,)
         fn = functools.partial(self._sample, mode=mode)
         fn.__name__ = "sample"
         return self._jit(fn, ins, outs, donate=donate)
@@ -435,15 +472,21 @@ class Pipeline:
     def _sample(self, state, rows: RowState, ctl: RowControl, leaving: Leaving, log: StepLog,
                 *extra, mode: SamplerMode):  # fmt: skip
         """Sample the next token of every row of the leaving micro-batch that decoded or ended
-        its prompt; update the rows (one stops the moment its stop token or token budget is
-        reached, or when its automaton has no way on) and write the tick's log entry. `extra`:
-        the penalties (mode.penalties), then the automata and their tables (mode.grammar)."""
+        its prompt (in a verify mode, a token at each of its drafts' positions too, keeping
+        the drafts that equal them); update the rows (one stops the moment its stop token or
+        token budget is reached, or when its automaton has no way on) and write the tick's log
+        entry. `extra`: the penalties (mode.penalties), the automata and their tables
+        (mode.grammar), the text (a speculating engine)."""
         mb, vocab = self.shape.rows, self.shape.vocab_size
-        penalties = extra[0] if mode.penalties else None
-        automata, tables = extra[-2:] if mode.grammar else (None, None)
+        extra = list(extra)
+        penalties = extra.pop(0) if mode.penalties else None
+        automata, tables = (extra.pop(0), extra.pop(0)) if mode.grammar else (None, None)
+        text = extra.pop(0) if self.shape.drafts else None
+        width = self.shape.drafts + 1 if mode.verify else 1  # positions drawn per row
         model = nnx.merge(self.graphdef, state)
         with jax.named_scope("lm_head"):
-            logits = local_logits(model, leaving.hidden, vocab)
+            hidden = leaving.hidden[:, :width]
+            logits = local_logits(model, hidden.reshape(mb * width, -1), vocab)
         with jax.named_scope("sample"):
             ids = leaving.microbatch * mb + jnp.arange(mb)
             sampled = leaving.tag >= 0
@@ -453,14 +496,21 @@ class Pipeline:
             seen = penalties.seen[ids] if mode.penalties else None
             at = _automaton_state(ctl, automata, ids, leaving.first) if mode.grammar else None
             walk = (at, tables) if mode.grammar else None
-            got = sample(logits, sampler, generated, counts, seen, vocab, mode, walk)
-            hit_stop = (got.tokens[:, None] == sampler.stop_ids).any(-1) & (
-                generated + 1 > sampler.min_tokens
+            index = (generated[:, None] + jnp.arange(width)).reshape(-1)  # each draw's token
+            repeated = SamplerRows(*(jnp.repeat(a, width, axis=0) for a in sampler))
+            got = sample(logits, repeated, index, counts, seen, vocab, mode, walk)
+            drawn = got.tokens.reshape(mb, width)
+            stop = (drawn[..., None] == sampler.stop_ids[:, None]).any(-1) & (
+                index.reshape(mb, width) + 1 > sampler.min_tokens[:, None]
             )
-            finished = hit_stop | (generated + 1 >= sampler.max_tokens)
+            budget = index.reshape(mb, width) + 1 >= sampler.max_tokens[:, None]
+            verdict = verify(drawn, leaving.draft[:, : width - 1], stop, budget)
+            n = verdict.accepted
+            token = jnp.take_along_axis(drawn, n[:, None], axis=1)[:, 0]
+            finished = verdict.finished
             if mode.grammar:  # a row whose automaton has no way on is complete
                 with jax.named_scope("grammar"):
-                    following = grammar_advance(at, got.tokens, tables)
+                    following = grammar_advance(at, token, tables)
                     finished |= (following >= 0) & tables.terminal[jnp.maximum(following, 0)]
             # A row the host has withdrawn (tag -1) stops, even for a token that entered before.
             cont = sampled & ~finished & (ctl.tag[ids] >= 0)
@@ -469,17 +519,28 @@ class Pipeline:
                 return array.at[ids].set(jnp.where(sampled, value, array[ids]))
 
             rows = rows._replace(
-                next_token=put(rows.next_token, got.tokens),
-                position=put(rows.position, leaving.position),
-                generated=put(rows.generated, generated + 1),
+                next_token=put(rows.next_token, token),
+                position=put(rows.position, leaving.position + n),
+                generated=put(rows.generated, generated + n + 1),
                 live=put(rows.live, cont),
             )
             updated = ()
             if mode.penalties:
-                updated += (_counted(penalties, ids, got.tokens, sampled, seen),)
+                updated += (_counted(penalties, ids, token, sampled, seen),)
             if mode.grammar:
                 updated += (Automata(put(automata.state, following)),)
-        return (rows, _logged(log, leaving, sampled, got, rows), *updated)
+            if self.shape.drafts:
+                emitted = jnp.where(sampled, n + 1, 0)
+                updated += (write_sampled(text, ids, leaving.position, drawn, emitted),)
+        at_n = n[:, None] if width > 1 else jnp.zeros((mb, 1), jnp.int32)
+        chosen = jax.tree.map(lambda a: _pick(a, at_n, mb, width), got)
+        return (rows, _logged(log, leaving, sampled, chosen, verdict, rows), *updated)
+
+
+def _pick(a: jax.Array, n: jax.Array, mb: int, width: int) -> jax.Array:
+    """Row r's entry n[r] of a [mb * width, ...] array of draws."""
+    a = a.reshape((mb, width) + a.shape[1:])
+    return jnp.take_along_axis(a, n.reshape((mb, 1) + (1,) * (a.ndim - 2)), axis=1)[:, 0]
 
 
 def _automaton_state(ctl: RowControl, automata: Automata, ids, first) -> jax.Array:
@@ -499,33 +560,46 @@ def _counted(penalties: Penalties, ids, tokens, sampled, seen) -> Penalties:
     return Penalties(counts, penalties.seen.at[ids].set(seen | (hit > 0)))
 
 
-def _logged(log: StepLog, leaving: Leaving, sampled, got, rows: RowState) -> StepLog:
-    """The log with the tick's entry: what each row of the leaving micro-batch sampled."""
+def _logged(log: StepLog, leaving: Leaving, sampled, got, verdict, rows: RowState) -> StepLog:
+    """The log with the tick's entry: what each row of the leaving micro-batch sampled (its
+    accepted drafts, then its token)."""
     k = leaving.tick - log.start
+    drafts = log.drafts.shape[-1]
     return log._replace(
         tags=log.tags.at[k, 0].set(jnp.where(sampled, leaving.tag, -1)),
         tokens=log.tokens.at[k, 0].set(got.tokens),
         logprob=log.logprob.at[k, 0].set(got.logprob),
         top_ids=log.top_ids.at[k, 0].set(got.top_ids),
         top_logprobs=log.top_logprobs.at[k, 0].set(got.top_logprobs),
+        drafts=log.drafts.at[k, 0].set(leaving.draft[:, :drafts]),
+        accepted=log.accepted.at[k, 0].set(jnp.where(sampled, verdict.accepted, 0)),
         live=log.live.at[k, 0].set(jnp.sum(rows.live.astype(jnp.int32))),
     )
 
 
-def _enter(batch: TickBatch, rows: RowState, tag, t, sh: PipelineShape):
+def _enter(batch: TickBatch, rows: RowState, tag, t, sh: PipelineShape, lookup):
     """The entry of tick t from the host's batch (one replica's, T slots) and the row state:
     decode slots get their row's next token and position, or become empty when the row is no
-    longer live (finished on the device, or withdrawn); each sampled row's request is latched.
+    longer live (finished on the device, or withdrawn); a decode slot j > 0 of a row gets its
+    j-th draft at the position j after, or becomes empty past its drafts; each sampled row's
+    request is latched. `lookup`: (text, text_start, last_position) for the drafts.
     Returns (the entry padded to the largest bucket, the entering token ids [T])."""
     decode = (batch.token < 0) & (batch.row >= 0)
     r = jnp.maximum(batch.row, 0)
     live = rows.live[r] & (tag[r] >= 0)
+    ids = (t % sh.microbatches) * sh.rows + jnp.arange(sh.rows)
+    offset = jnp.where(decode, batch.position, 0)  # a decode slot's place after its row's token
+    draft = _drafts(batch, decode, rows, ids, sh, *lookup)
+    local = jnp.clip(r - ids[0], 0, sh.rows - 1)
+    drafted = draft[local, jnp.clip(offset - 1, 0, max(sh.drafts - 1, 0))] if sh.drafts else r
+    live &= (offset == 0) | (drafted >= 0)
     row = jnp.where(decode & ~live, -1, batch.row)
-    tokens = jnp.where(decode, rows.next_token[r], batch.token)
-    position = jnp.where(row >= 0, jnp.where(decode, rows.position[r], batch.position), -1)
+    fed = jnp.where(offset > 0, drafted, rows.next_token[r])
+    tokens = jnp.where(decode, fed, batch.token)
+    at = jnp.where(decode, rows.position[r] + offset, batch.position)
+    position = jnp.where(row >= 0, at, -1)
     taken = jnp.clip(batch.sample, 0, batch.token.shape[0] - 1)
     sampled = (batch.sample >= 0) & (row[taken] >= 0)
-    ids = (t % sh.microbatches) * sh.rows + jnp.arange(sh.rows)
     pad = sh.max_tokens - batch.token.shape[0]
     groups = sh.max_groups - batch.group_start.shape[0]
     entry = Entry(
@@ -536,8 +610,23 @@ def _enter(batch: TickBatch, rows: RowState, tag, t, sh: PipelineShape):
         group_len=jnp.pad(batch.group_len, (0, groups)),
         sample=jnp.where(sampled, batch.sample, -1),
         tag=jnp.where(sampled, tag[ids], -1),
+        draft=jnp.where(sampled[:, None], draft, -1),
     )
     return entry, tokens
+
+
+def _drafts(batch: TickBatch, decode, rows: RowState, ids, sh: PipelineShape, text, text_start,
+            last_position) -> jax.Array:  # fmt: skip
+    """i32 [mb, k]: the drafts of the entering micro-batch's rows `ids`, for the decode slots
+    the host gave each beyond its first (none for a row given one slot); -1 = none."""
+    if not sh.drafts:
+        return jnp.full((sh.rows, 0), -1, jnp.int32)
+    local = jnp.where(decode & (batch.position > 0), batch.row - ids[0], sh.rows)
+    slots = jnp.zeros((sh.rows,), jnp.int32).at[local].max(batch.position, mode="drop")
+    position = rows.position[ids]
+    limit = jnp.minimum(slots, last_position[ids] - position)
+    low, high = sh.lookup
+    return propose(text, ids, text_start[ids], position, limit, sh.drafts, low, high)
 
 
 def _truncate(entry: Entry, tokens: int) -> Entry:
@@ -587,6 +676,8 @@ def _log_program(mesh: Mesh, shape: PipelineShape, replicas: int, n_top: int):
             logprob=jnp.zeros(lead, jnp.float32),
             top_ids=jnp.zeros(lead + (n_top,), jnp.int32),
             top_logprobs=jnp.zeros(lead + (n_top,), jnp.float32),
+            drafts=jnp.full(lead + (shape.drafts,), -1, jnp.int32),
+            accepted=jnp.zeros(lead, jnp.int32),
             work=jnp.zeros((shape.log_ticks, replicas, shape.stages), jnp.int32),
             live=jnp.zeros((shape.log_ticks, replicas), jnp.int32),
         )
@@ -634,6 +725,7 @@ def empty_ring(
         group_len=np.zeros(lead + (G,), np.int32),
         sample=np.full(lead + (mb,), -1, np.int32),
         tag=np.full(lead + (mb,), -1, np.int32),
+        draft=np.full(lead + (mb, shape.drafts), -1, np.int32),
     )
     riding = T if S > 1 else 0  # one stage holds nothing in flight
     stages = StageState(
@@ -650,7 +742,8 @@ def empty_ring(
     )
     penalty_counts = empty_penalties(mesh, rows, vocab_padded if penalties else 0)
     automata = Automata(put(np.full(rows, -1, np.int32), ROW))
-    return Ring(stages, row_state, penalty_counts, automata)
+    text = put(np.zeros((rows, shape.text_len), np.int32), ROW)
+    return Ring(stages, row_state, penalty_counts, automata, text)
 
 
 def empty_penalties(mesh: Mesh, rows: int, width: int) -> Penalties:

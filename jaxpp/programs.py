@@ -28,6 +28,9 @@ SAMPLING = SamplerMode(full_vocab=True, penalties=False, logprobs=0)
 # The same with rows under a structured-output automaton (grammar.py).
 GREEDY_GRAMMAR = dataclasses.replace(GREEDY, grammar=True)
 SAMPLING_GRAMMAR = dataclasses.replace(SAMPLING, grammar=True)
+# The same verifying drafts (speculative decoding: speculation.py).
+GREEDY_VERIFY = dataclasses.replace(GREEDY, verify=True)
+SAMPLING_VERIFY = dataclasses.replace(SAMPLING, verify=True)
 
 
 class Programs:

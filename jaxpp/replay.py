@@ -130,6 +130,8 @@ class RingModel:
             logprob=zeros,
             top_ids=np.zeros((K, self.replicas, mb, n_top), np.int32),
             top_logprobs=np.zeros((K, self.replicas, mb, n_top), np.float32),
+            drafts=np.zeros((K, self.replicas, mb, 0), np.int32),  # the model never speculates
+            accepted=np.zeros_like(tags_log),
             work=work,
             live=live,
         )

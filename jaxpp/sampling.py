@@ -56,6 +56,7 @@ class SamplerMode:
     penalties: bool  # track per-row token counts
     logprobs: int  # top-N logprobs to return per token (0 = only the chosen token's)
     grammar: bool = False  # some row decodes under a structured-output automaton
+    verify: bool = False  # rows feed drafts: a token is drawn at each (speculation.py)
 
     @staticmethod
     def of(params: list[SamplingParams]) -> SamplerMode:

@@ -85,6 +85,7 @@ class Request:
     bound: int = 0  # positions it may have written by the end of the latest planned call
     decoding: bool = False  # its prompt has been planned in full: it decodes from now on
     feeds: bool = False  # it feeds a decode token in the call being planned
+    drafted: bool = False  # it had draft slots: `bound` is only an upper bound from then on
 
     @property
     def finished(self) -> bool:
@@ -99,6 +100,12 @@ class Request:
     def last_position(self) -> int:
         """Positions it can ever write: its last sampled token is never fed back."""
         return len(self.prompt) + (0 if self.score else self.params.max_tokens - 1)
+
+    @property
+    def drafts_ok(self) -> bool:
+        """It may speculate: as in vLLM, not with logprobs or penalties (nor a constraint)."""
+        p = self.params
+        return not (self.score or p.logprobs is not None or p.penalized or self.automaton)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,13 +186,18 @@ class Scheduler:
         eos_token_ids: tuple[int, ...],
         stop_check: Callable[[Request], bool] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        drafts: int = 0,
+        verify_limit: int | None = None,
     ):
         """`clock` stamps admission, first-token and finish times: the engine's wall clock,
-        or the modelled time of `jaxpp plan`'s trace replay."""
+        or the modelled time of `jaxpp plan`'s trace replay. `drafts`: speculative tokens per
+        decoding row (k; 0: none), in calls where at most `verify_limit` requests decode."""
         self.layout = layout
         self.pool = pool
         self.budget = token_budget
-        self.buckets = Buckets.of(layout.rows, token_budget)
+        self.drafts = drafts
+        self.verify_limit = verify_limit
+        self.buckets = Buckets.of(layout.rows * (drafts + 1), token_budget)
         self.stages = stages
         self.max_rounds = max_rounds
         self.eos_token_ids = eos_token_ids
@@ -200,11 +212,14 @@ class Scheduler:
         self.prompt_len = np.zeros(layout.slots, np.int32)
         self.generated0 = np.zeros(layout.slots, np.int32)
         self.grammar_start = np.full(layout.slots, -1, np.int32)
+        self.text_start = np.zeros(layout.slots, np.int32)
+        self.last_position = np.zeros(layout.slots, np.int32)
         self.sampler = host_sampler_rows(layout.slots)
         self.control_changed = True
         self.calls = 0
         self.tick = 0  # the ring's tick at the start of the next call
         self._next_tag = 0
+        self._unread_step = 0  # positions a row may gain in the call planned last (unread)
         # (bucket, prompt tokens) of the last S - 1 entries, still in the ring when the next
         # call starts: a tick's program must hold every entry in flight (its bucket is the
         # largest of them), and a prompt in flight still has its first token to come.
@@ -240,7 +255,7 @@ class Scheduler:
         # Nothing left to write and nothing left in the ring (a request whose last position
         # is planned gets its last token in a call already planned, or, with several stages,
         # in the call after the one that fed it): no call, so that no tick runs idle.
-        longest = max((r.last_position - r.bound for r in self.running), default=0)
+        longest = max((self._left(r) for r in self.running), default=0)
         riding = any(prompt for _, prompt in self._in_flight)
         if not (longest or self.waiting or self.releasing or riding or self._tail):
             return None
@@ -249,10 +264,13 @@ class Scheduler:
         # Short calls (one round) while prompts ride or wait, so that the queue is served
         # every round, and when no request has half a long call's rounds left to use.
         mixed = bool(self.waiting or prefilling or riding or collect)
-        rounds = self.max_rounds if not mixed and 2 * longest >= self.max_rounds else 1
-        preempted = self._grow_decoding(rounds)
+        surely = max((self._left(r, low=True) for r in self.running), default=0)
+        rounds = self.max_rounds if not mixed and 2 * surely >= self.max_rounds else 1
+        drafts = self.drafts if self._verifies() else 0
+        preempted = self._grow_decoding(rounds, drafts + 1)
+        self._unread_step = rounds * (drafts + 1)
         M = self.layout.microbatches
-        plans = [self._plan_tick(k, mixed, admit=not preempted) for k in range(M)]
+        plans = [self._plan_tick(k, mixed, not preempted, drafts) for k in range(M)]
         held = sum(r is not None for r in self.occupant)
         # A request writing in the last round is sampled in the next call (several stages).
         self._tail = self.stages > 1 and longest >= rounds
@@ -264,7 +282,7 @@ class Scheduler:
             candidates=[
                 sum(len(p.decode) + sum(c.last for c in p.chunks) for p in tick) for tick in plans
             ],  # fmt: skip
-            mode=self._mode(),
+            mode=self._mode(verify=drafts > 0),
             collect=collect,
             control=self._control(),
             tables=self._tables(),
@@ -278,20 +296,23 @@ class Scheduler:
         self.tick += step.ticks
         return step
 
-    def _plan_tick(self, k: int, prompts: bool, admit: bool) -> list[TickPlan]:
+    def _plan_tick(self, k: int, prompts: bool, admit: bool, drafts: int) -> list[TickPlan]:
         """One replica's plan each for tick k of the call: the entering micro-batch's decode
-        rows, then (`prompts`) unfinished prompts and (`admit`) new requests in the tick's
-        bucket."""
+        rows (each with `drafts` draft slots), then (`prompts`) unfinished prompts and
+        (`admit`) new requests in the tick's bucket."""
         lay = self.layout
         microbatch = (self.tick + k) % lay.microbatches
-        plans = [TickPlan(decode=self._decode_rows(d, microbatch)) for d in range(lay.replicas)]
+        plans = [
+            TickPlan(decode=self._decode_rows(d, microbatch), drafts=drafts)
+            for d in range(lay.replicas)
+        ]
         if not prompts:
             return plans
-        decode = max(len(p.decode) for p in plans)
+        decode = max(p.decode_slots for p in plans)
         bucket = max(self.buckets.fit(decode, self._prompt_work()), self._riding())
         rooms = []
         for plan in plans:
-            slots = min(bucket, max(self.budget, len(plan.decode))) - len(plan.decode)
+            slots = min(bucket, max(self.budget, plan.decode_slots)) - plan.decode_slots
             rooms.append(_Room(slots, max(bucket // QUERY_BLOCK, 1)))
         tick = self.tick + k
         for request in [r for r in self.running if not r.decoding]:
@@ -348,22 +369,34 @@ class Scheduler:
             "prompt_len": self.prompt_len.copy(),
             "generated0": self.generated0.copy(),
             "grammar_start": self.grammar_start.copy(),
+            "text_start": self.text_start.copy(),
+            "last_position": self.last_position.copy(),
             "sampler": {k: v.copy() for k, v in self.sampler.items()},
         }
 
-    def _grow_decoding(self, rounds: int) -> bool:
-        """Pages for what each decoding request may write in this call (one position per
-        round), and if the pool allows for the next call too, oldest first. A request that
-        cannot get this call's pages is preempted; when only the next call's are short, the
-        newest requests of its replica are, so that their pages are back in time. Returns
-        whether anything was preempted."""
+    def _left(self, request: Request, low: bool = False) -> int:
+        """Positions the request has left to write: exact from `bound` until it had drafts,
+        then from the tokens read so far (`low`: less what the unread call may have written)."""
+        if not request.drafted:
+            return request.last_position - request.bound
+        known = len(request.prompt) + len(request.tokens) - 1
+        return max(request.last_position - known - (self._unread_step if low else 0), 0)
+
+    def _grow_decoding(self, rounds: int, step: int) -> bool:
+        """Pages for what each decoding request may write in this call (`step` positions per
+        round: its token and its drafts), and if the pool allows for the next call too, oldest
+        first. A request that cannot get this call's pages is preempted; when only the next
+        call's are short, the newest requests of its replica are, so that their pages are back
+        in time. Returns whether anything was preempted."""
         preempted = False
         for request in list(self.running):
             if not request.decoding or request.row is None:
                 continue  # prefilling, or preempted a moment ago
-            now = min(request.bound + rounds, request.last_position)
-            ahead = min(now + self.max_rounds, request.last_position)
-            request.feeds = now > request.bound  # a decode token of it enters in this call
+            now = min(request.bound + rounds * step, request.last_position)
+            ahead = min(now + self.max_rounds * (self.drafts + 1), request.last_position)
+            # A decode token of it enters in this call (after drafts, until it is read done).
+            request.feeds = now > request.bound or request.drafted
+            request.drafted |= step > 1
             if self.pool.grow(request.row, ahead):
                 request.bound = now
                 continue
@@ -470,6 +503,9 @@ class Scheduler:
         self.grammar_start[row] = (
             -1 if request.automaton is None else request.grammar_base + request.grammar_state
         )
+        self.text_start[row] = cached
+        self.last_position[row] = request.last_position - 1  # (a count of positions)
+        request.drafted = False
         params = request.params
         if request.score:  # sample nothing: the first token ends it
             params = dataclasses.replace(params, max_tokens=1, min_tokens=0)
@@ -503,9 +539,23 @@ class Scheduler:
     def _replica(self, request: Request) -> int:
         return self.layout.locate(request.row)[0]
 
-    def _mode(self) -> SamplerMode:
+    def _mode(self, verify: bool) -> SamplerMode:
+        """The call's sampler mode, for the requests running once it is planned; it verifies
+        the drafts planned (`verify`) unless a request admitted meanwhile has penalties or a
+        constraint (then the drafts' slots go unused: no row keeps a draft)."""
         decoding = [r.params for r in self.running if not r.score]
-        return SamplerMode.of(decoding) if decoding else GREEDY
+        mode = SamplerMode.of(decoding) if decoding else GREEDY
+        return dataclasses.replace(mode, verify=verify and not (mode.penalties or mode.grammar))
+
+    def _verifies(self) -> bool:
+        """Decoding rows get draft slots in the call being planned: the engine speculates,
+        every running request may, and no more than `verify_limit` decode."""
+        return (
+            self.drafts > 0
+            and any(r.decoding for r in self.running)
+            and all(r.drafts_ok for r in self.running)
+            and (self.verify_limit is None or self.decoding <= self.verify_limit)
+        )
 
     def idle_call(self, bucket: int) -> Call:
         """A one-tick call in `bucket` slots with nothing in it: it compiles that bucket's
@@ -564,13 +614,21 @@ class Scheduler:
         return finished
 
     def _append(self, request: Request, log, k, replica, column, now: float) -> None:
-        token = int(log.tokens[k, replica, column])
-        request.tokens.append(token)
+        """Add what the row sampled at tick k: its accepted drafts, then its token."""
+        accepted = int(log.accepted[k, replica, column])
+        for token in log.drafts[k, replica, column, :accepted]:
+            self._append_token(request, int(token), now)
+            if request.finished:
+                return
+        self._append_token(request, int(log.tokens[k, replica, column]), now)
         if request.params.logprobs is not None:
             request.logprobs.append(float(log.logprob[k, replica, column]))
             request.top.append(
                 (log.top_ids[k, replica, column], log.top_logprobs[k, replica, column])
             )
+
+    def _append_token(self, request: Request, token: int, now: float) -> None:
+        request.tokens.append(token)
         if request.first_token_time is None:
             request.first_token_time = now
         p = request.params

@@ -21,7 +21,13 @@ class RunStats:
     ticks: int = 0
     busy: int = 0  # stage-ticks that did work, summed over stages and replicas
     work: int = 0  # tokens computed over those stage-ticks
-    tokens: int = 0  # tokens sampled (decode tokens and first tokens)
+    tokens: int = 0  # rows sampled (a decode token or a first token each)
+    # Speculative decoding (vLLM's spec_decode counters): rows verified with drafts, their
+    # drafts, the drafts accepted, and accepted by draft position.
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = dataclasses.field(default_factory=list)
     prompt_tokens: int = 0  # prompt tokens admitted (recomputed ones included)
     prefix_cache_hit_tokens: int = 0  # of those, found in the prefix cache (not computed)
     prefix_cache_evictions: int = 0  # cached pages given to other sequences
@@ -53,6 +59,7 @@ class RunStats:
         self.busy += int(np.sum(log.work[:K] > 0))
         self.work += int(np.sum(log.work[:K]))
         self.tokens += sampled
+        self._count_drafts(log, tags >= 0)
         self.peak_running = max(self.peak_running, int(log.live[:K].sum(axis=1).max(initial=0)))
         rows = sum(call.candidates[k % len(call.candidates)] for k in range(K))
         self.rows_computed += rows
@@ -72,6 +79,37 @@ class RunStats:
             self.work_schedule.append([int(per_stage[k, q]) for q in stages])
             self.prompt_schedule.append([entering.get(t - q, 0) for q in stages])
 
+    def _count_drafts(self, log, sampled: np.ndarray) -> None:
+        """Add the drafts verified in a call's log (none when the engine does not speculate)."""
+        drafts = log.drafts[: len(sampled)]
+        if drafts.shape[-1] == 0:
+            return
+        proposed = np.where(sampled, (drafts >= 0).sum(-1), 0)
+        accepted = np.where(sampled, log.accepted[: len(sampled)], 0)
+        self.spec_drafts += int((proposed > 0).sum())
+        self.spec_draft_tokens += int(proposed.sum())
+        self.spec_accepted_tokens += int(accepted.sum())
+        width = drafts.shape[-1]
+        if not self.spec_accepted_per_position:
+            self.spec_accepted_per_position = [0] * width
+        for j in range(width):
+            self.spec_accepted_per_position[j] += int((accepted > j).sum())
+
+    def spec_decode(self) -> dict | None:
+        """Speculation's figures (None when nothing was drafted): vLLM's acceptance rate
+        (accepted / drafted tokens) and mean acceptance length (1 + accepted / drafts)."""
+        if not self.spec_draft_tokens:
+            return None
+        return {
+            "num_drafts": self.spec_drafts,
+            "num_draft_tokens": self.spec_draft_tokens,
+            "num_accepted_tokens": self.spec_accepted_tokens,
+            "accepted_per_position": self.spec_accepted_per_position,
+            "acceptance_rate": self.spec_accepted_tokens / self.spec_draft_tokens,
+            "mean_acceptance_length": 1 + self.spec_accepted_tokens / self.spec_drafts,
+            "draft_tokens_per_tick": self.spec_draft_tokens / self.ticks if self.ticks else 0.0,
+        }
+
     def as_dict(self) -> dict:
         slots = self.replicas * self.rows * self.microbatches
         stage_ticks = self.ticks * self.stages * self.replicas
@@ -84,7 +122,7 @@ class RunStats:
             "busy_stage_ticks": self.busy / self.replicas,
             "bubble_fraction": 1 - self.busy / stage_ticks if self.ticks else 0.0,
             "tokens_per_busy_stage_tick": self.work / self.busy if self.busy else 0.0,
-            "tokens": self.tokens,
+            "tokens": self.tokens + self.spec_accepted_tokens,
             "prompt_tokens": self.prompt_tokens,
             "prefix_cache_hit_tokens": self.prefix_cache_hit_tokens,
             "prefix_cache_hit_rate": (
@@ -108,4 +146,5 @@ class RunStats:
             "schedule": self.schedule,
             "work_schedule": self.work_schedule,
             "prompt_schedule": self.prompt_schedule,
+            "spec_decode": self.spec_decode(),
         }

@@ -1,0 +1,213 @@
+"""Speculative decoding (speculation.py): prompt-lookup drafts verified in the ring give the
+tokens the model gives without them, greedy and seeded, in every layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxpp
+from jaxpp.config import SpeculativeConfig
+from jaxpp.programs import SAMPLING
+from jaxpp.sampling import SamplerRows, host_sampler_rows, sample
+from jaxpp.speculation import propose, verify
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+         "prompt_lookup_min": 1}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_model):
+    return hf_model("llama")
+
+
+def _reference_drafts(text, start, position, k, low, high):
+    """The proposal rule in plain Python: the longest n-gram in [low, high] ending at
+    `position` that occurred earlier (from `start`), its latest occurrence, the k after it."""
+    for n in range(high, low - 1, -1):
+        if position - n + 1 < start:
+            continue
+        suffix = text[position - n + 1 : position + 1]
+        for end in range(position - 1, start + n - 2, -1):
+            if text[end - n + 1 : end + 1] == suffix:
+                return text[end + 1 : min(end + 1 + k, position + 1)]
+    return []
+
+
+def test_proposals_are_the_latest_occurrence_of_the_longest_ngram():
+    rng = np.random.default_rng(0)
+    rows, L, k = 12, 40, 4
+    text = rng.integers(0, 3, size=(rows, L)).astype(np.int32)  # 3 ids: many repeats
+    start = rng.integers(0, 6, size=rows).astype(np.int32)
+    position = rng.integers(8, L, size=rows).astype(np.int32)
+    limit = rng.integers(0, k + 1, size=rows).astype(np.int32)
+    got = propose(jnp.asarray(text), jnp.arange(rows), jnp.asarray(start),
+                  jnp.asarray(position), jnp.asarray(limit), k, 2, 3)  # fmt: skip
+    for r in range(rows):
+        want = _reference_drafts(text[r].tolist(), start[r], position[r], k, 2, 3)
+        want = want[: limit[r]]
+        assert got[r].tolist() == want + [-1] * (k - len(want)), r
+
+
+def test_verify_keeps_drafts_up_to_the_first_difference_and_stops_at_a_stop():
+    drawn = jnp.array([[5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8]])
+    drafts = jnp.array([[5, 6, 9], [5, 6, 7], [-1, -1, -1], [5, 6, 7]])
+    stop = jnp.zeros((4, 4), bool).at[3, 1].set(True)
+    v = verify(drawn, drafts, stop, jnp.zeros((4, 4), bool))
+    assert v.accepted.tolist() == [2, 3, 0, 1]  # row 3: cut at the stop drawn at position 1
+    assert v.finished.tolist() == [False, False, False, True]
+    assert v.proposed.tolist() == [3, 3, 0, 3]
+
+
+def test_rejection_rule_keeps_the_target_distribution():
+    """Leviathan et al.'s rule with a one-hot draft x: accept x with probability p(x), else
+    draw from p without x. Over 20,000 seeds of one distribution p over 6 ids, the draw at a
+    drafted position is accepted with frequency p(x), and a rejected position emits each other
+    id with frequency p(y) / (1 - p(x)). Tolerance: 5 standard errors of a binomial frequency
+    (sqrt(f (1 - f) / N) <= 0.0036 at N = 20,000), so a correct rule fails about once in 3
+    million runs while a rule off by 0.02 in any probability fails."""
+    n, vocab, x = 20000, 6, 2
+    logits = jnp.log(jnp.array([0.1, 0.05, 0.3, 0.25, 0.2, 0.1]))
+    host = host_sampler_rows(n)
+    host["temperature"][:] = 1.0
+    host["seed"][:] = np.arange(n)
+    host["max_tokens"][:] = 100
+    rows = SamplerRows(**host)
+    mesh = jax.sharding.Mesh(
+        np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "stage", "tensor")
+    )
+
+    def body(logits, rows):
+        return sample(logits, rows, jnp.zeros(n, jnp.int32), None, None, vocab, SAMPLING)
+
+    draw = jax.shard_map(body, mesh=mesh, in_specs=jax.P(), out_specs=jax.P(), check_vma=False)
+    got = jax.jit(draw)(jnp.tile(logits, (n, 1)), rows)
+    drawn = jnp.stack([got.tokens, got.tokens], axis=1)  # the bonus position is unused here
+    none = jnp.zeros((n, 2), bool)
+    v = verify(drawn, jnp.full((n, 1), x), none, none)
+    p = np.exp(np.asarray(logits))
+    accepted = np.asarray(v.accepted) == 1
+    bound = 5 * np.sqrt(p * (1 - p) / n)
+    assert abs(accepted.mean() - p[x]) < bound[x]
+    emitted = np.asarray(drawn[:, 0])[~accepted]
+    q = np.where(np.arange(vocab) == x, 0, p) / (1 - p[x])
+    freq = np.bincount(emitted, minlength=vocab) / len(emitted)
+    assert np.all(np.abs(freq - q) < 5 * np.sqrt(q * (1 - q) / len(emitted)) + 1e-9), freq
+
+
+def _requests():
+    """Prompts that repeat themselves (so that lookups find drafts) and random ones; greedy and
+    seeded; a stop id, min_tokens, lengths that end inside a verified chunk."""
+    rng = np.random.default_rng(3)
+    loop = list(range(5, 30)) * 3
+    prompts = [loop, loop[7:60], rng.integers(3, 300, 40).tolist(), loop[:33], loop * 2]
+    params = [
+        jaxpp.SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True),
+        jaxpp.SamplingParams(max_tokens=29, temperature=0.8, seed=11, ignore_eos=True),
+        jaxpp.SamplingParams(max_tokens=23, temperature=0.0, ignore_eos=True),
+        jaxpp.SamplingParams(
+            max_tokens=41, temperature=0.0, stop_token_ids=[254], min_tokens=3
+        ),  # fmt: skip
+        jaxpp.SamplingParams(max_tokens=31, temperature=1.0, top_k=8, seed=5, ignore_eos=True),
+    ]
+    return prompts, params
+
+
+def _answers(llm, prompts, params):
+    return [(o.outputs[0].token_ids, o.outputs[0].finish_reason)
+            for o in llm.generate(prompts, params)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    prompts, params = _requests()
+    off = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=8, max_model_len=256)
+    return _answers(off, prompts, params)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(pp=1),
+        # a small budget and pool: prompts in pieces, preemptions, prefix-cache hits
+        dict(pp=2, max_num_batched_tokens=16, block_size=4, kv_bytes=64),
+        dict(pp=4),
+        dict(pp=2, tp=2),
+    ],
+    ids=["pp1", "pp2-small-budget-preempting", "pp4", "pp2-tp2"],
+)
+def test_outputs_equal_speculation_off(model_dir, reference, layout):
+    layout = dict(layout)
+    pages = layout.pop("kv_bytes", None)
+    prompts, params = _requests()
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=8, max_model_len=256,
+                    speculative_config=NGRAM, **layout)  # fmt: skip
+    if pages is not None:  # rebuild with a pool of `pages` pages of this layout
+        llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=8, max_model_len=256,
+                        speculative_config=NGRAM, kv_cache_memory=pages * llm.kv_bytes_per_page(),
+                        **layout)  # fmt: skip
+        prompts, params = prompts + prompts[:2], params + params[:2]  # cached prefixes
+    got = _answers(llm, prompts, params)
+    assert got[: len(reference)] == reference
+    assert got[len(reference) :] == reference[: len(got) - len(reference)]
+    spec = llm.last_run_stats["spec_decode"]
+    assert spec["num_accepted_tokens"] > 0, spec
+    stats = llm.last_run_stats
+    if pages is None:  # every output token counted once (a preempted request's are recomputed)
+        assert stats["tokens"] == sum(len(t) for t, _ in got)
+    else:
+        assert stats["preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0, stats
+
+
+def test_requests_that_cannot_speculate_and_large_batches_verify_nothing(model_dir, reference):
+    """A logprobs request turns drafts off while it runs (as in vLLM), and so does a batch
+    larger than disable_by_batch_size; the answers stay the same."""
+    prompts, params = _requests()
+    config = {**NGRAM, "disable_by_batch_size": 1}
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=8, max_model_len=256,
+                    speculative_config=config)  # fmt: skip
+    assert _answers(llm, prompts[:3], params[:3]) == reference[:3]
+    drafted_alone = llm.last_run_stats["spec_decode"]  # the last one left runs alone
+    assert _answers(llm, prompts[:1], params[:1]) == reference[:1]
+    assert llm.last_run_stats["spec_decode"]["num_drafts"] > 0
+    wants_logprobs = jaxpp.SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True,
+                                          logprobs=2)  # fmt: skip
+    out = llm.generate([prompts[0]], wants_logprobs)[0].outputs[0]
+    assert out.token_ids == reference[0][0] and len(out.logprobs) == 37
+    assert llm.last_run_stats["spec_decode"] is None
+    assert drafted_alone is None or drafted_alone["num_drafts"] > 0
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"model": "some/draft", "num_speculative_tokens": 2}, "draft model is not supported"),
+        ({"method": "eagle", "num_speculative_tokens": 2}, "method='eagle' is not supported"),
+        ({"method": "ngram"}, "needs num_speculative_tokens"),
+        ({**NGRAM, "prompt_lookup_min": 4}, "prompt_lookup_min=4 is more than"),
+        ({**NGRAM, "lookahead": 2}, "unknown keys ['lookahead']"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_bad_speculative_configs_are_named(raw, message):
+    with pytest.raises(ValueError) as e:
+        SpeculativeConfig.of(raw)
+    assert message in str(e.value)
+
+
+def test_lookup_sizes_default_as_vllm():
+    assert SpeculativeConfig.of({"num_speculative_tokens": 2}).prompt_lookup_max == 5
+    one = SpeculativeConfig.of({"model": "ngram", "num_speculative_tokens": 2,
+                                "prompt_lookup_max": 3})  # fmt: skip
+    assert (one.prompt_lookup_min, one.prompt_lookup_max) == (3, 3)
+
+
+def test_text_holds_the_sequence(model_dir):
+    """The device's text of a row is its prompt and its outputs, position for position."""
+    prompts, params = _requests()
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=8, max_model_len=256,
+                    speculative_config=NGRAM, enable_prefix_caching=False)  # fmt: skip
+    out = llm.generate(prompts[:1], params[:1])[0]
+    text = np.asarray(jax.device_get(llm.ring.text))
+    sequence = prompts[0] + out.outputs[0].token_ids
+    assert any(row[: len(sequence)].tolist() == sequence for row in text)
