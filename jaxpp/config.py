@@ -387,6 +387,14 @@ class SamplingParams:
     n: int = 1  # completions of the prompt (sample j seeded seed + j when a seed is given)
     # Guided decoding: every token is drawn from those the constraint allows (grammar.py).
     structured_outputs: StructuredOutputsParams | None = None
+    # The logprob of each prompt token given the ones before it (None for the first), with the
+    # top-N alternatives, in RequestOutput.prompt_logprobs; with max_tokens=0 the request only
+    # scores its prompt (an OpenAI `echo` scoring request: lm-eval's loglikelihood).
+    prompt_logprobs: int | None = None
+    # Its tokens are read as they are sampled (a server's streaming client): while it runs,
+    # every ring call is one round, so each token reaches the host one round after it is
+    # sampled instead of up to decode_chunk rounds later.
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.structured_outputs, dict):  # as dataclasses.asdict sends it
@@ -405,54 +413,49 @@ class SamplingParams:
             "stop_token_ids",
             _as_tuple(self.stop_token_ids, "stop_token_ids", "a list of token ids"),
         )
+        # (field, the type it must have, whether its value is fine, what a fine value is),
+        # the value checked only once its type is: "max_tokens='ten'" is told it expected an
+        # integer, not that it expected >= 1.
+        scale = f"in [{_SCALE_RANGE[0]:g}, {_SCALE_RANGE[1]:g}]"
         checks = [
-            ("max_tokens", _is_int(self.max_tokens) and 1 <= self.max_tokens < 2**31, ">= 1"),
-            ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens, ">= 0"),
-            (
-                "temperature",
-                _is_num(self.temperature)
-                and (self.temperature == 0 or _in_scale_range(self.temperature)),
-                f"0 (greedy) or in [{_SCALE_RANGE[0]:g}, {_SCALE_RANGE[1]:g}]",
-            ),
-            ("top_k", _is_int(self.top_k) and -1 <= self.top_k < 2**31, "-1, 0 (off) or >= 1"),
-            ("top_p", _is_num(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
-            ("min_p", _is_num(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
-            ("seed", self.seed is None or (_is_int(self.seed) and self.seed >= 0), "None or >= 0"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+            ("max_tokens", _INT, lambda v: 0 <= v < 2**31, ">= 1 (0 with prompt_logprobs)"),
+            ("min_tokens", _INT, lambda v: v >= 0, ">= 0"),
+            ("temperature", _NUM, lambda v: v == 0 or _in_scale_range(v), f"0 (greedy) or {scale}"),
+            ("top_k", _INT, lambda v: -1 <= v < 2**31, "-1, 0 (off) or >= 1"),
+            ("top_p", _NUM, lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("min_p", _NUM, lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("seed", _OPTIONAL_INT, lambda v: v is None or v >= 0, "None or >= 0"),
+            ("stop", _ANY, lambda v: all(isinstance(s, str) and s for s in v), "non-empty strings"),
             (
                 "stop_token_ids",
-                all(_is_int(t) and 0 <= t < 2**31 for t in self.stop_token_ids),
+                _ANY,
+                lambda v: all(_is_int(t) and 0 <= t < 2**31 for t in v),
                 "token ids (integers in [0, 2**31))",
             ),
-            ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
-            (
-                "logprobs",
-                self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
-                "None or an integer >= 0",
-            ),
-            (
-                "presence_penalty",
-                _is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
-                "in [-2, 2]",
-            ),
-            (
-                "frequency_penalty",
-                _is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-                "in [-2, 2]",
-            ),
-            (
-                "repetition_penalty",
-                _is_num(self.repetition_penalty) and _in_scale_range(self.repetition_penalty),
-                f"in [{_SCALE_RANGE[0]:g}, {_SCALE_RANGE[1]:g}]",
-            ),
-            ("skip_special_tokens", isinstance(self.skip_special_tokens, bool), "a bool"),
-            ("n", _is_int(self.n) and 1 <= self.n < 2**16, "an integer in [1, 65536)"),
+            ("ignore_eos", _BOOL, None, ""),
+            ("logprobs", _OPTIONAL_INT, lambda v: v is None or v >= 0, "None or >= 0"),
+            ("presence_penalty", _NUM, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+            ("frequency_penalty", _NUM, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+            ("repetition_penalty", _NUM, _in_scale_range, scale),
+            ("skip_special_tokens", _BOOL, None, ""),
+            ("n", _INT, lambda v: 1 <= v < 2**16, "an integer in [1, 65536)"),
+            ("prompt_logprobs", _OPTIONAL_INT, lambda v: v is None or v >= 0, "None or >= 0"),
+            ("stream", _BOOL, None, ""),
         ]
-        for name, ok, expected in checks:
-            if not ok:
+        for name, (is_kind, kind), fine, expected in checks:
+            value = getattr(self, name)
+            if not is_kind(value):
                 raise ValueError(
-                    f"SamplingParams.{name}={getattr(self, name)!r} is invalid: expected {expected}"
+                    f"SamplingParams.{name}={value!r} is invalid: expected {kind}, "
+                    f"got {type(value).__name__}"
                 )
+            if fine is not None and not fine(value):
+                raise ValueError(f"SamplingParams.{name}={value!r} is invalid: expected {expected}")
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError(
+                "SamplingParams.max_tokens=0 is invalid without prompt_logprobs: expected >= 1 "
+                "(0 only scores the prompt)"
+            )
         if self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"SamplingParams.min_tokens={self.min_tokens} is invalid: "
@@ -653,3 +656,11 @@ def _in_scale_range(x: float) -> bool:
 
 def _is_num(x: Any) -> bool:
     return _is_int(x) or (isinstance(x, float) and math.isfinite(x))
+
+
+# The types SamplingParams' fields take: (test, name in messages).
+_INT = (_is_int, "an integer")
+_OPTIONAL_INT = (lambda x: x is None or _is_int(x), "an integer or None")
+_NUM = (_is_num, "a finite number")
+_BOOL = (lambda x: isinstance(x, bool), "a bool")
+_ANY = (lambda x: True, "")  # sequences: made tuples (or refused) before the checks

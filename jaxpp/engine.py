@@ -258,6 +258,7 @@ class LLM:
         self, ids: list[int], params: SamplingParams, text: str | None, score: bool = False
     ) -> Request:
         drawn = int(self._seed_rng.integers(0, 2**32))
+        score = score or params.max_tokens == 0  # scores its prompt, generates nothing
         # Never run past max_model_len: the last token needs no cache slot, hence the +1.
         budget = min(params.max_tokens, self.max_model_len - len(ids) + 1)
         if budget != params.max_tokens:
@@ -366,8 +367,11 @@ class LLM:
     def _check_against_model(self, p: SamplingParams, name: str) -> None:
         """What SamplingParams cannot know alone: the vocabulary bounds its ids and logprobs."""
         vocab = self.config.vocab_size
-        if p.logprobs is not None and p.logprobs > vocab:
-            raise ValueError(f"{name}.logprobs={p.logprobs} is above the vocabulary ({vocab})")
+        for field in ("logprobs", "prompt_logprobs"):
+            if (getattr(p, field) or 0) > vocab:
+                raise ValueError(
+                    f"{name}.{field}={getattr(p, field)} is above the vocabulary ({vocab})"
+                )
         bad = [t for t in p.stop_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(
@@ -387,6 +391,17 @@ class LLM:
     def num_waiting_requests(self) -> int:
         """Requests queued for a row and pages (not yet admitted, or preempted)."""
         return len(self.scheduler.waiting)
+
+    def running_logprobs(self, starts: dict[str, int]) -> dict[str, list[dict[int, Logprob]]]:
+        """For each unfinished request named in `starts` (request id -> a token index) that
+        asked for logprobs, the entries of its tokens from that index on, as
+        CompletionOutput.logprobs has them: what a server streams with each token's text."""
+        scheduler = self.scheduler
+        return {
+            str(r.id): [self._logprob_entry(r, j) for j in range(starts[str(r.id)], len(r.tokens))]
+            for r in (*scheduler.running, *scheduler.waiting)
+            if r.params.logprobs is not None and str(r.id) in starts
+        }
 
     def running_tokens(self) -> dict[str, list[int]]:
         """Tokens each unfinished request has sampled so far, as far as the logs have told the
@@ -653,9 +668,40 @@ class LLM:
             decode_time=decode_time,
             decode_tokens_per_s=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
             pipeline=stats,
+            first_scheduled_time=request.admitted,
         )
-        completion = [] if request.score else [self._completion(request)]
-        return RequestOutput(str(request.id), text, ids, completion, True, metrics)
+        # LLM.logits' requests (score, max_tokens 1) answer with their logits, no completion;
+        # a max_tokens=0 request (score) with its empty completion and prompt_logprobs.
+        completion = (
+            [] if request.score and request.params.max_tokens else [self._completion(request)]
+        )
+        output = RequestOutput(str(request.id), text, ids, completion, True, metrics)
+        if request.params.prompt_logprobs is not None:
+            output.prompt_logprobs = self._prompt_logprobs(request)
+        return output
+
+    def _prompt_logprobs(self, request: Request) -> list[dict[int, Logprob] | None]:
+        """The logprob of each prompt token given the tokens before it (none for the first),
+        its rank, and the top prompt_logprobs tokens: log_softmax of the logits LLM.logits
+        returns for the same tokens (the same collecting forward), position i - 1 scoring
+        token i."""
+        top = request.params.prompt_logprobs
+        prompt = np.asarray(request.prompt)
+        logits = np.concatenate([request.logits[k] for k in sorted(request.logits)])
+        logits = logits[: len(prompt) - 1, : self.config.vocab_size].astype(np.float64)
+        peak = logits.max(axis=-1, keepdims=True)
+        lse = peak + np.log(np.sum(np.exp(logits - peak), axis=-1, keepdims=True))
+        logprobs = logits - lse
+        chosen = np.take_along_axis(logprobs, prompt[1:, None], axis=-1)[:, 0]
+        ranks = 1 + np.sum(logprobs > chosen[:, None], axis=-1)
+        best = _top_ids(logprobs, top)
+        entries: list[dict[int, Logprob] | None] = [None]
+        for i, tok in enumerate(prompt[1:].tolist()):
+            entry = {tok: Logprob(float(chosen[i]), int(ranks[i]), self._piece(tok))}
+            for rank, t in enumerate(best[i].tolist(), 1):
+                entry.setdefault(t, Logprob(float(logprobs[i, t]), rank, self._piece(t)))
+            entries.append(entry)
+        return entries
 
     def _stop_string_hit(self, request: Request) -> bool:
         text = self.detokenize(request.tokens, request.params)
@@ -708,19 +754,20 @@ class LLM:
             text, finish, reason = text[: text.find(stop)], "stop", stop
         logprobs = cumulative = None
         if p.logprobs is not None:
-            logprobs = []
-            for j, tok in enumerate(token_ids):
-                top_ids, top_lp = request.top[j]
-                entry = {tok: Logprob(request.logprobs[j], None, self._piece(tok))}
-                for rank, (tid, lp) in enumerate(
-                    zip(top_ids[: p.logprobs], top_lp[: p.logprobs], strict=True), 1
-                ):
-                    if int(tid) == tok:
-                        entry[tok].rank = rank
-                    entry.setdefault(int(tid), Logprob(float(lp), rank, self._piece(int(tid))))
-                logprobs.append(entry)
+            logprobs = [self._logprob_entry(request, j) for j in range(len(token_ids))]
             cumulative = float(np.sum(request.logprobs[: len(token_ids)]))
         return CompletionOutput(0, text, token_ids, finish, reason, cumulative, logprobs)
+
+    def _logprob_entry(self, request: Request, j: int) -> dict[int, Logprob]:
+        """Generated token j's logprob and the top `logprobs` alternatives (ranked)."""
+        tok, n = request.tokens[j], request.params.logprobs
+        top_ids, top_lp = request.top[j]
+        entry = {tok: Logprob(request.logprobs[j], None, self._piece(tok))}
+        for rank, (tid, lp) in enumerate(zip(top_ids[:n], top_lp[:n], strict=True), 1):
+            if int(tid) == tok:
+                entry[tok].rank = rank
+            entry.setdefault(int(tid), Logprob(float(lp), rank, self._piece(int(tid))))
+        return entry
 
     def _piece(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
@@ -763,8 +810,19 @@ def _joined(parts: list[RequestOutput]) -> RequestOutput:
         decode_time=end - start,
         decode_tokens_per_s=later / (end - start) if end > start else 0.0,
         pipeline=metrics[-1].pipeline,
+        first_scheduled_time=min(m.first_scheduled_time for m in metrics),
     )
     return dataclasses.replace(first, outputs=completions, metrics=joint)
+
+
+def _top_ids(logprobs: np.ndarray, top: int) -> np.ndarray:
+    """The ids of each row's `top` largest entries, largest first (a partition, then a sort of
+    those only: not a sort of the vocabulary per position)."""
+    if top == 0:
+        return np.zeros((len(logprobs), 0), np.int64)
+    best = np.argpartition(-logprobs, top - 1, axis=-1)[:, :top]
+    order = np.argsort(-np.take_along_axis(logprobs, best, axis=-1), axis=-1, kind="stable")
+    return np.take_along_axis(best, order, axis=-1)
 
 
 def _default_kv_budget(mesh, state) -> int:

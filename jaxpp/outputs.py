@@ -37,6 +37,7 @@ class RequestMetrics:
     decode_time: float  # finished_time - first_token_time
     decode_tokens_per_s: float  # tokens after the first / decode_time
     pipeline: dict  # the run's ticks, busy stage-ticks and occupancy when it finished
+    first_scheduled_time: float | None = None  # it was first admitted to a row
 
 
 @dataclasses.dataclass
@@ -47,3 +48,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     metrics: RequestMetrics | None = None
+    # SamplingParams.prompt_logprobs: per prompt token (None for the first) its logprob given
+    # the tokens before it, plus the top-N alternatives.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -8,8 +8,8 @@ nothing unlisted can mismatch: a new shape compiles a new program, never a wrong
 `LLM.warmup` compiles, before anything is served, every program a configuration can meet in
 greedy and seeded traffic: `forward` for each token bucket and `sample` for the greedy and the
 sampling modes, each also in its grammar mode (structured outputs), by running idle ticks
-through these programs. Rarer modes (logprobs, penalties, LLM.logits' collecting forward)
-compile the first time a call needs them, once each.
+through these programs. Rarer modes (logprobs, penalties, the collecting forward of LLM.logits
+and prompt_logprobs) compile the first time a call needs them, once each.
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ class Request:
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
-    logits: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # score: by start
+    # LLM.logits and prompt_logprobs: the logits of its prompt positions, by chunk start.
+    logits: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
     admitted: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -95,6 +96,13 @@ class Request:
     def grammar_complete(self) -> bool:
         """Its automaton has no way on: the output is complete (the device stopped it)."""
         return self.automaton is not None and bool(self.automaton.terminal[self.grammar_state])
+
+    @property
+    def collecting(self) -> bool:
+        """It keeps the logits of its prompt positions (LLM.logits, prompt_logprobs) and some
+        of them have not come back yet."""
+        wanted = self.score or self.params.prompt_logprobs is not None
+        return wanted and sum(len(v) for v in self.logits.values()) < len(self.prompt)
 
     @property
     def last_position(self) -> int:
@@ -259,13 +267,17 @@ class Scheduler:
         riding = any(prompt for _, prompt in self._in_flight)
         if not (longest or self.waiting or self.releasing or riding or self._tail):
             return None
-        collect = any(r.score for r in self.running) or any(r.score for r in self.waiting)
+        collect = any(r.collecting for r in self.running) or any(r.collecting for r in self.waiting)
         prefilling = any(not r.decoding for r in self.running)
         # Short calls (one round) while prompts ride or wait, so that the queue is served
         # every round, and when no request has half a long call's rounds left to use.
         mixed = bool(self.waiting or prefilling or riding or collect)
+        # One-round calls too while a request streams its tokens (SamplingParams.stream): each
+        # token reaches the host one round after it is sampled, not up to max_rounds later.
+        streaming = any(r.params.stream for r in self.running)
         surely = max((self._left(r, low=True) for r in self.running), default=0)
-        rounds = self.max_rounds if not mixed and 2 * surely >= self.max_rounds else 1
+        long_call = not (mixed or streaming) and 2 * surely >= self.max_rounds
+        rounds = self.max_rounds if long_call else 1
         drafts = self.drafts if self._verifies() else 0
         preempted = self._grow_decoding(rounds, drafts + 1)
         self._unread_step = rounds * (drafts + 1)
@@ -582,6 +594,10 @@ class Scheduler:
         finished: list[Request] = []
         self.stats.count(step, log, self._entry_prompt)
         self._forget_entries(step)
+        # Logits first: a request's last prompt logits come in the call that samples its first
+        # token, which may finish it (max_tokens=1 with prompt_logprobs).
+        for got in collected or ():
+            finished += self._collect(got, now)
         tags = log.tags[: step.ticks]
         for k, replica, column in zip(*np.nonzero(tags >= 0), strict=True):
             request = self.active.get(int(tags[k, replica, column]))
@@ -590,24 +606,26 @@ class Scheduler:
             self._append(request, log, k, replica, column, now)
             if request.finished:
                 finished.append(request)
-        for got in collected or ():
-            finished += self._collect(got, now)
         return finished
 
     def _collect(self, got, now: float) -> list[Request]:
-        """Keep the logits of score requests' prompt positions (one tick's pipeline.Collected);
-        return those whose every position is in."""
+        """Keep the logits of collecting requests' prompt positions (one tick's
+        pipeline.Collected); return the score requests whose every position is in."""
         finished = []
         for replica in range(got.tag.shape[0]):
             tags = got.tag[replica]
             for tag in np.unique(tags[tags >= 0]):
                 request = self.active.get(int(tag))
-                if request is None or not request.score:
+                if request is None or not request.collecting:
                     continue
-                mine = tags == tag
+                # Its prompt's positions only: not its decode tokens, nor the generated part
+                # of a preempted request's recomputed sequence.
+                mine = (tags == tag) & (got.position[replica] < len(request.prompt))
                 positions = got.position[replica][mine]
+                if not len(positions):
+                    continue
                 request.logits[int(positions[0])] = np.asarray(got.logits[replica][mine])
-                if sum(len(v) for v in request.logits.values()) == len(request.prompt):
+                if request.score and not request.collecting:
                     request.first_token_time = now
                     self._finish(request, now)
                     finished.append(request)
@@ -702,6 +720,7 @@ class Scheduler:
 
 def _reuses(request: Request) -> bool:
     """Whether a request may start from a cached prefix: not one that asks for the logits of
-    every prompt position (LLM.logits), nor one whose penalties count the prompt's tokens as
-    they enter the ring."""
-    return not (request.score or request.params.penalized)
+    every prompt position (LLM.logits, prompt_logprobs), nor one whose penalties count the
+    prompt's tokens as they enter the ring."""
+    params = request.params
+    return not (request.score or params.prompt_logprobs is not None or params.penalized)

@@ -156,9 +156,9 @@ def fake(tmp_path, monkeypatch):
 
 
 def test_sampling_fields_match_sampling_params():
-    """Every SamplingParams field but `n`: a plain line has one answer (an OpenAI batch line
-    takes `n`)."""
-    assert set(formats.SAMPLING_FIELDS) | {"n"} == {
+    """Every SamplingParams field but `n` and `stream`: a plain line has one answer (an OpenAI
+    batch line takes `n`), written when it is done (a server streams)."""
+    assert set(formats.SAMPLING_FIELDS) | {"n", "stream"} == {
         f.name for f in dataclasses.fields(jaxpp.SamplingParams)
     }
 

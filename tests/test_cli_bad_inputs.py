@@ -215,7 +215,7 @@ LINE_CASES = {
     "openai-unknown-key": Case({**openai(), "extra": 1}, R, "unknown field 'extra'"),
     "openai-unknown-body-field": Case(openai(functions=[]), R, "unsupported body field"),
     "openai-stream": Case(openai(stream=True), R, "stream=true"),
-    "openai-echo": Case(openai(echo=True), R, "echo=true"),
+    "openai-echo": Case(openai(echo="yes"), R, "echo must be a boolean"),
     "openai-n-zero": Case(openai(n=0), R, "n must be an integer >= 1"),
     "openai-n-string": Case(openai(n="2"), R, "n must be an integer"),
     "openai-n-enormous": Case(openai(n=10**9), L, "1000000000 sequences"),

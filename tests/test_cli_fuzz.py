@@ -85,6 +85,7 @@ PLAUSIBLE = {
     "stop_token_ids": st.lists(st.integers(-1, 5000), max_size=300),
     "ignore_eos": st.booleans(),
     "logprobs": st.integers(-1, 30),
+    "prompt_logprobs": st.integers(-1, 30),
     "presence_penalty": st.floats(-3, 3),
     "frequency_penalty": st.floats(-3, 3),
     "repetition_penalty": st.floats(0, 3),

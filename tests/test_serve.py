@@ -3,7 +3,9 @@
 hangs up frees its request, bad requests get an OpenAI error body and nobody else notices."""
 
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -91,10 +94,16 @@ GREEDY = (
 )
 
 
+# lm-eval's loglikelihood requests: (context, continuation), scored through the server.
+SCORED = [("def fibonacci(n):", "\n    return n"), ("import os\n", "import sys\n"),
+          ("class Stack:", "\n    pass")]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def served():
     """The server as `jaxpp serve` builds it, and what its own engine answers by LLM.generate
-    (same defaults: the model's generation_config.json), taken before the loop owns it."""
+    (same defaults: the model's generation_config.json) and LLM.logits (lm-eval's
+    token ids of SCORED, context + continuation), taken before the loop owns it."""
     args = build_parser().parse_args(
         [
             "serve",
@@ -114,11 +123,17 @@ def served():
         jaxpp.SamplingParams(**{**prepared.builder.defaults, "max_tokens": n, "temperature": 0.0})
         for _, n in cases
     ]
-    outs = prepared.loop.llm.generate([p for p, _ in cases], params)
+    llm = prepared.loop.llm
+    outs = llm.generate([p for p, _ in cases], params)
     reference = {case: out.outputs[0].text for case, out in zip(cases, outs, strict=True)}
+    encode = lambda text: llm.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    pairs = [(encode(context), encode(more)) for context, more in SCORED]
+    # loglikelihood_rolling's first window: the end-of-text token, then the text
+    pairs.append(([llm.config.eos_token_ids[0]], encode("def add(a, b):\n    return a + b\n")))
+    logits = llm.logits([context + more for context, more in pairs])
     prepared.loop.start()
     server = _Served(prepared.app)
-    yield server, prepared, reference
+    yield server, prepared, reference, list(zip(pairs, logits, strict=True))
     server.stop()
     prepared.loop.drain(grace=0.0)
 
@@ -131,6 +146,12 @@ def client(served):
 @pytest.fixture(scope="module")
 def reference(served):
     return lambda prompt, max_tokens: served[2][prompt, max_tokens]
+
+
+@pytest.fixture(scope="module")
+def scored(served):
+    """[((context ids, continuation ids), LLM.logits of context + continuation)] of SCORED."""
+    return served[3]
 
 
 def _post(url: str, body, headers=None) -> tuple[int, dict]:
@@ -278,6 +299,15 @@ BAD = [
     ({"model": MODEL, "prompt": "\ud800"}, 400, "prompt"),
     ({"model": "gpt-4", "prompt": "x"}, 404, "not served here"),
     ({"model": MODEL, "prompt": []}, 400, "empty"),
+    ({"model": MODEL, "prompt": "x", "best_of": 2}, 400, "best_of=2 is not supported"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "ten"}, 400, "expected an integer, got str"),
+    (
+        {"model": MODEL, "prompt": "x", "max_tokens": 1023},
+        400,
+        "'max_tokens' or 'max_completion_tokens' is too large: 1023. This model's maximum context "
+        "length is 1024 tokens and your request has 2 input tokens (1023 > 1024 - 2).",
+    ),
+    ({"model": MODEL, "prompt": "x", "echo": 1}, 400, "echo must be a boolean"),
 ]
 
 
@@ -292,6 +322,9 @@ def test_bad_requests_get_an_error_body_and_cost_nobody(served, client, referenc
         assert out.choices[0].text == reference(PROMPTS[1], 4)
     code, answer = _post(url + "/v1/chat/completions", {"model": MODEL, "messages": []})
     assert code == 400 and "messages must be a non-empty list" in answer["error"]["message"]
+    robot = {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}
+    code, answer = _post(url + "/v1/chat/completions", robot)
+    assert code == 400 and "has role 'robot': expected one of" in answer["error"]["message"]
     # Over --max-line-bytes (small enough that the socket takes it all before the 413 comes).
     code, answer = _post(url + "/v1/completions", b"x" * 100_000)
     assert code == 413 and "over the limit" in answer["error"]["message"]
@@ -359,10 +392,11 @@ def _post_any(url: str, raw: bytes) -> tuple[int, dict]:
     return 200, json.loads(events[-2])
 
 
-def test_api_key_guards_v1(served):
-    """A second app over the same engine loop, with a key."""
+def test_api_key_guards_v1(served, caplog):
+    """A second app over the same engine loop, with a key (and without the access log)."""
     p = served[1]
-    keyed = _Served(build_app(p.loop, p.builder, p.metrics, p.name, api_key="s3cret"))
+    keyed = _Served(build_app(p.loop, p.builder, p.metrics, p.name, "s3cret", access_log=False))
+    caplog.set_level(logging.INFO, logger="jaxpp.serve.access")
     try:
         code, answer = _post(keyed.url + "/v1/completions", {"model": MODEL, "prompt": "x"})
         assert code == 401 and answer["error"]["type"] == "authentication_error"
@@ -374,6 +408,7 @@ def test_api_key_guards_v1(served):
         assert urllib.request.urlopen(keyed.url + "/health", timeout=10).status == 200
     finally:
         keyed.stop()
+    assert not [r for r in caplog.records if r.name == "jaxpp.serve.access"]
 
 
 def test_jaxpp_serve_starts_answers_and_stops_on_sigterm(tmp_path):
@@ -489,3 +524,146 @@ def test_bench_base_url_measures_the_server(served, capsys):
     assert 0 < report["ttft_s"]["p50"] <= report["e2e_s"]["p50"]
     assert report["server"]["samples"] >= 0 and report["server"]["running_max"] <= 8
     assert _idle(url)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+def _lm_eval_parse_logprobs(answer: dict, ctxlens: list[int]) -> list[tuple[float, bool]]:
+    """lm-eval 0.4.13's LocalCompletionsAPI.parse_logprobs, as it reads an answer."""
+    res = []
+    choices = sorted(answer["choices"], key=lambda c: c["index"])
+    for choice, ctxlen in zip(choices, ctxlens, strict=True):
+        token_logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+        tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+        greedy = all(
+            tok == max(top.values()) for tok, top in zip(token_logprobs, tops, strict=True)
+        )
+        res.append((sum(token_logprobs), greedy))
+    return res
+
+
+def test_lm_eval_local_completions_scores_as_llm_logits(served, scored):
+    """lm-eval's local-completions requests (round4 facts §5: loglikelihood and its rolling
+    windows as one echo body per batch of token-id prompts, generate_until), read as lm-eval
+    reads them: each continuation's log-likelihood and greediness equal what LLM.logits gives
+    the same tokens; the first prompt token's logprob is null; max_tokens 0 and vLLM's
+    prompt_logprobs field give the same numbers."""
+    url = served[0].url + "/v1/completions"
+    prompts = [context + more for (context, more), _ in scored]
+    body = {"model": MODEL, "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1,
+            "seed": 1234, "echo": True}  # fmt: skip
+    code, answer = _post(url, body)
+    assert code == 200, answer
+    results = _lm_eval_parse_logprobs(answer, [len(context) for (context, _), _ in scored])
+    for ((context, more), logits), (total, greedy) in zip(scored, results, strict=True):
+        ids, lp = context + more, _log_softmax(logits)
+        want = [lp[i - 1, ids[i]] for i in range(len(context), len(ids))]
+        assert abs(total - sum(want)) <= 1e-5 * np.abs(logits).max() * len(want)
+        assert greedy == all(lp[i - 1].argmax() == ids[i] for i in range(len(context), len(ids)))
+    first = answer["choices"][0]["logprobs"]
+    assert first["token_logprobs"][0] is None and first["top_logprobs"][0] is None
+    assert len(first["token_logprobs"]) == len(prompts[0]) + 1  # the prompt, then one token
+    (context, more), logits = scored[0]
+    code, only = _post(url, {**body, "prompt": prompts[0], "max_tokens": 0})
+    alone = only["choices"][0]["logprobs"]["token_logprobs"]
+    # Scored alone its ticks pack other buckets than in the batch: equal to the logit scale.
+    assert alone[0] is None and len(alone) == len(first["token_logprobs"]) - 1
+    assert np.allclose(alone[1:], first["token_logprobs"][1:-1], rtol=0,
+                       atol=5e-6 * np.abs(logits).max())  # fmt: skip
+    assert only["usage"]["completion_tokens"] == 0
+    code, vllm = _post(url, {"model": MODEL, "prompt": prompts[0], "max_tokens": 1,
+                             "prompt_logprobs": 2})  # fmt: skip
+    entries = vllm["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len(prompts[0])
+    lp = _log_softmax(logits)
+    for i, entry in enumerate(entries[1:], 1):
+        best = np.argsort(-lp[i - 1])[:2]
+        assert set(map(str, best)) | {str(prompts[0][i])} == set(entry)
+        chosen = entry[str(prompts[0][i])]
+        assert abs(chosen["logprob"] - lp[i - 1, prompts[0][i]]) <= 1e-5 * np.abs(logits).max()
+        assert chosen["rank"] == 1 + int(np.sum(lp[i - 1] > lp[i - 1, prompts[0][i]]))
+    # generate_until (tokenized_requests=False: the prompt as text)
+    code, answer = _post(url, {"prompt": PROMPTS[0], "model": MODEL, "max_tokens": 12,
+                               "temperature": 0, "stop": ["\n\n"], "seed": 1234})  # fmt: skip
+    assert answer["choices"][0]["text"] == served[2][PROMPTS[0], 12].split("\n\n")[0]
+
+
+def test_streams_bring_each_token_with_its_logprobs(client):
+    """A stream gets one chunk per sampled token (one ring round), each with its logprobs;
+    together they are the non-streamed answer's."""
+    kwargs = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=2,
+                  extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    assert [len(c.logprobs.tokens) for c in chunks] == [1] * 8
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for c in chunks for x in getattr(c.logprobs, field)] == getattr(whole, field)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "sort a list"}], max_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=1, stream=True, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    contents = [c.choices[0].logprobs.content for c in chat if c.choices and c.choices[0].logprobs]
+    assert [len(c) for c in contents] == [1] * 6
+
+
+def _sse_events(url: str, body: dict) -> list[dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=120) as r:
+        lines = [line[6:].strip() for line in r.read().decode().splitlines()
+                 if line.startswith("data: ")]  # fmt: skip
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_sglang_bench_serving_requests_are_answered(served):
+    """SGLang bench_serving's bodies (round4 facts §7: --backend vllm / sglang-oai on
+    completions, with best_of 1 and ignore_eos; the chat backends with max_completion_tokens
+    and, on later turns, include_usage), read as it reads them."""
+    url = served[0].url
+    body = {"model": MODEL, "prompt": PROMPTS[1], "best_of": 1, "max_tokens": 6, "stream": True,
+            "temperature": 0.0, "ignore_eos": True}  # fmt: skip
+    events = _sse_events(url + "/v1/completions", body)
+    texts = [e["choices"][0]["text"] for e in events if e["choices"][0]["text"]]
+    assert texts and "".join(texts)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "sort a list"}],
+            "max_completion_tokens": 5, "stream": True, "temperature": 0.0, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    events = _sse_events(url + "/v1/chat/completions", chat)
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 5
+    code, answer = _post(url + "/v1/completions", {**body, "stream": False})
+    assert code == 200 and answer["usage"]["completion_tokens"] == 6
+
+
+# What vLLM's example Grafana dashboard reads (round4 facts §6).
+DASHBOARD = ["vllm:e2e_request_latency_seconds_bucket", "vllm:prompt_tokens_total",
+             "vllm:generation_tokens_total", "vllm:inter_token_latency_seconds_bucket",
+             "vllm:num_requests_running", "vllm:num_requests_waiting",
+             "vllm:time_to_first_token_seconds_bucket", "vllm:kv_cache_usage_perc",
+             "vllm:request_prompt_tokens_bucket", "vllm:request_generation_tokens_bucket",
+             "vllm:request_success_total", "vllm:request_queue_time_seconds_sum",
+             "vllm:request_prefill_time_seconds_sum", "vllm:request_decode_time_seconds_sum",
+             "vllm:request_max_num_generation_tokens_sum", "vllm:cache_config_info",
+             "vllm:time_per_output_token_seconds_sum", "vllm:iteration_tokens_total_sum",
+             "vllm:request_params_n_sum", "vllm:request_inference_time_seconds_sum"]  # fmt: skip
+
+
+def test_metrics_carry_what_vllms_dashboard_reads(served, client, caplog):
+    """After a request: every series vLLM's dashboard reads, labelled with the model name,
+    no *_created series; and the request's access log line."""
+    url = served[0].url
+    caplog.set_level(logging.INFO, logger="jaxpp.serve.access")
+    client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=3,
+                              extra_body={"ignore_eos": True})  # fmt: skip
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    for name in DASHBOARD:
+        assert any(line.startswith(name + "{") and f'model_name="{MODEL}"' in line
+                   for line in lines), name  # fmt: skip
+    assert "_created" not in text
+    logged = [r.getMessage() for r in caplog.records if r.name == "jaxpp.serve.access"]
+    assert any(re.search(r'"POST /v1/completions" 200 tokens=\d+\+3 \d+\.\d{3}s$', line)
+               for line in logged), logged  # fmt: skip

@@ -268,6 +268,44 @@ def test_one_row_reused_after_stop_string_and_penalties(model_dir, prompts):
     assert outs[2].outputs[0].token_ids == want[0].outputs[0].token_ids
 
 
+def test_prompt_logprobs_and_streams_beside_plain_requests(model_dir, prompts, alone):
+    """prompt_logprobs (scoring only with max_tokens 0, with one token, with a whole answer)
+    equal log_softmax of LLM.logits on the same tokens (first token None, ranks, top-N), their
+    prompts chunked over the ticks of two stages beside plain and streamed requests, which get
+    the tokens they get alone; a streamed request runs in one-round calls."""
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", pp=2, max_num_seqs=6,
+                    max_num_batched_tokens=16, block_size=4)  # fmt: skip
+    logits = llm.logits(prompts[:3])
+    scored = [
+        jaxpp.SamplingParams(max_tokens=0, prompt_logprobs=2),
+        dataclasses.replace(_greedy(1), prompt_logprobs=0),
+        dataclasses.replace(_greedy(BUDGETS[2]), prompt_logprobs=3, logprobs=1),
+    ]
+    streamed = dataclasses.replace(_greedy(BUDGETS[6]), stream=True)
+    params = [*scored, *(_greedy(n) for n in BUDGETS[3:6]), streamed]
+    outs = llm.generate(prompts[:7], params)
+    got = [o.outputs[0].token_ids for o in outs]
+    assert got == [[], alone[1][:1], *alone[2:7]]
+    for out, x, p in zip(outs[:3], logits, scored, strict=True):
+        ids = out.prompt_token_ids
+        lp = x.astype(np.float64) - np.log(np.exp(x.astype(np.float64)).sum(-1, keepdims=True))
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+        for i, entry in enumerate(out.prompt_logprobs[1:], 1):
+            chosen = entry[ids[i]]
+            assert abs(chosen.logprob - lp[i - 1, ids[i]]) <= 5e-6 * np.abs(x).max()
+            assert chosen.rank == 1 + int(np.sum(lp[i - 1] > lp[i - 1, ids[i]]))
+            top = set(np.argsort(-lp[i - 1])[: p.prompt_logprobs].tolist())
+            assert set(entry) == top | {ids[i]}
+    # One-round calls while a request streams: a call per token instead of decode_chunk.
+    calls = {}
+    for stream in (False, True):
+        params = dataclasses.replace(_greedy(BUDGETS[4]), stream=stream)
+        [out] = llm.generate([prompts[4]], params)
+        assert out.outputs[0].token_ids == alone[4]
+        calls[stream] = llm.last_run_stats["calls"]
+    assert calls[True] >= BUDGETS[4] > calls[False], calls
+
+
 def test_streaming_api_hands_back_each_request_when_done(model_dir, prompts):
     llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=4)
     short = llm.add_request(prompts[0], _greedy(2))

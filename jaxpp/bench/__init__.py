@@ -74,6 +74,7 @@ from jaxpp.bench.serving import (
 from jaxpp.bench.workloads import (
     Request,
     multi_turn_requests,
+    need_torch,
     preset_dir,
     preset_path,
     random_requests,
@@ -337,6 +338,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        if args.compare_hf:  # before anything loads
+            need_torch("--compare-hf runs transformers' generate")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ensure_cpu_devices(args.pp * args.tp * args.dp)
     import jax  # noqa: PLC0415
 

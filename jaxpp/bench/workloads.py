@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -189,8 +190,19 @@ def preset_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     out = root / f"{path.stem}-{digest}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
+    need_torch(f"--preset {name} writes its random checkpoint (once, into {root})")
     _write_random_checkpoint(json.loads(text), out)
     return out
+
+
+def need_torch(what: str) -> None:
+    """A ValueError naming the one command to run when `what` needs PyTorch and it is not
+    installed (jaxpp itself does not need it)."""
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError(
+            f"{what} with PyTorch, which jaxpp does not install: pip install torch (the CPU "
+            "build is enough)"
+        )
 
 
 def _write_random_checkpoint(raw: dict, out: Path, shard_bytes: float = 4e9) -> None:

@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(
-            f"\n{PROG}: interrupted; answered lines are kept (rerun with --resume)", file=sys.stderr
-        )
+        print(f"\n{PROG}: interrupted{_kept(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `jaxpp generate ... | head`
         try:
@@ -102,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_LINE_ERRORS
     except Exception as e:  # noqa: BLE001 - not any request's fault: an internal error
         return _internal_error(args, e)
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """What a stopped run keeps: only generate writes answers that --resume goes on from."""
+    return "; answered lines are kept (rerun with --resume)" if args.command == "generate" else ""
 
 
 def _internal_error(args: argparse.Namespace, error: Exception) -> int:
@@ -115,9 +118,5 @@ def _internal_error(args: argparse.Namespace, error: Exception) -> int:
         what = str(error)
     else:
         what = f"internal error: {type(error).__name__}: {error}"
-    print(
-        f"{PROG}: error: {one_line(what, 300)}; answered lines are kept (rerun with --resume); "
-        f"{where}",
-        file=sys.stderr,
-    )
+    print(f"{PROG}: error: {one_line(what, 300)}{_kept(args)}; {where}", file=sys.stderr)
     return EXIT_INTERNAL

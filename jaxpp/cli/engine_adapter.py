@@ -38,6 +38,7 @@ class EngineFailure(Exception):
 def _expect_results(job: Job) -> None:
     """Make room for the results of all of `job`'s sequences (none yet)."""
     job.results = [None] * len(job.seqs)
+    job.prompt_logprobs = [None] * len(job.seqs)
     job.left = len(job.seqs)
 
 
@@ -100,6 +101,7 @@ class EngineAdapter:
     def _finished(self, job: Job, k: int, out) -> None:
         """Sequence `k` of `job` came back: report the job once it has all of them."""
         job.results[k] = out.outputs[0]
+        job.prompt_logprobs[k] = out.prompt_logprobs
         job.left -= 1
         if job.left == 0:
             self.on_done(job)

@@ -48,6 +48,7 @@ SAMPLING_FIELDS = (
     "repetition_penalty",
     "skip_special_tokens",
     "structured_outputs",
+    "prompt_logprobs",
 )
 # OpenAI body fields mapped onto SamplingParams (the vLLM extras top_k, min_p, ... included).
 _OPENAI_SAMPLING = (
@@ -65,6 +66,7 @@ _OPENAI_SAMPLING = (
     "ignore_eos",
     "stop_token_ids",
     "skip_special_tokens",
+    "prompt_logprobs",
 )
 _OPENAI_IGNORED = ("model", "user", "metadata", "store", "service_tier")
 _OPENAI_BODY = {
@@ -73,6 +75,7 @@ _OPENAI_BODY = {
         "n",
         "logprobs",
         "echo",
+        "best_of",
         "stream",
         "stream_options",
         *_OPENAI_SAMPLING,
@@ -94,6 +97,8 @@ _OPENAI_BODY = {
     },
 }
 OPENAI_KEYS = {"custom_id", "method", "url", "body"}
+# The roles OpenAI's chat API knows ("function": its older name for "tool").
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 @dataclasses.dataclass
@@ -120,7 +125,13 @@ class Job:
     stream: bool = False  # the server answers with server-sent events (never a batch line)
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
     tools: Any = None  # chat: tools.ToolCalling, how the answer's tool calls are read
+    echo: bool = False  # OpenAI completions: each choice starts with its prompt (text, logprobs)
+    # With echo, by prompt_index: (the prompt's text, its first token's text).
+    prompt_texts: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    show_prompt_logprobs: bool = False  # vLLM's `prompt_logprobs` field is answered
     results: list = dataclasses.field(default_factory=list)
+    # Per sequence, its RequestOutput.prompt_logprobs (None unless its params ask for them).
+    prompt_logprobs: list = dataclasses.field(default_factory=list)
     left: int = 0
 
     @property
@@ -182,11 +193,14 @@ class RequestBuilder:
         streaming: bool = False,
         tool_call_parser: str | None = None,
     ):
-        """`streaming`: requests may ask for `stream: true` (the server; a batch line may not).
-        `tool_call_parser`: how tool_choice "auto" reads tool calls (tools.PARSERS), or None."""
+        """`streaming`: requests may ask for `stream: true`, and a max_tokens past the context
+        is refused rather than lowered (the server; a batch line may not stream, and is
+        capped). `tool_call_parser`: how tool_choice "auto" reads tool calls (tools.PARSERS),
+        or None."""
         from jaxpp import SamplingParams  # noqa: PLC0415
 
         self.streaming = streaming
+        self.refuses_over_context = streaming
         self.llm = llm
         self.sampling_params = SamplingParams
         self.defaults = defaults
@@ -282,6 +296,34 @@ class RequestBuilder:
                 raise RequestError(str(e)) from None
         return spec
 
+    def fit_max_tokens(self, params, ids: list[int], given: bool, what: str = "prompt"):
+        """`params` with max_tokens within the context: prompt plus max_tokens is at most
+        max_model_len, so usage never passes it. A max_tokens the request did not set
+        (`given`) is lowered to the room left, as vLLM does; one it set past it is refused
+        with vLLM's message where the builder `refuses_over_context` (the server), lowered
+        otherwise (the batch CLI). A prompt that leaves no room is refused unless it is only
+        scored (max_tokens 0)."""
+        limit, n = self.llm.max_model_len, len(ids)
+        room = limit - n
+        if params.max_tokens <= room:
+            return params
+        if room == 0:
+            raise RequestError(
+                f"{'' if what == 'prompt' else what + ': '}This model's maximum context length "
+                f"is {limit} tokens. However, your request has {n} input tokens. Please reduce "
+                "the length of the input messages.",
+                CONTEXT_LENGTH_EXCEEDED,
+            )
+        if given and self.refuses_over_context:
+            m = params.max_tokens
+            raise RequestError(
+                f"'max_tokens' or 'max_completion_tokens' is too large: {m}. This model's "
+                f"maximum context length is {limit} tokens and your request has {n} input "
+                f"tokens ({m} > {limit} - {n}).",
+                CONTEXT_LENGTH_EXCEEDED,
+            )
+        return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+
     def chat(self, messages: Any, tool_list: list | None = None) -> tuple[str, list[int]]:
         if not isinstance(messages, list) or not messages:
             raise RequestError(
@@ -323,7 +365,7 @@ class RequestBuilder:
             job.prompt = obj["prompt"]
         else:
             job.prompt, ids = self.chat(obj["messages"])
-        job.seqs = [Seq(ids, params)]
+        job.seqs = [Seq(ids, self.fit_max_tokens(params, ids, "max_tokens" in obj))]
         job.prompt_tokens = len(ids)
         return job
 
@@ -369,13 +411,20 @@ class RequestBuilder:
                     "stream_options.include_usage must be a boolean, got "
                     f"{short_repr(include_usage)}"
                 )
-        if kind == "completion" and body.get("echo"):
-            raise RequestError("echo=true is not supported")
         n = body.get("n", 1)
         n = 1 if n is None else n
         if not _is_int(n) or n < 1:
             raise RequestError(f"n must be an integer >= 1, got {short_repr(n)}")
+        best_of = body.get("best_of")
+        if best_of is not None and (not _is_int(best_of) or best_of != n):
+            raise RequestError(
+                f"best_of={short_repr(best_of)} is not supported: each choice is one sample, so "
+                f"best_of must be null or equal n ({n})"
+            )
         overrides = {k: body[k] for k in _OPENAI_SAMPLING if k in body}
+        if overrides.get("prompt_logprobs") is not None and stream:
+            raise RequestError("prompt_logprobs are not available with stream=true")
+        overrides["stream"] = stream  # the engine hands a stream each token as it is sampled
         # The echoed model name is cut: an answer never grows with a hostile field.
         job = Job(line, job_id, kind, model=str(body.get("model") or self.model_name)[:200])
         job.stream, job.include_usage = stream, include_usage
@@ -395,11 +444,12 @@ class RequestBuilder:
             self.limits.check_sequences(n, 1)
             tool_list = job.tools.template_tools() if job.tools is not None else None
             _, ids = self.chat(body["messages"], tool_list)
-            prompts = [ids]
+            prompts, names = [ids], ["prompt"]
         else:
             if body.get("logprobs") is not None:
                 overrides["logprobs"] = body["logprobs"]
                 job.logprobs = ("completion", body["logprobs"])
+            self._echo(job, body, overrides)
             if "prompt" not in body:
                 raise RequestError("body.prompt is required for /v1/completions")
             prompt = body["prompt"]
@@ -410,15 +460,19 @@ class RequestBuilder:
             )
             items = prompt if many else [prompt]
             self.limits.check_sequences(n, len(items))
-            prompts = [
-                self.encode(x, "prompt" if len(items) == 1 else f"prompt[{i}]")
-                for i, x in enumerate(items)
-            ]
-        key = id_key(job_id)
-        for p, ids in enumerate(prompts):
+            names = ["prompt" if len(items) == 1 else f"prompt[{i}]" for i in range(len(items))]
+            prompts = [self.encode(x, name) for x, name in zip(items, names, strict=True)]
+            if job.echo:
+                job.prompt_texts = [
+                    (x if isinstance(x, str) else self._text(ids), self._text(ids[:1]))
+                    for x, ids in zip(items, prompts, strict=True)
+                ]
+        job.show_prompt_logprobs = body.get("prompt_logprobs") is not None
+        key, given = id_key(job_id), overrides.get("max_tokens") is not None
+        for p, (ids, name) in enumerate(zip(prompts, names, strict=True)):
             for k in range(n):
-                index = p * n + k
-                job.seqs.append(Seq(ids, self.params(overrides, key, index, index), p))
+                params = self.params(overrides, key, p * n + k, p * n + k)
+                job.seqs.append(Seq(ids, self.fit_max_tokens(params, ids, given, name), p))
         job.prompt_tokens = sum(len(ids) for ids in prompts)
         return job
 
@@ -439,6 +493,27 @@ class RequestBuilder:
             )
         return structured.from_body({"structured_outputs": needed})
 
+    def _echo(self, job: Job, body: dict, overrides: dict) -> None:
+        """OpenAI's `echo`: each choice starts with its prompt, and with `logprobs` the prompt
+        tokens' logprobs come first (the first one's null), as lm-eval's loglikelihood reads
+        them; `max_tokens: 0` then only scores the prompt."""
+        echo = body.get("echo") or False
+        if not isinstance(echo, bool):
+            raise RequestError(f"echo must be a boolean, got {short_repr(echo)}")
+        job.echo = echo
+        top = body.get("logprobs")
+        scored = top is not None or overrides.get("max_tokens") == 0
+        if echo and scored and overrides.get("prompt_logprobs") is None:
+            overrides["prompt_logprobs"] = top or 0
+
+    def _text(self, ids: list[int]) -> str:
+        """The text of prompt token ids (what `echo` shows of a prompt sent as ids)."""
+        tokenizer = self.llm.tokenizer
+        if tokenizer is None:
+            return ""
+        with failure_as(INVALID_PROMPT, "the tokenizer cannot decode the prompt"):
+            return tokenizer.decode(ids)
+
 
 def _flat_message(index: int, message: Any) -> dict:
     """One chat message with its text parts joined: {"role": str, "content": str, ...}."""
@@ -458,6 +533,11 @@ def _flat_message(index: int, message: Any) -> dict:
     if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
         raise RequestError(
             f"message {index} must be {{'role': str, 'content': str}}, got {short_repr(message)}"
+        )
+    if message["role"] not in CHAT_ROLES:
+        raise RequestError(
+            f"message {index} has role {short_repr(message['role'])}: expected one of "
+            + ", ".join(map(repr, CHAT_ROLES))
         )
     return message
 

@@ -29,11 +29,12 @@ class Limits:
 
     def check_sampling(self, fields: dict[str, Any]) -> None:
         """The sampling fields of one sequence, before SamplingParams sees them."""
-        logprobs = fields.get("logprobs")
-        if _is_int(logprobs) and logprobs > self.max_logprobs:
-            _exceeded(
-                f"logprobs={logprobs} is over the limit of {self.max_logprobs}", "--max-logprobs"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            top = fields.get(name)
+            if _is_int(top) and top > self.max_logprobs:
+                _exceeded(
+                    f"{name}={top} is over the limit of {self.max_logprobs}", "--max-logprobs"
+                )
         stop = fields.get("stop")
         if isinstance(stop, list | tuple):
             if len(stop) > self.max_stop_strings:

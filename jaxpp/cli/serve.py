@@ -13,6 +13,7 @@ SIGTERM and exit when process 0 stops.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 from pathlib import Path
@@ -64,6 +65,12 @@ def add_parser(subparsers, argv: list[str] | None = None) -> None:
         default=1024,
         metavar="N",
         help="sequences queued beyond the running ones; past it a request gets 503 (default: 1024)",
+    )
+    net.add_argument(
+        "--disable-log-requests",
+        action="store_true",
+        help="no access log line per request (client, method, route, status, prompt+generated "
+        "tokens, seconds) on stderr",
     )
     net.add_argument(
         "--grace",
@@ -119,7 +126,7 @@ def prepare(args: argparse.Namespace, exchange=None) -> Prepared:
     loop = EngineLoop(
         llm, llm.max_num_seqs + args.max_waiting, metrics.observe, exchange or (lambda w: w)
     )
-    app = build_app(loop, builder, metrics, name, args.api_key)
+    app = build_app(loop, builder, metrics, name, args.api_key, not args.disable_log_requests)
     return Prepared(app, loop, builder, metrics, name)
 
 
@@ -144,6 +151,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn  # noqa: PLC0415
 
     from jaxpp.distributed import broadcast_json  # noqa: PLC0415
+    from jaxpp.server.app import ACCESS  # noqa: PLC0415
 
     _checked(args)
     process = join(args)
@@ -167,6 +175,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # --grace), then raises the signal again for the handler it found: make that one a no-op,
     # so that the process drains the engine and exits 0 instead of dying of the signal.
     _ignore_stop_signals()
+    _log_to_stderr(ACCESS)
     print(f"jaxpp serve: http://{args.host}:{args.port}/v1 (model {args.model})", flush=True)
     try:
         server.run()  # returns after Ctrl-C / SIGTERM, once connections closed or grace ran out
@@ -187,6 +196,14 @@ def _follow(args: argparse.Namespace) -> int:
     llm.warmup()  # the same programs in the same order as process 0's
     follow(llm, broadcast_json)
     return EXIT_OK
+
+
+def _log_to_stderr(logger: logging.Logger) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _ignore_stop_signals() -> None:

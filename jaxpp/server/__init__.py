@@ -3,6 +3,7 @@
 One module per job:
 
     text.py     the text deltas of a stream (held back where they may still change)
+    chunks.py   a streamed request's server-sent events (OpenAI's chunk shapes)
     loop.py     THE engine loop: one thread owns the LLM, requests join it, tokens stream out
     metrics.py  the Prometheus metrics (vLLM's names)
     app.py      the HTTP routes (FastAPI): the OpenAI request and response shapes, errors, auth

@@ -8,6 +8,7 @@ same fields, limits and messages), answered in the CLI's shapes (records.result_
 any refusal is an OpenAI error body naming the culprit, with 400 (413 for a body over the
 limit, 404 for an unknown model or route, 401 without the API key, 503 when the queue is full
 or the server is stopping). A client that disconnects has its sequences aborted at once.
+Every request gets one access log line (AccessLog) unless the server is told not to.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
-import json
+import logging
 import time
 import traceback
 import uuid
@@ -28,7 +29,8 @@ from starlette.exceptions import HTTPException
 from jaxpp.cli import structured, tools
 from jaxpp.cli.errors import RequestError
 from jaxpp.cli.formats import Job, RequestBuilder, parse_line
-from jaxpp.cli.records import openai_logprobs, result_record
+from jaxpp.cli.records import result_record
+from jaxpp.server.chunks import StreamChunks, sse
 from jaxpp.server.loop import DELTA, DONE, EngineLoop, Event, Handle, Overloaded
 from jaxpp.server.metrics import CONTENT_TYPE, Metrics
 
@@ -48,12 +50,15 @@ def build_app(
     metrics: Metrics,
     model_name: str,
     api_key: str | None = None,
+    access_log: bool = True,
 ) -> FastAPI:
     app = FastAPI(title="jaxpp", docs_url=None, redoc_url=None, openapi_url=None)
     max_body = builder.limits.max_line_bytes
 
     if api_key is not None:
         app.add_middleware(ApiKeyCheck, api_key=api_key)
+    if access_log:  # added last: the outermost, so that it sees a 401 too
+        app.add_middleware(AccessLog)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -133,12 +138,29 @@ def build_app(
         except Overloaded as e:
             return error_response(503, f"server busy: {e}; retry later", "overloaded",
                                   "server_error", headers={"Retry-After": "1"})  # fmt: skip
+        job.results = [None] * len(handles)
+        job.prompt_logprobs = [None] * len(handles)
+        request.state.tokens = (job.prompt_tokens, 0)  # the access log's, until the end
         if job.stream:
-            return StreamingResponse(_stream(job, handles, events), media_type="text/event-stream")
+            return StreamingResponse(
+                _stream(request, job, handles, events), media_type="text/event-stream"
+            )
         return await _whole(request, job, handles, events)
 
+    def _done(request: Request, job: Job, index: int, event: Event) -> None:
+        """Sequence `index` finished: keep its results, count it in the metrics (and the
+        request, once all of its prompt's sequences are done)."""
+        job.results[index], job.prompt_logprobs[index] = event.completion, event.prompt_logprobs
+        seq = job.seqs[index]
+        metrics.sequence_done(event.completion, event.metrics, len(seq.token_ids),
+                              seq.params.max_tokens)  # fmt: skip
+        group = [i for i, s in enumerate(job.seqs) if s.prompt_index == seq.prompt_index]
+        if all(job.results[i] is not None for i in group):
+            metrics.request_done(len(group), [len(job.results[i].token_ids) for i in group])
+        generated = sum(len(c.token_ids) for c in job.results if c is not None)
+        request.state.tokens = (job.prompt_tokens, generated)
+
     async def _whole(request: Request, job: Job, handles, events: asyncio.Queue) -> Response:
-        job.results = [None] * len(handles)
         left = len(handles)
         try:
             while left:
@@ -150,7 +172,7 @@ def build_app(
                         return Response(status_code=499)
                     continue
                 if event.kind == DONE:
-                    job.results[index] = event.completion
+                    _done(request, job, index, event)
                     left -= 1
                 elif event.kind != DELTA:
                     loop.abort(handles)
@@ -160,65 +182,29 @@ def build_app(
             raise
         return JSONResponse(result_record(job)["response"]["body"])
 
-    async def _stream(job: Job, handles, events: asyncio.Queue) -> AsyncIterator[str]:
-        chat = job.kind == "chat"
-        head = {
-            "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": job.model,
-        }
-
-        # Tool calls are read from the whole answer: its text is held back and sent as one
-        # delta of content and tool_calls (tools.stream_delta) with the finish reason.
-        held = chat and job.tools is not None and job.tools.mode != "none"
-
-        def chunk(index: int, text: str, finish: str | None = None, logprobs=None, delta=None):
-            choice = {"index": index}
-            if delta is not None:
-                choice["delta"] = delta
-            elif chat:
-                choice["delta"] = {"content": text} if text or finish is None else {}
-            else:
-                choice["text"] = text
-            choice["logprobs"] = logprobs
-            choice["finish_reason"] = finish
-            return _sse({**head, "choices": [choice], **({"usage": None} if job.include_usage
-                                                          else {})})  # fmt: skip
-
-        left, generated = len(handles), 0
+    async def _stream(
+        request: Request, job: Job, handles, events: asyncio.Queue
+    ) -> AsyncIterator[str]:
+        chunks = StreamChunks(job)
+        left = len(handles)
         try:
-            if chat:
-                for index in range(len(handles)):
-                    role = {**head, "choices": [{"index": index, "delta": {"role": "assistant",
-                            "content": ""}, "logprobs": None, "finish_reason": None}]}  # fmt: skip
-                    yield _sse(role)
+            for role in chunks.roles():
+                yield role
             while left:
                 index, event = await events.get()
                 if event.kind == DELTA:
-                    if not held:
-                        yield chunk(index, event.text)
+                    chunk = chunks.delta(index, event)
+                    if chunk is not None:
+                        yield chunk
                 elif event.kind == DONE:
-                    c = event.completion
-                    generated += len(c.token_ids)
+                    _done(request, job, index, event)
                     left -= 1
-                    delta, finish = (
-                        tools.stream_delta(job.tools, c.text, c.finish_reason)
-                        if held
-                        else (None, c.finish_reason)
-                    )
-                    yield chunk(index, event.text, finish, openai_logprobs(job.logprobs, c),
-                                delta)  # fmt: skip
+                    yield chunks.last(index, event)
                 else:
-                    yield _sse({"error": _error_body(event)})
+                    yield sse({"error": _error_body(event)})
                     return
             if job.include_usage:
-                usage = {
-                    "prompt_tokens": job.prompt_tokens,
-                    "completion_tokens": generated,
-                    "total_tokens": job.prompt_tokens + generated,
-                }
-                yield _sse({**head, "choices": [], "usage": usage})
+                yield chunks.usage()
             yield "data: [DONE]\n\n"
         finally:
             if left:  # the client went away, or the engine failed: free what is left
@@ -249,8 +235,38 @@ class ApiKeyCheck:
         await self.app(scope, receive, send)
 
 
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
+ACCESS = logging.getLogger("jaxpp.serve.access")
+
+
+class AccessLog:
+    """One line per request once its response is complete (or its client gone): client,
+    method, route, status, prompt + generated tokens (what the route's handler left in
+    `request.state.tokens`), seconds. Plain ASGI, as ApiKeyCheck."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [499]  # 499: the client left before an answer
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            tokens = scope.get("state", {}).get("tokens")
+            used = "-" if tokens is None else f"{tokens[0]}+{tokens[1]}"
+            ACCESS.info(
+                '%s:%s "%s %s" %d tokens=%s %.3fs', client[0], client[1], scope["method"],
+                scope["path"], status[0], used, time.perf_counter() - start,
+            )  # fmt: skip
 
 
 def _too_large(limit: int) -> JSONResponse:

@@ -45,8 +45,11 @@ IDLE_WAKE_S = 0.5  # with nothing to run, how long the loop waits for a command 
 class Event:
     kind: str  # DELTA: more text; DONE: the completion; ERROR: the sequence failed
     text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)  # DELTA: the new tokens
+    logprobs: list | None = None  # DELTA: their logprob entries, when the request asked
     completion: Any = None  # jaxpp.CompletionOutput, with DONE
     metrics: Any = None  # jaxpp RequestMetrics, with DONE
+    prompt_logprobs: Any = None  # RequestOutput.prompt_logprobs, with DONE
     message: str = ""  # with ERROR: what went wrong, its HTTP status and error code
     status: int = 500
     code: str = "internal_error"
@@ -83,9 +86,9 @@ class EngineLoop:
         observe: Callable[..., None] = lambda *a: None,
         exchange: Callable[[list], list] = lambda wire: wire,
     ):
-        """`observe(name, value)` is told each request's latencies (metrics.py); `exchange`
-        hands each turn's wire list to the other processes (distributed.broadcast_json) and
-        returns it."""
+        """`observe(name, value)` is told of every step and every gap between tokens
+        (metrics.py); `exchange` hands each turn's wire list to the other processes
+        (distributed.broadcast_json) and returns it."""
         self.llm = llm
         self.exchange = exchange
         self.max_outstanding = max_outstanding
@@ -158,6 +161,7 @@ class EngineLoop:
                 self._fail_all("generation failed in the engine; see the server log")
                 continue
             now = time.perf_counter()
+            self.observe("step", None)
             self._stream_new_tokens(now)
             for out in finished:
                 self._finish(out)
@@ -211,30 +215,36 @@ class EngineLoop:
         self._tracked[result] = _Tracked(handle, TextStream(detokenize, handle.params.stop))
 
     def _stream_new_tokens(self, now: float) -> None:
+        grown = {}
         for request_id, tokens in self.llm.running_tokens().items():
             tracked = self._tracked.get(request_id)
-            if tracked is None or len(tokens) <= tracked.tokens:
-                continue
-            new = len(tokens) - tracked.tokens
+            if tracked is not None and len(tokens) > tracked.tokens:
+                grown[request_id] = tokens
+        starts = {r: self._tracked[r].tokens for r in grown}
+        logprobs = self.llm.running_logprobs(starts) if grown else {}
+        for request_id, tokens in grown.items():
+            tracked = self._tracked[request_id]
+            new = tokens[tracked.tokens :]
             if tracked.last_token_time is not None:
-                gap = (now - tracked.last_token_time) / new
-                for _ in range(new):
+                gap = (now - tracked.last_token_time) / len(new)
+                for _ in new:
                     self.observe("inter_token", gap)
             tracked.tokens, tracked.last_token_time = len(tokens), now
             # One event per step that gave the sequence tokens, even when all of their text is
-            # held back (or the model has no tokenizer): a client sees when tokens come.
-            tracked.handle.on_event(Event(DELTA, tracked.stream.update(tokens)))
+            # held back (or the model has no tokenizer): a client sees when tokens come, with
+            # their logprobs.
+            text = tracked.stream.update(tokens)
+            tracked.handle.on_event(Event(DELTA, text, new, logprobs.get(request_id)))
 
     def _finish(self, out) -> None:
         tracked = self._tracked.get(out.request_id)
         if tracked is None:
             return
         completion = out.outputs[0]
-        m = out.metrics
-        self.observe("ttft", m.time_to_first_token)
-        self.observe("e2e", m.finished_time - m.arrival_time)
-        self.observe("finished", completion.finish_reason)
-        tracked.handle.on_event(Event(DONE, tracked.stream.finish(completion.text), completion, m))
+        text = tracked.stream.finish(completion.text)
+        event = Event(DONE, text, completion=completion, metrics=out.metrics,
+                      prompt_logprobs=out.prompt_logprobs)  # fmt: skip
+        tracked.handle.on_event(event)
         self._forget(out.request_id)
 
     def _fail_all(self, message: str) -> None:
