@@ -191,7 +191,7 @@ class LLM:
         """The model dir's tokenizer (transformers), loaded on first use; None if it has none."""
         if self._tokenizer is None:
             # False: looked and found none (a server asks for every token it streams).
-            found = _load_tokenizer(self.model_dir)
+            found = load_tokenizer(self.model_dir)
             self._tokenizer = False if found is None else found
         return None if self._tokenizer is False else self._tokenizer
 
@@ -838,7 +838,7 @@ def _default_kv_budget(mesh, state) -> int:
     )
 
 
-def _load_tokenizer(model_dir: Path):
+def load_tokenizer(model_dir: Path):
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
     # jaxpp needs only transformers' tokenizers: silence its "PyTorch was not found" advice.

@@ -11,14 +11,14 @@ import jaxpp
 from jaxpp.cli.errors import CONTEXT_LENGTH_EXCEEDED, RequestError
 from jaxpp.cli.formats import CHAT_ROLES, RequestBuilder
 from jaxpp.cli.limits import Limits
-from jaxpp.engine import _load_tokenizer
+from jaxpp.engine import load_tokenizer
 
 CONTEXT = 64
 
 
 @pytest.fixture(scope="module")
 def llm():
-    tokenizer = _load_tokenizer(jaxpp.DEMO_MODEL)
+    tokenizer = load_tokenizer(jaxpp.DEMO_MODEL)
     return SimpleNamespace(
         tokenizer=tokenizer,
         max_model_len=CONTEXT,

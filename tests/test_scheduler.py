@@ -45,6 +45,8 @@ def _log(step, entries=(), stages=1):
         logprob=zeros,
         top_ids=zeros[..., None][..., :0],
         top_logprobs=zeros[..., None][..., :0],
+        drafts=np.zeros(tags.shape + (0,), np.int32),
+        accepted=np.zeros_like(tags),
         work=np.ones((K, replicas, stages), np.int32),
         live=np.zeros((K, replicas), np.int32),
     )

@@ -10,6 +10,7 @@ import jaxpp
 from jaxpp.config import SpeculativeConfig
 from jaxpp.programs import SAMPLING
 from jaxpp.sampling import SamplerRows, host_sampler_rows, sample
+from jaxpp.server.metrics import Metrics
 from jaxpp.speculation import propose, verify
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
@@ -202,8 +203,9 @@ def test_lookup_sizes_default_as_vllm():
     assert (one.prompt_lookup_min, one.prompt_lookup_max) == (3, 3)
 
 
-def test_text_holds_the_sequence(model_dir):
-    """The device's text of a row is its prompt and its outputs, position for position."""
+def test_text_holds_the_sequence_and_metrics_count_drafts(model_dir):
+    """The device's text of a row is its prompt and its outputs, position for position; the
+    server's /metrics carries vLLM's spec_decode counters."""
     prompts, params = _requests()
     llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=8, max_model_len=256,
                     speculative_config=NGRAM, enable_prefix_caching=False)  # fmt: skip
@@ -211,3 +213,35 @@ def test_text_holds_the_sequence(model_dir):
     text = np.asarray(jax.device_get(llm.ring.text))
     sequence = prompts[0] + out.outputs[0].token_ids
     assert any(row[: len(sequence)].tolist() == sequence for row in text)
+    metrics = Metrics(llm, "m").text().decode()
+    spec = llm.scheduler.stats.spec_decode()
+    for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+        line = f'vllm:spec_decode_{name}_total{{engine="0",model_name="m"}} {float(spec[name])}'
+        assert line in metrics, (line, metrics)
+    per_position = 'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",'
+    assert per_position in metrics
+
+
+def test_bench_flags_and_workloads_that_repeat_their_input():
+    """`jaxpp bench --speculative-config JSON --workload retype`: the flag reaches EngineConfig,
+    and a retype prompt ends with the renamed def line of a function it shows."""
+    import argparse
+
+    from jaxpp.bench import _add_arguments
+    from jaxpp.bench.workloads import code_requests
+    from jaxpp.cli.flags import engine_config
+    from jaxpp.engine import load_tokenizer
+
+    parser = argparse.ArgumentParser()
+    _add_arguments(parser)
+    args = parser.parse_args(["--preset", "x", "--workload", "retype",
+                              "--speculative-config", '{"num_speculative_tokens": 4}'])  # fmt: skip
+    config = engine_config(args).speculative_config
+    assert (config.num_speculative_tokens, config.prompt_lookup_max) == (4, 5)
+    tokenizer = load_tokenizer(jaxpp.DEMO_MODEL)
+    for retype in (False, True):
+        requests = code_requests(3, 256, 8, tokenizer, seed=1, retype=retype)
+        assert len(requests) == 3 and all(0 < len(r.prompt) <= 256 for r in requests)
+    text = tokenizer.decode(requests[0].prompt)
+    name = text.rsplit("# The same function as ", 1)[1].split(":", 1)[0]
+    assert text.rstrip().splitlines()[-1].startswith(f"def {name}(")

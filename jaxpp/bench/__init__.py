@@ -73,6 +73,7 @@ from jaxpp.bench.serving import (
 )
 from jaxpp.bench.workloads import (
     Request,
+    code_requests,
     multi_turn_requests,
     need_torch,
     preset_dir,
@@ -129,6 +130,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-prefixes", type=int, default=1, help="common prefixes to draw from")
     p.add_argument(
+        "--workload",
+        choices=["random", "code", "retype"],
+        default="random",
+        help="random token ids (default); code: continue --input-len tokens of one of the "
+        "package's Python files; retype: a function of the package, then the same function "
+        "renamed (inputs that speculative decoding's prompt lookup finds again; these two "
+        "need the model's tokenizer)",
+    )
+    p.add_argument(
         "--multi-turn",
         type=int,
         default=0,
@@ -156,6 +166,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="fp8: quantize the checkpoint's linear weights to FP8 on load (docs/fp8.md)",
     )
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument(
+        "--speculative-config",
+        metavar="JSON",
+        default=None,
+        help='speculative decoding (vLLM\'s keys): \'{"method": "ngram", '
+        '"num_speculative_tokens": 3}\'; jaxpp only (docs/pipeline.md)',
+    )
     p.add_argument(
         "--max-num-batched-tokens",
         type=int,
@@ -286,8 +303,16 @@ def ensure_cpu_devices(needed: int) -> None:
             jax.config.update("jax_num_cpu_devices", needed)
 
 
-def _requests(args: argparse.Namespace, vocab_size: int) -> list[Request]:
+def _requests(args: argparse.Namespace, vocab_size: int, model_dir: Path) -> list[Request]:
     lengths = (args.input_len, args.output_len, args.range_ratio, vocab_size, args.seed)
+    if args.workload != "random":
+        from jaxpp.engine import load_tokenizer  # noqa: PLC0415
+
+        tokenizer = load_tokenizer(model_dir)
+        if tokenizer is None:
+            raise ValueError(f"--workload {args.workload} needs a tokenizer in {model_dir}")
+        return code_requests(args.num_prompts, args.input_len, args.output_len, tokenizer,
+                             args.seed, retype=args.workload == "retype")  # fmt: skip
     if args.trace:
         return read_trace(args.trace, vocab_size, args.seed, args.scale_lengths)
     if args.multi_turn:
@@ -355,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model_dir = Path(args.model) if args.model else preset_dir(args.preset, args.cache_dir)
         cfg = ModelConfig.from_dir(model_dir)
-        requests = _requests(args, cfg.vocab_size)
+        requests = _requests(args, cfg.vocab_size, model_dir)
         if args.base_url is not None:
             return _run_client(args, requests, cfg.vocab_size, log)
         t = time.perf_counter()

@@ -54,6 +54,14 @@ def print_report(r: dict) -> None:
         f"prefix cache: {p['prefix_cache_hit_tokens']} of {p['prompt_tokens']} prompt tokens found "
         f"({p['prefix_cache_hit_rate']:.1%}), {p['prefix_cache_evictions']} pages evicted"
     )
+    spec = p.get("spec_decode")
+    if spec is not None:
+        print(
+            f"speculative decoding: {spec['num_draft_tokens']} drafts verified, "
+            f"{spec['num_accepted_tokens']} accepted ({spec['acceptance_rate']:.1%}), "
+            f"{spec['mean_acceptance_length']:.2f} tokens per verified row, "
+            f"{spec['draft_tokens_per_tick']:.1f} drafts per tick"
+        )
     print(f"device idle between calls <= {100 * r['device_idle_fraction']:.2f}% of the run")
     print(
         f"step programs {r['step_programs']}; XLA compilations: warm-up "

@@ -232,5 +232,6 @@ def summarize(result: PassResult) -> dict:
         "occupancy": stats["occupancy"],
         "queued_occupancy": stats["queued_occupancy"],
         "bubble_fraction": stats["bubble_fraction"],
+        "spec_decode": stats["spec_decode"],
         "device_idle_fraction": result.device_idle_s / d,
     }

@@ -3,12 +3,14 @@ preset checkpoints with random weights that `jaxpp bench --preset` and `jaxpp pl
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import importlib.util
 import json
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,53 @@ def multi_turn_requests(
         first, *later = asked[c * turns : (c + 1) * turns]
         firsts.append(dataclasses.replace(first, then=[(q.prompt, q.output_len) for q in later]))
     return firsts
+
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # jaxpp/: the Python that `code` continues
+
+
+def code_requests(
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    tokenizer,
+    seed: int = 0,
+    retype: bool = False,
+) -> list[Request]:
+    """Requests that repeat their input, for speculative decoding: `code` continues a window
+    of `input_len` tokens of one of the package's own Python files; `retype` (`retype=True`)
+    shows a function of the package and asks for it again with its name changed (the prompt
+    ends with the renamed `def` line, so the answer is the body once more)."""
+    rng = np.random.default_rng(seed)
+    files = sorted(PACKAGE_DIR.rglob("*.py"))
+    requests = []
+    while len(requests) < num_prompts:
+        source = files[int(rng.integers(len(files)))].read_text()
+        if retype:
+            prompt = _retyped(source, rng)
+            if prompt is None:
+                continue
+            ids = tokenizer.encode(prompt)[-input_len:]
+        else:
+            ids = tokenizer.encode(source)
+            start = int(rng.integers(max(len(ids) - input_len, 0) + 1))
+            ids = ids[start : start + input_len]
+        requests.append(Request(ids, output_len))
+    return requests
+
+
+def _retyped(source: str, rng: np.random.Generator) -> str | None:
+    """A function of `source` (ast), then the request to type it again renamed, or None."""
+    functions = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)]
+    functions = [f for f in functions if 6 <= f.end_lineno - f.lineno <= 40]
+    if not functions:
+        return None
+    f = functions[int(rng.integers(len(functions)))]
+    text = "\n".join(source.splitlines()[f.lineno - 1 : f.end_lineno])
+    text = textwrap.dedent(text)
+    renamed = f.name + "_again"
+    header = text.splitlines()[0].replace(f"def {f.name}(", f"def {renamed}(", 1)
+    return f"{text}\n\n\n# The same function as {renamed}:\n{header}\n"
 
 
 def read_trace(

@@ -345,6 +345,19 @@ def add_engine_flags(group) -> None:
         help="KV page pool per device (default: the engine's, 90%% of an accelerator's free "
         "memory, 1 GiB per CPU process)",
     )
+    add_speculative_flag(group)
+
+
+def add_speculative_flag(group) -> None:
+    """--speculative-config (generate, serve, bench): vLLM's JSON, prompt lookup only."""
+    group.add_argument(
+        "--speculative-config",
+        metavar="JSON",
+        help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", '
+        '"num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
+        "(drafts found in the sequence's own text, verified inside the ring; greedy and "
+        "seeded outputs unchanged; docs/pipeline.md)",
+    )
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, model_dir: Path) -> None:

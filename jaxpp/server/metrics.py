@@ -57,7 +57,8 @@ class _EngineCollector:
             (gauge, "vllm:kv_cache_usage_perc", "Share of KV pages held by requests (0-1).",
              pool.in_use / pool.total),
             (counter, "vllm:prompt_tokens", "Prompt tokens admitted.", stats.prompt_tokens),
-            (counter, "vllm:generation_tokens", "Tokens generated.", stats.tokens),
+            (counter, "vllm:generation_tokens", "Tokens generated.",
+             stats.tokens + stats.spec_accepted_tokens),
             (counter, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix "
              "cache.", stats.prompt_tokens),
             (counter, "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
@@ -68,10 +69,27 @@ class _EngineCollector:
             (gauge, "jaxpp:step_programs", "Step programs compiled so far.",
              llm.compiled_programs),
         ]  # fmt: skip
+        if llm.shape.drafts:  # speculative decoding: vLLM's spec_decode counters
+            values += [
+                (counter, "vllm:spec_decode_num_drafts", "Rows verified with drafts.",
+                 stats.spec_drafts),
+                (counter, "vllm:spec_decode_num_draft_tokens", "Draft tokens verified.",
+                 stats.spec_draft_tokens),
+                (counter, "vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                 stats.spec_accepted_tokens),
+            ]  # fmt: skip
         for kind, name, doc, value in values:
             metric = kind(name, doc, labels=LABELS)
             metric.add_metric(self.labels, value)
             yield metric
+        if llm.shape.drafts:
+            per = counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                          "Draft tokens accepted, by their position among the drafts.",
+                          labels=[*LABELS, "position"])  # fmt: skip
+            accepted = stats.spec_accepted_per_position or [0] * llm.shape.drafts
+            for position, value in enumerate(accepted):
+                per.add_metric([*self.labels, str(position)], value)
+            yield per
         config = {
             "block_size": llm.block_size,
             "num_gpu_blocks": pool.total,

@@ -1,0 +1,67 @@
+"""Speculative decoding on against off, same build, same sitting: output tok/s of `jaxpp bench`
+on the demo model for each (workload, batch, pp), alternating off/on runs; the ratio and the
+acceptance figures. Every run is a fresh process (its own warm-up, no compile timed).
+
+    JAX_NUM_CPU_DEVICES=2 python scripts/spec_bench.py                # the issue's table
+    JAX_NUM_CPU_DEVICES=2 python scripts/spec_bench.py --quick        # batch 1, pp 1 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import jaxpp
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+        "prompt_lookup_min": 2}  # fmt: skip
+
+
+def bench(workload: str, batch: int, pp: int, spec: dict | None, prompts: int, args) -> dict:
+    cmd = [
+        sys.executable, "-m", "jaxpp.bench", "--model", str(jaxpp.DEMO_MODEL),
+        "--workload", workload, "--num-prompts", str(prompts), "--batch-size", str(batch),
+        "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+        "--pp", str(pp), "--max-num-batched-tokens", str(args.budget), "--json",
+    ]  # fmt: skip
+    if spec is not None:
+        cmd += ["--speculative-config", json.dumps(spec)]
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(max(pp, 1))}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=96)
+    p.add_argument("--budget", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    cases = [("retype", 1, 1)] if args.quick else [
+        ("retype", 1, 1), ("retype", 1, 2), ("code", 1, 1), ("random", 1, 1),
+        ("retype", 32, 1), ("random", 32, 1),
+    ]  # fmt: skip
+    print("| workload | batch | pp | off tok/s | on tok/s | on/off | acceptance | tokens/row |")
+    print("|---|---|---|---|---|---|---|---|")
+    for workload, batch, pp in cases:
+        prompts = 4 if batch == 1 else 64
+        best = {"off": 0.0, "on": 0.0}
+        spec_stats = None
+        for _ in range(args.repeats):
+            for name, spec in (("off", None), ("on", SPEC)):
+                r = bench(workload, batch, pp, spec, prompts, args)
+                best[name] = max(best[name], r["output_tokens_per_s"])
+                spec_stats = r.get("spec_decode") or spec_stats
+        rate = f"{spec_stats['acceptance_rate']:.2f}" if spec_stats else "-"
+        length = f"{spec_stats['mean_acceptance_length']:.2f}" if spec_stats else "-"
+        print(f"| {workload} | {batch} | {pp} | {best['off']:.1f} | {best['on']:.1f} | "
+              f"{best['on'] / best['off']:.2f}x | {rate} | {length} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
