@@ -461,7 +461,7 @@ class LLM:
         if call.mode.penalties and penalties.counts.shape[1] == 0:
             penalties = empty_penalties(self.mesh, penalties.counts.shape[0], self.vocab_padded)
         log = empty_log(self.mesh, self.shape, self.dp, call.mode.logprobs, call.start_tick)
-        stages, rows, _, automata, text = self.ring
+        stages, rows, _, automata, page_tokens = self.ring
         ctl, uploaded, collected = self._control, {}, []
         for batch in call.batches:
             if id(batch) not in uploaded:
@@ -469,26 +469,24 @@ class LLM:
             batch = uploaded[id(batch)]
             if call.mode.penalties:  # the prompt tokens entering are seen by their rows
                 penalties = self.programs.count(penalties, ctl.prompt_len, batch)
-            args = (self.state, stages, rows, ctl.tag, self._tables, batch, log, text,
-                    ctl.text_start, ctl.last_position)  # fmt: skip
-            stages, leaving, log, text, *more = self.programs.forward(call.collect, *args)
+            args = (self.state, stages, rows, ctl.tag, self._tables, batch, log, page_tokens,
+                    ctl.last_position)  # fmt: skip
+            stages, leaving, log, page_tokens, *more = self.programs.forward(call.collect, *args)
             collected += more
-            rows, log, penalties, automata, text = self._sample(
-                call.mode, rows, leaving, log, penalties, automata, text
+            rows, log, penalties, automata = self._sample(
+                call.mode, rows, leaving, log, penalties, automata
             )
             self._pace(leaving.tick)
-        self.ring = Ring(stages, rows, penalties, automata, text)
+        self.ring = Ring(stages, rows, penalties, automata, page_tokens)
         return log, collected
 
-    def _sample(self, mode, rows, leaving, log, penalties, automata, text):
+    def _sample(self, mode, rows, leaving, log, penalties, automata):
         """One tick's sample program: a penalties mode also takes and updates the penalty
-        counts, a grammar mode the rows' automata (and reads the pool's tables), a speculating
-        engine's the rows' text; returns (rows, log, penalties, automata, text)."""
+        counts, a grammar mode the rows' automata (and reads the pool's tables); returns
+        (rows, log, penalties, automata)."""
         extra = (penalties,) if mode.penalties else ()
         if mode.grammar:
             extra += (automata, self.grammar_pool.allocate())
-        if self.shape.drafts:
-            extra += (text,)
         rows, log, *updated = self.programs.sample(
             mode, self.state, rows, self._control, leaving, log, *extra
         )
@@ -496,9 +494,7 @@ class LLM:
             penalties = updated.pop(0)
         if mode.grammar:
             automata = updated.pop(0)
-        if self.shape.drafts:
-            text = updated.pop(0)
-        return rows, log, penalties, automata, text
+        return rows, log, penalties, automata
 
     def _pace(self, done) -> None:
         """Keep at most TICKS_AHEAD ticks enqueued: wait for the oldest when there are more.
@@ -527,7 +523,6 @@ class LLM:
                 put(c["prompt_len"]),
                 put(c["generated0"]),
                 put(c["grammar_start"]),
-                put(c["text_start"]),
                 put(c["last_position"]),
             )
         if call.tables is not None:

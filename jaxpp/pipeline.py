@@ -65,7 +65,7 @@ from jaxpp.grammar import TABLE_SPECS
 from jaxpp.model import VOCAB_AXES, embed_lookup, local_logits, rope_tables
 from jaxpp.sampling import SamplerMode, SamplerRows, grammar_advance, sample
 from jaxpp.sharding import LOGICAL_TO_MESH, logical_to_spec
-from jaxpp.speculation import propose, verify, write_prompt, write_sampled
+from jaxpp.speculation import propose, verify, write_tokens
 
 # One pool per layer slot, like the weights (slicing a layer out of a stacked pool would copy
 # it every tick). K keeps positions last and V head_dim last: both attention dots are plain
@@ -142,8 +142,9 @@ class Ring(NamedTuple):
     rows: RowState
     penalties: Penalties
     automata: Automata
-    text: jax.Array  # i32 [rows, L]: each row's token at each position, for prompt lookup
-    # (speculation.py); [rows, 0] when the engine does not speculate
+    page_tokens: jax.Array  # i32 [replicas * pages, block]: the token whose keys and values
+    # each page position holds, for prompt lookup (speculation.py); [replicas, 0] when the
+    # engine does not speculate
 
 
 class RowControl(NamedTuple):
@@ -154,7 +155,6 @@ class RowControl(NamedTuple):
     prompt_len: jax.Array  # i32 [rows]: its prompt (positions past it hold recomputed outputs)
     generated0: jax.Array  # i32 [rows]: tokens it had generated before this prefill
     grammar_start: jax.Array  # i32 [rows]: its automaton's state at its first token; -1 = none
-    text_start: jax.Array  # i32 [rows]: its first position that rides (a cached prefix does not)
     last_position: jax.Array  # i32 [rows]: the last position it may write (drafts stop there)
 
 
@@ -218,9 +218,9 @@ class PipelineShape:
         return self.rows * (self.drafts + 1)
 
     @property
-    def text_len(self) -> int:
-        """Positions of a row's text (0: the engine does not speculate)."""
-        return self.pages_per_seq * self.block_size if self.drafts else 0
+    def page_token_shape(self) -> tuple[int, int]:
+        """Per replica, the page-token pool's shape ([1, 0] when the engine does not speculate)."""
+        return (self.pages, self.block_size) if self.drafts else (1, 0)
 
     @property
     def max_groups(self) -> int:
@@ -266,7 +266,7 @@ class Pipeline:
 
     @staticmethod
     def control_spec() -> RowControl:
-        return RowControl(ROW, SamplerRows(*[ROW] * len(SamplerRows._fields)), *[ROW] * 5)
+        return RowControl(ROW, SamplerRows(*[ROW] * len(SamplerRows._fields)), *[ROW] * 4)
 
     @staticmethod
     def log_spec() -> StepLog:
@@ -307,25 +307,26 @@ class Pipeline:
             outs += (Collected(P(BATCH, None, VOCAB_AXES), ROW, ROW),)
         batch_spec = TickBatch(*[ROW] * len(TickBatch._fields))
         ins = (self.state_specs, self.stage_spec(), self.row_spec(), ROW, ROW, batch_spec,
-               self.log_spec(), ROW, ROW, ROW)  # fmt: skip
+               self.log_spec(), ROW, ROW)  # fmt: skip
         tick = functools.partial(self._forward, collect=collect, fill=self.bubble_fill)
         tick.__name__ = "forward_collect" if collect else "forward"
         return self._jit(tick, ins, outs, donate=(1, 6, 7))
 
     def _forward(self, state, stages: StageState, rows: RowState, tag, tables, batch: TickBatch,
-                 log: StepLog, text, text_start, last_position, *, collect: bool,
-                 fill):  # fmt: skip
-        """The tick; `text` [rows, L] gains the entering prompt tokens, and the decode rows
-        that have slots for drafts get them from it (speculation.py; L = 0: no speculation)."""
+                 log: StepLog, page_tokens, last_position, *, collect: bool, fill):  # fmt: skip
+        """The tick; the decode rows that have slots for drafts get them from the tokens of
+        their pages, and the entering tokens are written there (speculation.py)."""
         sh = self.shape
         S, T = sh.stages, batch.token.shape[1]
         model, layers = self._split(state)
         s = jax.lax.axis_index("stage")
         t = stages.tick
         batch = jax.tree.map(lambda a: a[0], batch)
+        lookup = (page_tokens, tables, last_position)
+        entry, tokens = _enter(batch, rows, tag, t, sh, lookup)
         if sh.drafts:
-            text = write_prompt(text, batch.row, batch.position, batch.token)
-        entry, tokens = _enter(batch, rows, tag, t, sh, (text, text_start, last_position))
+            page_tokens = write_tokens(page_tokens, tables, entry.row[:T], entry.position[:T],
+                                       tokens)  # fmt: skip
         history = jax.tree.map(
             lambda h, e: jax.lax.dynamic_update_index_in_dim(h[:, 0], e, t % S, 0)[:, None],
             stages.history,
@@ -363,12 +364,13 @@ class Pipeline:
         log = log._replace(work=log.work.at[t - log.start, 0, 0].set(work))
         stages = StageState(cache, riding, history, t + 1)
         if not collect:
-            return stages, handed, log, text
+            return stages, handed, log, page_tokens
         every = _truncate(leaving, T)
         hidden = jax.lax.psum(jnp.where(s == S - 1, out, 0), "stage")
         tags = jnp.where(every.row >= 0, tag[jnp.maximum(every.row, 0)], -1)
         logits = local_logits(model, hidden, sh.vocab_size)
-        return stages, handed, log, text, Collected(logits[None], tags[None], every.position[None])
+        collected = Collected(logits[None], tags[None], every.position[None])
+        return stages, handed, log, page_tokens, collected
 
     def count_program(self):
         """count(penalties, prompt_len, batch) -> penalties: the prompt tokens entering at a
@@ -446,12 +448,11 @@ class Pipeline:
     # --- the sampling program ----------------------------------------------------------------
 
     def sample_program(self, mode: SamplerMode):
-        """sample(state, rows, control, leaving, log[, penalties][, automata, tables][, text])
-        -> (rows, log[, penalties][, automata][, text]): the next token(s) of every row of the
-        micro-batch leaving the last stage. One program per sampler mode; only a penalties mode
-        takes (and updates) the penalty counts, only a grammar mode the rows' automata and the
-        pool's tables; a speculating engine's programs write what they emit into the rows'
-        text, and a verify mode checks the rows' drafts (speculation.py)."""
+        """sample(state, rows, control, leaving, log[, penalties][, automata, tables]) -> (rows,
+        log[, penalties][, automata]): the next token(s) of every row of the micro-batch
+        leaving the last stage. One program per sampler mode; only a penalties mode takes (and
+        updates) the penalty counts, only a grammar mode the rows' automata and the pool's
+        tables; a verify mode checks the rows' drafts (speculation.py)."""
         ins = (self.state_specs, self.row_spec(), self.control_spec(), LEAVING_SPEC,
                self.log_spec())  # fmt: skip
         outs = (self.row_spec(), self.log_spec())
@@ -462,9 +463,6 @@ class Pipeline:
         if mode.grammar:  # the tables are read only: the pool keeps them
             donate += (len(ins),)
             ins, outs = ins + (Automata(ROW), TABLE_SPECS), outs + (Automata(ROW),)
-        if self.shape.drafts:
-            donate += (len(ins),)
-            ins, outs = ins + (ROW,), outs + (ROW,)
         fn = functools.partial(self._sample, mode=mode)
         fn.__name__ = "sample"
         return self._jit(fn, ins, outs, donate=donate)
@@ -476,12 +474,11 @@ class Pipeline:
         the drafts that equal them); update the rows (one stops the moment its stop token or
         token budget is reached, or when its automaton has no way on) and write the tick's log
         entry. `extra`: the penalties (mode.penalties), the automata and their tables
-        (mode.grammar), the text (a speculating engine)."""
+        (mode.grammar)."""
         mb, vocab = self.shape.rows, self.shape.vocab_size
         extra = list(extra)
         penalties = extra.pop(0) if mode.penalties else None
         automata, tables = (extra.pop(0), extra.pop(0)) if mode.grammar else (None, None)
-        text = extra.pop(0) if self.shape.drafts else None
         width = self.shape.drafts + 1 if mode.verify else 1  # positions drawn per row
         model = nnx.merge(self.graphdef, state)
         with jax.named_scope("lm_head"):
@@ -529,9 +526,6 @@ class Pipeline:
                 updated += (_counted(penalties, ids, token, sampled, seen),)
             if mode.grammar:
                 updated += (Automata(put(automata.state, following)),)
-            if self.shape.drafts:
-                emitted = jnp.where(sampled, n + 1, 0)
-                updated += (write_sampled(text, ids, leaving.position, drawn, emitted),)
         at_n = n[:, None] if width > 1 else jnp.zeros((mb, 1), jnp.int32)
         chosen = jax.tree.map(lambda a: _pick(a, at_n, mb, width), got)
         return (rows, _logged(log, leaving, sampled, chosen, verdict, rows), *updated)
@@ -582,7 +576,7 @@ def _enter(batch: TickBatch, rows: RowState, tag, t, sh: PipelineShape, lookup):
     decode slots get their row's next token and position, or become empty when the row is no
     longer live (finished on the device, or withdrawn); a decode slot j > 0 of a row gets its
     j-th draft at the position j after, or becomes empty past its drafts; each sampled row's
-    request is latched. `lookup`: (text, text_start, last_position) for the drafts.
+    request is latched. `lookup`: (page tokens, block tables, last positions) for the drafts.
     Returns (the entry padded to the largest bucket, the entering token ids [T])."""
     decode = (batch.token < 0) & (batch.row >= 0)
     r = jnp.maximum(batch.row, 0)
@@ -615,18 +609,23 @@ def _enter(batch: TickBatch, rows: RowState, tag, t, sh: PipelineShape, lookup):
     return entry, tokens
 
 
-def _drafts(batch: TickBatch, decode, rows: RowState, ids, sh: PipelineShape, text, text_start,
-            last_position) -> jax.Array:  # fmt: skip
+def _drafts(batch: TickBatch, decode, rows: RowState, ids, sh: PipelineShape, page_tokens,
+            tables, last_position) -> jax.Array:  # fmt: skip
     """i32 [mb, k]: the drafts of the entering micro-batch's rows `ids`, for the decode slots
-    the host gave each beyond its first (none for a row given one slot); -1 = none."""
+    the host gave each beyond its first (none for a row given one slot); -1 = none. A row's
+    text is the tokens of its pages before its position, then its next token."""
     if not sh.drafts:
         return jnp.full((sh.rows, 0), -1, jnp.int32)
     local = jnp.where(decode & (batch.position > 0), batch.row - ids[0], sh.rows)
     slots = jnp.zeros((sh.rows,), jnp.int32).at[local].max(batch.position, mode="drop")
     position = rows.position[ids]
+    pages = jnp.clip(tables[ids], 0, page_tokens.shape[0] - 1)
+    text = page_tokens[pages].reshape(sh.rows, -1)  # [mb, pages_per_seq * block]
+    at = jnp.minimum(position, text.shape[1] - 1)
+    text = text.at[jnp.arange(sh.rows), at].set(rows.next_token[ids])
     limit = jnp.minimum(slots, last_position[ids] - position)
     low, high = sh.lookup
-    return propose(text, ids, text_start[ids], position, limit, sh.drafts, low, high)
+    return propose(text, position, limit, sh.drafts, low, high)
 
 
 def _truncate(entry: Entry, tokens: int) -> Entry:
@@ -742,8 +741,9 @@ def empty_ring(
     )
     penalty_counts = empty_penalties(mesh, rows, vocab_padded if penalties else 0)
     automata = Automata(put(np.full(rows, -1, np.int32), ROW))
-    text = put(np.zeros((rows, shape.text_len), np.int32), ROW)
-    return Ring(stages, row_state, penalty_counts, automata, text)
+    pages, block = shape.page_token_shape
+    page_tokens = put(np.full((replicas * pages, block), -1, np.int32), ROW)
+    return Ring(stages, row_state, penalty_counts, automata, page_tokens)
 
 
 def empty_penalties(mesh: Mesh, rows: int, width: int) -> Penalties:

@@ -36,6 +36,7 @@ so tokens of its old admission still in flight are ignored (they are recomputed,
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -220,14 +221,13 @@ class Scheduler:
         self.prompt_len = np.zeros(layout.slots, np.int32)
         self.generated0 = np.zeros(layout.slots, np.int32)
         self.grammar_start = np.full(layout.slots, -1, np.int32)
-        self.text_start = np.zeros(layout.slots, np.int32)
         self.last_position = np.zeros(layout.slots, np.int32)
         self.sampler = host_sampler_rows(layout.slots)
         self.control_changed = True
         self.calls = 0
         self.tick = 0  # the ring's tick at the start of the next call
         self._next_tag = 0
-        self._unread_step = 0  # positions a row may gain in the call planned last (unread)
+        self._unread_rounds = 0  # rounds of the call planned last (not read yet)
         # (bucket, prompt tokens) of the last S - 1 entries, still in the ring when the next
         # call starts: a tick's program must hold every entry in flight (its bucket is the
         # largest of them), and a prompt in flight still has its first token to come.
@@ -275,12 +275,12 @@ class Scheduler:
         # One-round calls too while a request streams its tokens (SamplingParams.stream): each
         # token reaches the host one round after it is sampled, not up to max_rounds later.
         streaming = any(r.params.stream for r in self.running)
-        surely = max((self._left(r, low=True) for r in self.running), default=0)
-        long_call = not (mixed or streaming) and 2 * surely >= self.max_rounds
+        needed = max((self._rounds_left(r) for r in self.running), default=0)
+        long_call = not (mixed or streaming) and 2 * needed >= self.max_rounds
         rounds = self.max_rounds if long_call else 1
         drafts = self.drafts if self._verifies() else 0
         preempted = self._grow_decoding(rounds, drafts + 1)
-        self._unread_step = rounds * (drafts + 1)
+        self._unread_rounds = rounds
         M = self.layout.microbatches
         plans = [self._plan_tick(k, mixed, not preempted, drafts) for k in range(M)]
         held = sum(r is not None for r in self.occupant)
@@ -381,18 +381,27 @@ class Scheduler:
             "prompt_len": self.prompt_len.copy(),
             "generated0": self.generated0.copy(),
             "grammar_start": self.grammar_start.copy(),
-            "text_start": self.text_start.copy(),
             "last_position": self.last_position.copy(),
             "sampler": {k: v.copy() for k, v in self.sampler.items()},
         }
 
-    def _left(self, request: Request, low: bool = False) -> int:
+    def _left(self, request: Request) -> int:
         """Positions the request has left to write: exact from `bound` until it had drafts,
-        then from the tokens read so far (`low`: less what the unread call may have written)."""
+        then from the tokens read so far."""
         if not request.drafted:
             return request.last_position - request.bound
         known = len(request.prompt) + len(request.tokens) - 1
-        return max(request.last_position - known - (self._unread_step if low else 0), 0)
+        return max(request.last_position - known, 0)
+
+    def _rounds_left(self, request: Request) -> int:
+        """Ring rounds the request still needs after the calls planned: one per position until
+        it had drafts, then its positions left at the tokens per round drafting has given so
+        far in this run, less the rounds of the call not read yet."""
+        if not request.drafted:
+            return self._left(request)
+        stats = self.stats
+        per_round = 1 + stats.spec_accepted_tokens / max(stats.tokens, 1)
+        return math.ceil(self._left(request) / per_round) - self._unread_rounds
 
     def _grow_decoding(self, rounds: int, step: int) -> bool:
         """Pages for what each decoding request may write in this call (`step` positions per
@@ -515,7 +524,6 @@ class Scheduler:
         self.grammar_start[row] = (
             -1 if request.automaton is None else request.grammar_base + request.grammar_state
         )
-        self.text_start[row] = cached
         self.last_position[row] = request.last_position - 1  # (a count of positions)
         request.drafted = False
         params = request.params

@@ -21,8 +21,12 @@ past the row's position, where nothing reads them until they are overwritten.
 
 Proposals (vLLM's `ngram` method): the longest n-gram (prompt_lookup_min <= n <=
 prompt_lookup_max) ending at the row's next token that occurred earlier in its text, its
-latest occurrence, and the (up to) k tokens that followed it. The search is a few vectorised
-compares over the row's text, [rows, max_model_len] tokens kept on the device.
+latest occurrence, and the (up to) k tokens that followed it (repeating, when the occurrence is
+nearer than k: the text since recurs with that period). The search is a few vectorised
+compares over the row's text. The text lives where its keys and values do: a token-id pool
+beside the KV pages (`Ring.page_tokens`, [pages, block] per replica, written as tokens
+enter), read through the row's block table, so a prefix found in the prefix cache brings its
+tokens with its pages, and a rejected draft's id sits past the row's position like its keys.
 """
 
 from __future__ import annotations
@@ -33,31 +37,22 @@ import jax
 import jax.numpy as jnp
 
 
-def write_prompt(text: jax.Array, row: jax.Array, position: jax.Array, token: jax.Array
-                 ) -> jax.Array:  # fmt: skip
-    """text i32 [rows, L] (each row's token at each position) with the prompt tokens entering
-    at a tick written in (empty and decode slots, row < 0 or token < 0, write nothing)."""
-    where = jnp.where((row >= 0) & (token >= 0), row, text.shape[0])
-    return text.at[where, position].set(token, mode="drop")
+def write_tokens(page_tokens: jax.Array, tables: jax.Array, row: jax.Array,
+                 position: jax.Array, token: jax.Array) -> jax.Array:  # fmt: skip
+    """page_tokens [pages, block] with the tokens entering at a tick (row [T], position [T],
+    token [T]; row -1: an empty slot) at their place in their rows' pages, where their keys and
+    values go."""
+    pages, block = page_tokens.shape
+    column = jnp.clip(position // block, 0, tables.shape[1] - 1)
+    page = jnp.where(row >= 0, tables[jnp.maximum(row, 0), column], pages)
+    return page_tokens.at[page, jnp.mod(position, block)].set(token, mode="drop")
 
 
-def write_sampled(text: jax.Array, ids: jax.Array, position: jax.Array, emitted: jax.Array,
-                  count: jax.Array) -> jax.Array:  # fmt: skip
-    """The text with rows `ids` [mb]'s `count` [mb] emitted tokens `emitted` [mb, k + 1] at
-    positions position, position + 1, ... (rows with count 0 are untouched)."""
-    rows, width = text.shape
-    j = jnp.arange(emitted.shape[1])
-    where = jnp.where(j[None] < count[:, None], ids[:, None], rows)
-    at = jnp.minimum(position[:, None] + j[None], width)
-    return text.at[where, at].set(emitted, mode="drop")
-
-
-def propose(text: jax.Array, ids: jax.Array, start: jax.Array, position: jax.Array,
-            limit: jax.Array, k: int, low: int, high: int) -> jax.Array:  # fmt: skip
-    """i32 [len(ids), k]: the drafts of rows `ids` whose next token is at `position`, found in
-    their text from position `start` on (a cached prefix never rode into it), -1 past the
-    proposals (none where no n-gram recurs); at most `limit` [len(ids)] each."""
-    tokens = text[ids]  # [R, L]
+def propose(tokens: jax.Array, position: jax.Array, limit: jax.Array, k: int, low: int,
+            high: int) -> jax.Array:  # fmt: skip
+    """i32 [R, k]: the drafts of rows whose text is `tokens` [R, L] (valid up to `position`
+    [R], the row's next token), -1 past the proposals (none where no n-gram recurs); at most
+    `limit` [R] each."""
     L = tokens.shape[1]
     ends = jnp.arange(L)
     p = jnp.clip(position, 0, L - 1)
@@ -74,14 +69,19 @@ def propose(text: jax.Array, ids: jax.Array, start: jax.Array, position: jax.Arr
     for i in range(high):
         n = i + 1
         match &= shifted(i) == suffix(i)
-        earlier = (ends[None] < p[:, None]) & (ends[None] - i >= start[:, None])
-        found = match & earlier & (p - i >= start)[:, None]
+        earlier = (ends[None] < p[:, None]) & (ends[None] >= i)
+        found = match & earlier & (p >= i)[:, None]
         if n >= low:
             latest = jnp.max(jnp.where(found, ends[None], -1), axis=1)
             end = jnp.where(latest >= 0, latest, end)
-    count = jnp.where(end >= 0, jnp.minimum(jnp.minimum(p - end, k), limit), 0)
+    count = jnp.where(end >= 0, jnp.minimum(k, limit), 0)
+    # The tokens after the occurrence, up to the row's next token; when that is fewer than k,
+    # they repeat: the text from end + 1 to p recurs with period p - end (a loop of 2 tokens
+    # gives k drafts, not 2).
     j = jnp.arange(k)
-    follow = jnp.take_along_axis(tokens, jnp.clip(end[:, None] + 1 + j[None], 0, L - 1), axis=1)
+    period = jnp.maximum(p - end, 1)[:, None]
+    at = jnp.clip(end[:, None] + 1 + j[None] % period, 0, L - 1)
+    follow = jnp.take_along_axis(tokens, at, axis=1)
     return jnp.where(j[None] < count[:, None], follow, -1)
 
 

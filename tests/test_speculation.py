@@ -24,14 +24,16 @@ def model_dir(hf_model):
 
 def _reference_drafts(text, start, position, k, low, high):
     """The proposal rule in plain Python: the longest n-gram in [low, high] ending at
-    `position` that occurred earlier (from `start`), its latest occurrence, the k after it."""
+    `position` that occurred earlier (from `start`), its latest occurrence, the k after it
+    (the text since repeating when it is shorter)."""
     for n in range(high, low - 1, -1):
         if position - n + 1 < start:
             continue
         suffix = text[position - n + 1 : position + 1]
         for end in range(position - 1, start + n - 2, -1):
             if text[end - n + 1 : end + 1] == suffix:
-                return text[end + 1 : min(end + 1 + k, position + 1)]
+                since = text[end + 1 : position + 1]  # recurs with period position - end
+                return [since[j % len(since)] for j in range(k)]
     return []
 
 
@@ -39,13 +41,11 @@ def test_proposals_are_the_latest_occurrence_of_the_longest_ngram():
     rng = np.random.default_rng(0)
     rows, L, k = 12, 40, 4
     text = rng.integers(0, 3, size=(rows, L)).astype(np.int32)  # 3 ids: many repeats
-    start = rng.integers(0, 6, size=rows).astype(np.int32)
     position = rng.integers(8, L, size=rows).astype(np.int32)
     limit = rng.integers(0, k + 1, size=rows).astype(np.int32)
-    got = propose(jnp.asarray(text), jnp.arange(rows), jnp.asarray(start),
-                  jnp.asarray(position), jnp.asarray(limit), k, 2, 3)  # fmt: skip
+    got = propose(jnp.asarray(text), jnp.asarray(position), jnp.asarray(limit), k, 2, 3)
     for r in range(rows):
-        want = _reference_drafts(text[r].tolist(), start[r], position[r], k, 2, 3)
+        want = _reference_drafts(text[r].tolist(), 0, position[r], k, 2, 3)
         want = want[: limit[r]]
         assert got[r].tolist() == want + [-1] * (k - len(want)), r
 
@@ -203,16 +203,22 @@ def test_lookup_sizes_default_as_vllm():
     assert (one.prompt_lookup_min, one.prompt_lookup_max) == (3, 3)
 
 
-def test_text_holds_the_sequence_and_metrics_count_drafts(model_dir):
-    """The device's text of a row is its prompt and its outputs, position for position; the
-    server's /metrics carries vLLM's spec_decode counters."""
+def test_a_cached_prefix_brings_its_tokens_and_metrics_count_drafts(model_dir, reference):
+    """The tokens that prompt lookup searches live beside the KV pages, so a prompt found in
+    the prefix cache is searched as well: the second run of a prompt, all its pages but the
+    last cached, still accepts drafts (and answers the same). /metrics carries vLLM's
+    spec_decode counters."""
     prompts, params = _requests()
     llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=8, max_model_len=256,
-                    speculative_config=NGRAM, enable_prefix_caching=False)  # fmt: skip
-    out = llm.generate(prompts[:1], params[:1])[0]
-    text = np.asarray(jax.device_get(llm.ring.text))
-    sequence = prompts[0] + out.outputs[0].token_ids
-    assert any(row[: len(sequence)].tolist() == sequence for row in text)
+                    speculative_config=NGRAM)  # fmt: skip
+    assert _answers(llm, prompts[:1], params[:1]) == reference[:1]
+    first = llm.last_run_stats["spec_decode"]
+    assert _answers(llm, prompts[:1], params[:1]) == reference[:1]
+    stats = llm.last_run_stats
+    assert stats["prefix_cache_hit_tokens"] >= len(prompts[0]) - 16, stats
+    # The same drafts found as when the whole prompt rode: the cached prefix was searched.
+    for key in ("num_draft_tokens", "num_accepted_tokens"):
+        assert stats["spec_decode"][key] == first[key] > 0, (stats["spec_decode"], first)
     metrics = Metrics(llm, "m").text().decode()
     spec = llm.scheduler.stats.spec_decode()
     for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
