@@ -177,23 +177,30 @@ def test_many_prompts_share_a_tick(model_dir):
     assert stats["peak_running"] == 0  # one token each: none ever decodes
 
 
-@pytest.mark.parametrize("bounds", ["data", "compiled"])
+@pytest.mark.parametrize(
+    "bounds, speculative",
+    [("data", None), ("compiled", None), ("compiled", {"num_speculative_tokens": 3})],
+    ids=["data", "compiled", "compiled-speculating"],
+)
 def test_compiled_programs_are_a_fixed_set_without_host_round_trips(
-    model_dir, prompts, bounds, monkeypatch
+    model_dir, prompts, bounds, speculative, monkeypatch
 ):
     """warmup() compiles every program greedy traffic meets: serving compiles nothing more.
     The optimized HLO of every program: no conditional and no copy of a whole KV pool (the
     pools are updated in place); with an accelerator's attention bounds ("compiled"), no loop
     whose trip count depends on data either (on a GPU each would be a device-to-host copy and a
     wait inside the tick); on a CPU only the attention's chunk loops read theirs from the data
-    (two per layer slot: decode slots and prompt groups)."""
+    (two per layer slot: decode slots and prompt groups). Speculating adds the verify twins of
+    greedy and sampling, and nothing else."""
     if bounds == "compiled":
         monkeypatch.setattr(jaxpp.attention, "trips_from_data", lambda: False)
-    llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=4, max_num_batched_tokens=32)
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
+                    speculative_config=speculative)  # fmt: skip
     compiled = llm.warmup()
     buckets = llm.scheduler.buckets.sizes
-    # + greedy and sampling, each also in its grammar mode (structured outputs)
-    assert compiled == llm.compiled_programs == len(buckets) + 4
+    # + greedy and sampling, each also in its grammar mode (structured outputs) and, when the
+    # engine speculates, its verify mode
+    assert compiled == llm.compiled_programs == len(buckets) + 4 + 2 * bool(speculative)
     with CompileCounter() as counter:
         llm.generate(prompts, [_greedy(b) for b in BUDGETS])
     assert counter.count == 0, counter.names
