@@ -13,8 +13,9 @@ from jaxpp.sampling import SamplerRows, host_sampler_rows, sample
 from jaxpp.server.metrics import Metrics
 from jaxpp.speculation import propose, verify
 
+# Verifying at any batch size (the default stops above 2 requests decoding).
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
-         "prompt_lookup_min": 1}  # fmt: skip
+         "prompt_lookup_min": 1, "disable_by_batch_size": None}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,8 @@ def test_bad_speculative_configs_are_named(raw, message):
 
 
 def test_lookup_sizes_default_as_vllm():
-    assert SpeculativeConfig.of({"num_speculative_tokens": 2}).prompt_lookup_max == 5
+    default = SpeculativeConfig.of({"num_speculative_tokens": 2})
+    assert (default.prompt_lookup_max, default.disable_by_batch_size) == (5, 2)
     one = SpeculativeConfig.of({"model": "ngram", "num_speculative_tokens": 2,
                                 "prompt_lookup_max": 3})  # fmt: skip
     assert (one.prompt_lookup_min, one.prompt_lookup_max) == (3, 3)
