@@ -62,7 +62,7 @@ from jaxpp.programs import (
     SAMPLING_VERIFY,
     Programs,
 )
-from jaxpp.sampling import SamplerRows
+from jaxpp.sampling import SamplerMode, SamplerRows
 from jaxpp.scheduler import Call, Request, Scheduler, SlotLayout
 from jaxpp.sharding import make_mesh
 
@@ -556,8 +556,10 @@ class LLM:
         """Compile every program greedy and seeded traffic can meet, constrained or not: the
         forward program of each token bucket and the greedy and sampling sample programs, each
         also in its grammar mode (structured outputs; the device pool of automata is allocated
-        for it), by running idle ticks (nothing is in flight when it runs). Returns how many
-        programs were compiled; `log(line)` hears a progress line per program and the total."""
+        for it), in its verify mode (a speculating engine), and the penalties mode when the
+        model's generation defaults penalise every request, by running idle ticks (nothing is
+        in flight when it runs). Returns how many programs were compiled; `log(line)` hears a
+        progress line per program and the total."""
         if self.has_unfinished_requests():
             raise RuntimeError("warmup() needs an engine with no requests in flight")
         before, start = self.compiled_programs, time.perf_counter()
@@ -565,8 +567,15 @@ class LLM:
         modes = (GREEDY, SAMPLING, GREEDY_GRAMMAR, SAMPLING_GRAMMAR)
         if self.shape.drafts:
             modes += (GREEDY_VERIFY, SAMPLING_VERIFY)
+        every = (GREEDY,)  # modes whose programs (the forward's, the penalty count's) each
+        # bucket compiles anew
+        defaults = self.default_sampling_params()
+        if defaults.penalized:  # the model's generation_config.json asks every request for it
+            mode = SamplerMode.of([defaults])
+            modes += (mode, dataclasses.replace(mode, grammar=True))
+            every += (mode,)
         for i, bucket in enumerate(buckets):
-            for mode in modes if i == 0 else (GREEDY,):
+            for mode in modes if i == 0 else every:
                 call = self.scheduler.idle_call(bucket)  # one tick of the ring each
                 call.mode = mode
                 self._dispatch(call)

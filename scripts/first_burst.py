@@ -1,6 +1,7 @@
 """A fresh `jaxpp serve`'s first burst: start the server, wait until /health says it is ready,
-send a burst of random requests all at once, then the same burst again; compare the TTFT p50 of
-the two and count the programs compiled while they ran (the server's jaxpp:step_programs).
+send a burst of random requests all at once, then a burst of the same lengths again (other ids,
+so that the prefix cache serves neither); compare the TTFT p50 of the two and count the
+programs compiled while they ran (the server's jaxpp:step_programs).
 
     python scripts/first_burst.py                # the demo model, 64 requests
     python scripts/first_burst.py --requests 64 --max-prompt 256 --max-output 64
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         report = {"ready_s": ready, "bursts": []}
         model = _model(base)
-        for _ in range(2):
+        for shift in range(2):
+            burst = [Request([3 + (t - 3 + shift) % 3997 for t in r.prompt], r.output_len)
+                     for r in burst]  # fmt: skip
             before = scrape(base)["jaxpp:step_programs"]
             timings, seconds = run_requests(base, model, burst, None, False)
             failed = [t.error for t in timings if t.error]
