@@ -244,8 +244,11 @@ def llm():
     engine = jaxpp.LLM(
         jaxpp.DEMO_MODEL, max_num_seqs=8, kv_cache_memory=8 << 20, max_num_batched_tokens=32
     )
-    # Every forward bucket, and greedy and sampling each with and without a grammar.
-    assert engine.warmup() == len(engine.scheduler.buckets.sizes) + 4
+    # Every forward bucket, and greedy and sampling each with and without a grammar; the demo
+    # model's generation_config.json sets repetition_penalty 1.1, so also the penalties mode
+    # with and without a grammar, and its prompt-count program per bucket.
+    buckets = len(engine.scheduler.buckets.sizes)
+    assert engine.warmup() == buckets + 4 + 2 + buckets
     return engine
 
 
