@@ -8,6 +8,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 import jaxpp
 from jaxpp import cli
 from jaxpp.cli import generate
@@ -15,6 +17,8 @@ from jaxpp.cli import generate
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+# Slow: .ci/run runs every README snippet as written in a fresh virtualenv (.ci/readme.py).
+@pytest.mark.slow
 def test_readme_example_runs_and_the_demo_model_chats(tmp_path, monkeypatch, capsys):
     code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
     assert "jaxpp.DEMO_MODEL" in code

@@ -133,7 +133,7 @@ def reference(model_dir):
         dict(pp=1),
         # a small budget and pool: prompts in pieces, preemptions, prefix-cache hits
         dict(pp=2, max_num_batched_tokens=16, block_size=4, kv_bytes=64),
-        dict(pp=4),
+        pytest.param(dict(pp=4), marks=pytest.mark.slow),  # pp2 covers stages > 1
         dict(pp=2, tp=2),
     ],
     ids=["pp1", "pp2-small-budget-preempting", "pp4", "pp2-tp2"],
