@@ -86,9 +86,9 @@ def propose(tokens: jax.Array, position: jax.Array, limit: jax.Array, k: int, lo
 
 
 class Verdict(NamedTuple):
-    """What verifying one micro-batch's drafts decided, per row."""
+    """What verifying one micro-batch's drafts decided, per row (its output: the first
+    `accepted` + 1 draws)."""
 
-    emitted: jax.Array  # i32 [mb, k + 1]: the draws; the first `accepted` + 1 are output
     accepted: jax.Array  # i32 [mb]: drafts kept (after a stop among them cut the rest)
     finished: jax.Array  # bool [mb]: a stop token or the token budget among the output
     proposed: jax.Array  # i32 [mb]: drafts the row had
@@ -107,4 +107,4 @@ def verify(drawn: jax.Array, drafts: jax.Array, stop: jax.Array, at_budget: jax.
     j = jnp.arange(k + 1)
     first_end = jnp.min(jnp.where(ends & (j[None] <= matched[:, None]), j[None], k + 1), axis=1)
     accepted = jnp.minimum(matched, first_end)
-    return Verdict(drawn, accepted, first_end <= matched, jnp.sum(drafts >= 0, axis=1))
+    return Verdict(accepted, first_end <= matched, jnp.sum(drafts >= 0, axis=1))
