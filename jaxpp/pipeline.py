@@ -17,13 +17,13 @@ with the decode tokens of the rows beside it. S = 3, M = 3, prompts a (16 tokens
 c (24) arriving together, a budget of 40, rows a in m0, b in m1, c in m2:
 
     tick     0         1          2          3          4          5
-    stage 0  m0+a,b1   m1+b2,c1   m2+c2      m0'        m1'        m2'
-    stage 1  .         m0+a,b1    m1+b2,c1   m2+c2      m0'        m1'
-    stage 2  .         .          m0+a,b1    m1+b2,c1   m2+c2      m0'
+    stage 0  m0+a,b1   m1+b2      m2+c       m0'        m1'        m2'
+    stage 1  .         m0+a,b1    m1+b2      m2+c       m0'        m1'
+    stage 2  .         .          m0+a,b1    m1+b2      m2+c       m0'
 
-(b1 = b[0:24], b2 = b[24:40], c1 = c[0:23], c2 = c[23]; ' = that micro-batch's next tokens: a's
-first token is sampled when m0 leaves stage 2 at tick 2, b's at 3, c's at 4; c's last token
-waits for m2's turn.) A micro-batch's tokens are sampled when it leaves the last stage (every
+(b1 = b[0:16], b2 = b[16:40]; ' = that micro-batch's next tokens: a's first token is sampled
+when m0 leaves stage 2 at tick 2, b's at 3, c's at 4. Each tick runs a 32-token bucket: with S
+stages a tick takes 1/S of the prompt work at hand, scheduler.py.) A micro-batch's tokens are sampled when it leaves the last stage (every
 device samples the same token from the vocab-parallel head) and its next tokens enter stage 0 at
 its next turn: with M >= S that is never before they exist. The ring never drains between calls.
 

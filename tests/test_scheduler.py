@@ -267,8 +267,9 @@ def test_the_tick_table_of_the_pipeline_docs():
     assert [s.layout.locate(rows[i])[1] for i in range(3)] == [0, 1, 2]  # a, b, c
     assert _chunks(step) == [
         (0, rows[0], 0, 16),  # a
-        (0, rows[1], 0, 24),  # b1
-        (1, rows[1], 24, 16),  # b2: b's last token rides with its micro-batch, m1
-        (1, rows[2], 0, 23),  # c1
-        (2, rows[2], 23, 1),  # c2 at m2's turn
+        (0, rows[1], 0, 16),  # b1
+        (1, rows[1], 16, 24),  # b2: the bucket of tick 0 still rides, so tick 1 fills it
+        (2, rows[2], 0, 24),  # c
     ]
+    # 1/S of the prompt work (96 slots / 3) per tick: every entry in flight holds 32 slots.
+    assert [b.token.shape[1] for b in step.batches] == [32, 32, 32]
