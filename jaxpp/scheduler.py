@@ -387,7 +387,7 @@ class Scheduler:
         the work makes S ticks pay its size on every stage, while 1/S per tick keeps the S
         entries in flight even. The riding bucket is paid anyway: a tick fills it whatever
         its share. W at pp=4 (docs/performance.md, one sitting under load): 112.5 vs 85.1
-        output tok/s with all of it (1.32x), ticks of 256 slots or more 899 -> 53."""
+        output tok/s with all of it (1.32x), ticks of 256 slots or more 599 -> 53."""
         return -(-self._prompt_work() // self.stages)
 
     def _tables(self) -> np.ndarray | None:
