@@ -475,7 +475,9 @@ class LLM:
                 penalties = self.programs.count(penalties, ctl.prompt_len, batch)
             args = (self.state, stages, rows, ctl.tag, self._tables, batch, log, page_tokens,
                     ctl.last_position, self.draft_state)  # fmt: skip
-            stages, leaving, log, page_tokens, *more = self.programs.forward(call.collect, *args)
+            stages, leaving, log, page_tokens, *more = self.programs.forward(
+                call.collect, call.mode.verify, *args
+            )
             collected += more
             rows, log, penalties, automata = self._sample(
                 call.mode, rows, leaving, log, penalties, automata
@@ -572,7 +574,8 @@ class LLM:
         if self.shape.drafts:
             modes += (GREEDY_VERIFY, SAMPLING_VERIFY)
         every = (GREEDY,)  # modes whose programs (the forward's, the penalty count's) each
-        # bucket compiles anew
+        # bucket compiles anew; a call that verifies runs the forward's proposing twin
+        every += (GREEDY_VERIFY,) if self.shape.drafts else ()
         defaults = self.default_sampling_params()
         if defaults.penalized:  # the model's generation_config.json asks every request for it
             mode = SamplerMode.of([defaults])

@@ -37,8 +37,9 @@ A tick is two programs, dispatched back to back without waiting:
                  next token, position and stop (and, in a grammar mode, where each row's
                  structured-output automaton goes: grammar.py); the tick's log entry
 
-so a program is compiled per token bucket T and per sampler mode, not per combination: the
-handful of programs a configuration can meet is compiled before it serves (programs.py).
+so a program is compiled per token bucket T (in a speculating engine, twice: with and without
+the proposals at the entry) and per sampler mode, not per combination: the handful of programs
+a configuration can meet is compiled before it serves (programs.py).
 
 What rides with an entry from stage to stage is only its activations. Who its tokens are (rows,
 positions, query groups, which rows it samples and for which request) is known to every device
@@ -306,11 +307,14 @@ class Pipeline:
 
     # --- the forward program -----------------------------------------------------------------
 
-    def forward_program(self, collect: bool):
-        """forward(state, stages, rows, tag, tables, batch, log) -> (stages, leaving, log[,
-        collected]): one tick of every stage, given each row's state (read only) and request
-        (RowControl.tag; the sampler's settings are not its business, so that their shapes
-        never recompile it). jit keys it by the batch's bucket."""
+    def forward_program(self, collect: bool, propose: bool):
+        """forward(state, stages, rows, tag, tables, batch, log, page_tokens, last_position,
+        draft_state) -> (stages, leaving, log, page_tokens[, collected]): one tick of every
+        stage, given each row's state (read only) and request (RowControl.tag; the sampler's
+        settings are not its business, so that their shapes never recompile it). jit keys it
+        by the batch's bucket. `propose`: the twin of a call that verifies, which proposes
+        drafts at the entry (a draft model costs a tick W + k - 1 token-forwards per drafting
+        row, which a call that verifies nothing must not pay)."""
         outs = (self.stage_spec(), LEAVING_SPEC, self.log_spec(), ROW)
         if collect:
             outs += (Collected(P(BATCH, None, VOCAB_AXES), ROW, ROW),)
@@ -318,13 +322,14 @@ class Pipeline:
         draft = self.draft.specs if self.draft else ()
         ins = (self.state_specs, self.stage_spec(), self.row_spec(), ROW, ROW, batch_spec,
                self.log_spec(), ROW, ROW, draft)  # fmt: skip
-        tick = functools.partial(self._forward, collect=collect, fill=self.bubble_fill)
+        tick = functools.partial(self._forward, collect=collect, fill=self.bubble_fill,
+                                 propose=propose)  # fmt: skip
         tick.__name__ = "forward_collect" if collect else "forward"
         return self._jit(tick, ins, outs, donate=(1, 6, 7))
 
     def _forward(self, state, stages: StageState, rows: RowState, tag, tables, batch: TickBatch,
                  log: StepLog, page_tokens, last_position, draft_state, *, collect: bool,
-                 fill):  # fmt: skip
+                 fill, propose: bool):  # fmt: skip
         """The tick; the decode rows that have slots for drafts get them from the tokens of
         their pages (by prompt lookup, or the draft model `draft_state`: its parameters, () when
         none), and the entering tokens are written there (speculation.py)."""
@@ -334,7 +339,8 @@ class Pipeline:
         s = jax.lax.axis_index("stage")
         t = stages.tick
         batch = jax.tree.map(lambda a: a[0], batch)
-        lookup = (self._proposer(draft_state), page_tokens, tables, last_position)
+        proposer = self._proposer(draft_state) if propose and sh.drafts else None
+        lookup = (proposer, page_tokens, tables, last_position)
         entry, tokens = _enter(batch, rows, tag, t, sh, lookup)
         if sh.drafts:
             page_tokens = write_tokens(page_tokens, tables, entry.row[:T], entry.position[:T],
@@ -629,9 +635,9 @@ def _drafts(batch: TickBatch, decode, rows: RowState, ids, sh: PipelineShape, pr
     """i32 [mb, k]: the drafts of the entering micro-batch's rows `ids`, for the decode slots
     the host gave each beyond its first (none for a row given one slot); -1 = none. A row's
     text is the tokens of its pages before its position, then its next token; `proposer`
-    (text, position, limit) -> drafts (Pipeline._proposer)."""
-    if not sh.drafts:
-        return jnp.full((sh.rows, 0), -1, jnp.int32)
+    (text, position, limit) -> drafts (Pipeline._proposer; None: the call proposes none)."""
+    if proposer is None:
+        return jnp.full((sh.rows, sh.drafts), -1, jnp.int32)
     local = jnp.where(decode & (batch.position > 0), batch.row - ids[0], sh.rows)
     slots = jnp.zeros((sh.rows,), jnp.int32).at[local].max(batch.position, mode="drop")
     position = rows.position[ids]

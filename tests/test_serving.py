@@ -196,8 +196,8 @@ def test_compiled_programs_are_a_fixed_set_without_host_round_trips(
     whose trip count depends on data either (on a GPU each would be a device-to-host copy and a
     wait inside the tick); on a CPU only the attention's chunk loops read theirs from the data
     (two per layer slot: decode slots and prompt groups). Speculating adds the verify twins of
-    greedy and sampling, and nothing else, with prompt lookup or a draft model (here the model
-    itself) proposing."""
+    greedy and sampling and the proposing twin of each forward, and nothing else, with prompt
+    lookup or a draft model (here the model itself) proposing."""
     if speculative and speculative.get("model") == "itself":
         speculative = {**speculative, "model": str(model_dir)}
     if bounds == "compiled":
@@ -207,8 +207,9 @@ def test_compiled_programs_are_a_fixed_set_without_host_round_trips(
     compiled = llm.warmup()
     buckets = llm.scheduler.buckets.sizes
     # + greedy and sampling, each also in its grammar mode (structured outputs) and, when the
-    # engine speculates, its verify mode
-    assert compiled == llm.compiled_programs == len(buckets) + 4 + 2 * bool(speculative)
+    # engine speculates, its verify mode (and each bucket's forward its proposing twin)
+    twins = 1 + bool(speculative)
+    assert compiled == llm.compiled_programs == len(buckets) * twins + 4 + 2 * bool(speculative)
     with CompileCounter() as counter:
         llm.generate(prompts, [_greedy(b) for b in BUDGETS])
     assert counter.count == 0, counter.names
