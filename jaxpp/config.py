@@ -476,15 +476,22 @@ class SamplingParams:
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding (speculation.py), with vLLM's `--speculative-config` names: prompt
-    lookup proposes the `num_speculative_tokens` tokens that followed the latest earlier
-    occurrence of the sequence's last n-gram (the longest n in [prompt_lookup_min,
-    prompt_lookup_max] that occurs), and the ring verifies them in one trip."""
+    """Speculative decoding (speculation.py), with vLLM's `--speculative-config` names.
+
+    method "ngram" (prompt lookup) proposes the `num_speculative_tokens` tokens that followed
+    the latest earlier occurrence of the sequence's last n-gram (the longest n in
+    [prompt_lookup_min, prompt_lookup_max] that occurs); method "draft_model" (given by
+    `model`, a small model dir with the target's vocabulary) proposes the draft model's greedy
+    continuation of the sequence's last `draft_window` tokens (draft.py). Either way the ring
+    verifies them in one trip."""
 
     num_speculative_tokens: int
-    method: str = "ngram"
+    method: str | None = None  # None: "draft_model" when `model` is given, else "ngram"
+    model: str | None = None  # the draft model's dir (method "draft_model")
     prompt_lookup_max: int | None = None  # both unset: 5 and 5; one set: the other copies it
     prompt_lookup_min: int | None = None
+    # Tokens of its text the draft model reads each tick (jaxpp's own key; draft.py measures it).
+    draft_window: int = 32
     # A call verifies drafts only while this many requests or fewer decode (None: always).
     # Default 2, measured (docs/performance.md, demo model on this CPU, retype workload):
     # on/off 1.18x at batch 1 (1.70x at pp=2) but 0.73x at 4, 0.82x at 8, 0.69x at 32: each
@@ -492,12 +499,24 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = 2
 
     def __post_init__(self) -> None:
-        if self.method != "ngram":
+        method = self.method or ("draft_model" if self.model is not None else "ngram")
+        object.__setattr__(self, "method", method)
+        if method not in ("ngram", "draft_model"):
             raise ValueError(
                 f"speculative_config method={self.method!r} is not supported: jaxpp proposes "
-                "with prompt lookup on the device ('ngram'); a draft model is not supported"
+                "with prompt lookup ('ngram') or a draft model ('draft_model', with 'model')"
             )
         _check_positive("num_speculative_tokens", self.num_speculative_tokens)
+        if self.disable_by_batch_size is not None:
+            _check_positive("disable_by_batch_size", self.disable_by_batch_size)
+        if method == "draft_model":
+            self._check_draft_model()
+            return
+        if self.model is not None:
+            raise ValueError(
+                f"speculative_config model={self.model!r} with method 'ngram': a draft model "
+                "is method 'draft_model'"
+            )
         high = self.prompt_lookup_max or self.prompt_lookup_min or 5
         low = self.prompt_lookup_min or self.prompt_lookup_max or 5
         for name, value in (("prompt_lookup_max", high), ("prompt_lookup_min", low)):
@@ -508,8 +527,17 @@ class SpeculativeConfig:
             )
         object.__setattr__(self, "prompt_lookup_max", high)
         object.__setattr__(self, "prompt_lookup_min", low)
-        if self.disable_by_batch_size is not None:
-            _check_positive("disable_by_batch_size", self.disable_by_batch_size)
+
+    def _check_draft_model(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(
+                "speculative_config method 'draft_model' needs model: the draft model's directory"
+            )
+        for name in ("prompt_lookup_max", "prompt_lookup_min"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"speculative_config {name} is prompt lookup's ('ngram'), not "
+                                 "the draft model's")  # fmt: skip
+        _check_positive("draft_window", self.draft_window)
 
     @staticmethod
     def of(raw: SpeculativeConfig | dict | str | None) -> SpeculativeConfig | None:
@@ -524,13 +552,8 @@ class SpeculativeConfig:
         if not isinstance(raw, dict):
             raise ValueError(f"speculative_config must be a JSON object, got {raw!r}")
         raw = dict(raw)
-        model = raw.pop("model", None)
-        if model is not None and model != "ngram":
-            raise ValueError(
-                f"speculative_config model={model!r}: a draft model is not supported; use "
-                '{"method": "ngram", "num_speculative_tokens": k}'
-            )
-        if model == "ngram":
+        if raw.get("model") == "ngram":
+            raw.pop("model")
             raw.setdefault("method", "ngram")
         known = {f.name for f in dataclasses.fields(SpeculativeConfig)}
         unknown = sorted(set(raw) - known)

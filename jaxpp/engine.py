@@ -38,6 +38,7 @@ from jaxpp.config import (
     with_quantization,
 )
 from jaxpp.distributed import check_same, smallest, to_host
+from jaxpp.draft import load_draft
 from jaxpp.grammar import EXCEPTIONS_PER_STATE, Compiler, GrammarPool, VocabLayout
 from jaxpp.kv_pages import PagePool
 from jaxpp.layout import (
@@ -155,15 +156,18 @@ class LLM:
         self.state, self.load_stats = load_params(
             self.model_dir, abstract_state, cfg, self.mesh, lay.grid, kv_replicas, lay.windows
         )
+        speculative = config.speculative_config
+        self.draft, self.draft_state = None, ()  # the draft model proposing drafts (draft.py)
+        if speculative is not None and speculative.method == "draft_model":
+            self.draft, self.draft_state = load_draft(speculative, lay, self.mesh)
         self.max_num_seqs = row_count(lay, config.max_num_seqs)
         budget = config.kv_cache_memory or smallest(_default_kv_budget(self.mesh, self.state))
         pages = page_count(lay, budget)
-        speculative = config.speculative_config
         self.shape = pipeline_shape(lay, self.max_num_seqs, pages, config.decode_chunk, speculative)
         self.layout = SlotLayout(config.dp, self.microbatches, self.shape.rows)
         self.pipeline = Pipeline(
             self.mesh, graphdef, layer_graphdef, self.state, rope_inv_freq(cfg), self.dtype,
-            self.shape, filled=lay.grid >= 0,
+            self.shape, filled=lay.grid >= 0, draft=self.draft,
         )  # fmt: skip
         self.programs = Programs(self.pipeline)
         self.ring = self._empty_ring(penalties=False)
@@ -470,8 +474,10 @@ class LLM:
             if call.mode.penalties:  # the prompt tokens entering are seen by their rows
                 penalties = self.programs.count(penalties, ctl.prompt_len, batch)
             args = (self.state, stages, rows, ctl.tag, self._tables, batch, log, page_tokens,
-                    ctl.last_position)  # fmt: skip
-            stages, leaving, log, page_tokens, *more = self.programs.forward(call.collect, *args)
+                    ctl.last_position, self.draft_state)  # fmt: skip
+            stages, leaving, log, page_tokens, *more = self.programs.forward(
+                call.collect, call.mode.verify, *args
+            )
             collected += more
             rows, log, penalties, automata = self._sample(
                 call.mode, rows, leaving, log, penalties, automata
@@ -568,7 +574,8 @@ class LLM:
         if self.shape.drafts:
             modes += (GREEDY_VERIFY, SAMPLING_VERIFY)
         every = (GREEDY,)  # modes whose programs (the forward's, the penalty count's) each
-        # bucket compiles anew
+        # bucket compiles anew; a call that verifies runs the forward's proposing twin
+        every += (GREEDY_VERIFY,) if self.shape.drafts else ()
         defaults = self.default_sampling_params()
         if defaults.penalized:  # the model's generation_config.json asks every request for it
             mode = SamplerMode.of([defaults])

@@ -226,7 +226,9 @@ def pipeline_shape(layout: Layout, rows: int, pages: int, decode_chunk: int,
     """The ring's static shape for `rows` sequence rows and `pages` KV pages per replica."""
     mb = rows // (layout.dp * layout.microbatches)
     drafts = speculative.num_speculative_tokens if speculative else 0
-    lookup = (speculative.prompt_lookup_min, speculative.prompt_lookup_max) if drafts else (0, 0)
+    lookup = (0, 0)  # a draft model's proposals need no n-gram sizes
+    if drafts and speculative.method == "ngram":
+        lookup = (speculative.prompt_lookup_min, speculative.prompt_lookup_max)
     return PipelineShape(
         stages=layout.pp,
         microbatches=layout.microbatches,

@@ -28,7 +28,7 @@ from flax import nnx
 
 from jaxpp.config import ModelConfig
 from jaxpp.fp8 import FP8, SlotFP8, project
-from jaxpp.sharding import LOGICAL_TO_MESH
+from jaxpp.sharding import LOGICAL_TO_MESH, logical_to_spec
 
 STACK_AXES = ("stage",)  # leading axis of every per-slot layer tensor
 VOCAB_AXES = ("stage", "tensor")  # the devices a vocab-parallel table is split over
@@ -251,6 +251,27 @@ class Transformer(nnx.Module):
             if cfg.tie_word_embeddings
             else _param((vocab, cfg.hidden_size), ("vocab", "embed"), dtype)
         )
+
+
+def param_specs(state: nnx.State):
+    """The PartitionSpec of every parameter of `state`, from its logical axes."""
+    return jax.tree.map(
+        lambda v: logical_to_spec(v.get_metadata()["logical_axes"]),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def merge_slots(graphdef, layer_graphdef, state: nnx.State) -> tuple[Transformer, list]:
+    """The local model (embedding, final norm, head) and one `DecoderLayer` per layer slot,
+    each this device's [1, ...] shard of the slot's stack squeezed to one layer's weights;
+    called inside the programs, at trace time."""
+    model = nnx.merge(graphdef, state)
+    layers = [
+        nnx.merge(layer_graphdef, jax.tree.map(lambda a: a[0], nnx.state(slot)))
+        for slot in model.layers
+    ]
+    return model, layers
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -37,8 +37,9 @@ A tick is two programs, dispatched back to back without waiting:
                  next token, position and stop (and, in a grammar mode, where each row's
                  structured-output automaton goes: grammar.py); the tick's log entry
 
-so a program is compiled per token bucket T and per sampler mode, not per combination: the
-handful of programs a configuration can meet is compiled before it serves (programs.py).
+so a program is compiled per token bucket T (in a speculating engine, twice: with and without
+the proposals at the entry) and per sampler mode, not per combination: the handful of programs
+a configuration can meet is compiled before it serves (programs.py).
 
 What rides with an entry from stage to stage is only its activations. Who its tokens are (rows,
 positions, query groups, which rows it samples and for which request) is known to every device
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,10 +63,20 @@ from jax.sharding import PartitionSpec as P
 from jaxpp.attention import QUERY_BLOCK, paged_attention, write_kv
 from jaxpp.batch import TickBatch
 from jaxpp.grammar import TABLE_SPECS
-from jaxpp.model import VOCAB_AXES, embed_lookup, local_logits, rope_tables
+from jaxpp.model import (
+    VOCAB_AXES,
+    embed_lookup,
+    local_logits,
+    merge_slots,
+    param_specs,
+    rope_tables,
+)
 from jaxpp.sampling import SamplerMode, SamplerRows, grammar_advance, sample
 from jaxpp.sharding import LOGICAL_TO_MESH, logical_to_spec
 from jaxpp.speculation import propose, verify, write_tokens
+
+if TYPE_CHECKING:  # draft.py builds on layout.py, which builds on this module
+    from jaxpp.draft import DraftModel
 
 # One pool per layer slot, like the weights (slicing a layer out of a stacked pool would copy
 # it every tick). K keeps positions last and V head_dim last: both attention dots are plain
@@ -231,19 +242,18 @@ class Pipeline:
     """Builds the jitted tick programs for one model on one mesh."""
 
     def __init__(self, mesh: Mesh, graphdef, layer_graphdef, state: nnx.State, inv_freq, dtype,
-                 shape: PipelineShape, filled: np.ndarray):  # fmt: skip
-        """`filled` [stages, slots]: which layer slots hold a layer (the partition's grid)."""
+                 shape: PipelineShape, filled: np.ndarray,
+                 draft: DraftModel | None = None):  # fmt: skip
+        """`filled` [stages, slots]: which layer slots hold a layer (the partition's grid);
+        `draft`: the draft model that proposes in place of prompt lookup (draft.py)."""
+        self.draft = draft
         self.mesh = mesh
         self.graphdef = graphdef
         self.layer_graphdef = layer_graphdef
         self.inv_freq = inv_freq
         self.dtype = dtype
         self.shape = shape
-        self.state_specs = jax.tree.map(
-            lambda v: logical_to_spec(v.get_metadata()["logical_axes"]),
-            state,
-            is_leaf=lambda x: isinstance(x, nnx.Variable),
-        )
+        self.state_specs = param_specs(state)
         self.slots = filled.shape[1]
         # A slot filled on every stage runs unmasked; only an uneven partition masks.
         self.masked_slots = tuple(not bool(filled[:, i].all()) for i in range(self.slots))
@@ -297,32 +307,40 @@ class Pipeline:
 
     # --- the forward program -----------------------------------------------------------------
 
-    def forward_program(self, collect: bool):
-        """forward(state, stages, rows, tag, tables, batch, log) -> (stages, leaving, log[,
-        collected]): one tick of every stage, given each row's state (read only) and request
-        (RowControl.tag; the sampler's settings are not its business, so that their shapes
-        never recompile it). jit keys it by the batch's bucket."""
+    def forward_program(self, collect: bool, propose: bool):
+        """forward(state, stages, rows, tag, tables, batch, log, page_tokens, last_position,
+        draft_state) -> (stages, leaving, log, page_tokens[, collected]): one tick of every
+        stage, given each row's state (read only) and request (RowControl.tag; the sampler's
+        settings are not its business, so that their shapes never recompile it). jit keys it
+        by the batch's bucket. `propose`: the twin of a call that verifies, which proposes
+        drafts at the entry (a draft model costs a tick W + k - 1 token-forwards per drafting
+        row, which a call that verifies nothing must not pay)."""
         outs = (self.stage_spec(), LEAVING_SPEC, self.log_spec(), ROW)
         if collect:
             outs += (Collected(P(BATCH, None, VOCAB_AXES), ROW, ROW),)
         batch_spec = TickBatch(*[ROW] * len(TickBatch._fields))
+        draft = self.draft.specs if self.draft else ()
         ins = (self.state_specs, self.stage_spec(), self.row_spec(), ROW, ROW, batch_spec,
-               self.log_spec(), ROW, ROW)  # fmt: skip
-        tick = functools.partial(self._forward, collect=collect, fill=self.bubble_fill)
+               self.log_spec(), ROW, ROW, draft)  # fmt: skip
+        tick = functools.partial(self._forward, collect=collect, fill=self.bubble_fill,
+                                 propose=propose)  # fmt: skip
         tick.__name__ = "forward_collect" if collect else "forward"
         return self._jit(tick, ins, outs, donate=(1, 6, 7))
 
     def _forward(self, state, stages: StageState, rows: RowState, tag, tables, batch: TickBatch,
-                 log: StepLog, page_tokens, last_position, *, collect: bool, fill):  # fmt: skip
+                 log: StepLog, page_tokens, last_position, draft_state, *, collect: bool,
+                 fill, propose: bool):  # fmt: skip
         """The tick; the decode rows that have slots for drafts get them from the tokens of
-        their pages, and the entering tokens are written there (speculation.py)."""
+        their pages (by prompt lookup, or the draft model `draft_state`: its parameters, () when
+        none), and the entering tokens are written there (speculation.py)."""
         sh = self.shape
         S, T = sh.stages, batch.token.shape[1]
         model, layers = self._split(state)
         s = jax.lax.axis_index("stage")
         t = stages.tick
         batch = jax.tree.map(lambda a: a[0], batch)
-        lookup = (page_tokens, tables, last_position)
+        proposer = self._proposer(draft_state) if propose and sh.drafts else None
+        lookup = (proposer, page_tokens, tables, last_position)
         entry, tokens = _enter(batch, rows, tag, t, sh, lookup)
         if sh.drafts:
             page_tokens = write_tokens(page_tokens, tables, entry.row[:T], entry.position[:T],
@@ -371,6 +389,13 @@ class Pipeline:
         logits = local_logits(model, hidden, sh.vocab_size)
         collected = Collected(logits[None], tags[None], every.position[None])
         return stages, handed, log, page_tokens, collected
+
+    def _proposer(self, draft_state):
+        """(text, position, limit) -> drafts: prompt lookup, or the draft model's greedy tokens."""
+        sh = self.shape
+        if self.draft is None:
+            return functools.partial(propose, k=sh.drafts, low=sh.lookup[0], high=sh.lookup[1])
+        return functools.partial(self.draft.propose, draft_state, k=sh.drafts)
 
     def count_program(self):
         """count(penalties, prompt_len, batch) -> penalties: the prompt tokens entering at a
@@ -438,12 +463,7 @@ class Pipeline:
 
     def _split(self, state):
         """Local model (embed/norm/head) and this stage's layers, one module per slot."""
-        model = nnx.merge(self.graphdef, state)
-        layers = [
-            nnx.merge(self.layer_graphdef, jax.tree.map(lambda a: a[0], nnx.state(slot)))
-            for slot in model.layers
-        ]
-        return model, layers
+        return merge_slots(self.graphdef, self.layer_graphdef, state)
 
     # --- the sampling program ----------------------------------------------------------------
 
@@ -576,7 +596,8 @@ def _enter(batch: TickBatch, rows: RowState, tag, t, sh: PipelineShape, lookup):
     decode slots get their row's next token and position, or become empty when the row is no
     longer live (finished on the device, or withdrawn); a decode slot j > 0 of a row gets its
     j-th draft at the position j after, or becomes empty past its drafts; each sampled row's
-    request is latched. `lookup`: (page tokens, block tables, last positions) for the drafts.
+    request is latched. `lookup`: (proposer, page tokens, block tables, last positions) for
+    the drafts.
     Returns (the entry padded to the largest bucket, the entering token ids [T])."""
     decode = (batch.token < 0) & (batch.row >= 0)
     r = jnp.maximum(batch.row, 0)
@@ -609,13 +630,14 @@ def _enter(batch: TickBatch, rows: RowState, tag, t, sh: PipelineShape, lookup):
     return entry, tokens
 
 
-def _drafts(batch: TickBatch, decode, rows: RowState, ids, sh: PipelineShape, page_tokens,
-            tables, last_position) -> jax.Array:  # fmt: skip
+def _drafts(batch: TickBatch, decode, rows: RowState, ids, sh: PipelineShape, proposer,
+            page_tokens, tables, last_position) -> jax.Array:  # fmt: skip
     """i32 [mb, k]: the drafts of the entering micro-batch's rows `ids`, for the decode slots
     the host gave each beyond its first (none for a row given one slot); -1 = none. A row's
-    text is the tokens of its pages before its position, then its next token."""
-    if not sh.drafts:
-        return jnp.full((sh.rows, 0), -1, jnp.int32)
+    text is the tokens of its pages before its position, then its next token; `proposer`
+    (text, position, limit) -> drafts (Pipeline._proposer; None: the call proposes none)."""
+    if proposer is None:
+        return jnp.full((sh.rows, sh.drafts), -1, jnp.int32)
     local = jnp.where(decode & (batch.position > 0), batch.row - ids[0], sh.rows)
     slots = jnp.zeros((sh.rows,), jnp.int32).at[local].max(batch.position, mode="drop")
     position = rows.position[ids]
@@ -624,8 +646,7 @@ def _drafts(batch: TickBatch, decode, rows: RowState, ids, sh: PipelineShape, pa
     at = jnp.minimum(position, text.shape[1] - 1)
     text = text.at[jnp.arange(sh.rows), at].set(rows.next_token[ids])
     limit = jnp.minimum(slots, last_position[ids] - position)
-    low, high = sh.lookup
-    return propose(text, position, limit, sh.drafts, low, high)
+    return proposer(text, position, limit)
 
 
 def _truncate(entry: Entry, tokens: int) -> Entry:

@@ -2,12 +2,14 @@
 
 pipeline.py builds two jitted programs per tick: `forward` (one per token bucket: jit's own cache
 keys it by the batch's shape, and by any other argument whose shape changes, such as the
-penalty counts) and `sample` (one per sampler mode). Nothing about a call is listed by hand, so
+penalty counts; in a speculating engine a proposing twin for calls that verify) and `sample`
+(one per sampler mode). Nothing about a call is listed by hand, so
 nothing unlisted can mismatch: a new shape compiles a new program, never a wrong one.
 
 `LLM.warmup` compiles, before anything is served, every program a configuration can meet in
-greedy and seeded traffic: `forward` for each token bucket and `sample` for the greedy and the
-sampling modes, each also in its grammar mode (structured outputs), by running idle ticks
+greedy and seeded traffic: `forward` for each token bucket (and its proposing twin) and `sample`
+for the greedy and the sampling modes, each also in its grammar mode (structured outputs) and
+verify mode (speculative decoding), by running idle ticks
 through these programs. Rarer modes (logprobs, penalties, the collecting forward of LLM.logits
 and prompt_logprobs) compile the first time a call needs them, once each.
 """
@@ -38,16 +40,16 @@ class Programs:
 
     def __init__(self, pipeline: Pipeline):
         self.pipeline = pipeline
-        self._forward: dict[tuple, Callable] = {}  # (collect, bubble fill) -> jitted
+        self._forward: dict[tuple, Callable] = {}  # (collect, propose, bubble fill) -> jitted
         self._sample: dict[SamplerMode, Callable] = {}
         self._count: Callable | None = None
         self._seen: dict[tuple, tuple[Callable, tuple]] = {}  # one entry per compiled program
         self.compile_seconds = 0.0
 
-    def forward(self, collect: bool, *args):
-        key = (collect, self.pipeline.bubble_fill)
+    def forward(self, collect: bool, propose: bool, *args):
+        key = (collect, propose, self.pipeline.bubble_fill)
         if key not in self._forward:
-            self._forward[key] = self.pipeline.forward_program(collect)
+            self._forward[key] = self.pipeline.forward_program(collect, propose)
         return self._run(("forward",) + key, self._forward[key], args)
 
     def sample(self, mode: SamplerMode, *args):

@@ -4,6 +4,11 @@ acceptance figures. Every run is a fresh process (its own warm-up, no compile ti
 
     JAX_NUM_CPU_DEVICES=2 python scripts/spec_bench.py                # the issue's table
     JAX_NUM_CPU_DEVICES=2 python scripts/spec_bench.py --quick        # batch 1, pp 1 only
+    JAX_NUM_CPU_DEVICES=2 python scripts/spec_bench.py --draft DIR    # a draft model proposing
+                                                    # (retype: batch 1 at pp 1 and 2, batch 32)
+
+(a draft of the demo model: scripts/train_draft_model.py --out DIR; --draft-window W must be
+its sliding window, the one it was trained for.)
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ import jaxpp
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
         "prompt_lookup_min": 2}  # fmt: skip
+
+
+def draft_spec(model: str, window: int) -> dict:
+    return {"model": model, "num_speculative_tokens": SPEC["num_speculative_tokens"],
+            "draft_window": window}  # fmt: skip
 
 
 def bench(workload: str, batch: int, pp: int, spec: dict | None, prompts: int, args) -> dict:
@@ -41,11 +51,17 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=96)
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--draft", help="a draft model's dir: it proposes instead of prompt lookup")
+    p.add_argument("--draft-window", type=int, default=32)
     args = p.parse_args()
-    cases = [("retype", 1, 1)] if args.quick else [
-        ("retype", 1, 1), ("retype", 1, 2), ("code", 1, 1), ("random", 1, 1),
-        ("retype", 32, 1), ("random", 32, 1),
-    ]  # fmt: skip
+    spec = draft_spec(args.draft, args.draft_window) if args.draft else SPEC
+    print(f"on: {json.dumps(spec)}")
+    cases = [("retype", 1, 1), ("retype", 1, 2)]
+    if args.draft:  # batch 32 verifies nothing (disable_by_batch_size): the draft's cost there
+        cases += [("retype", 32, 1)]
+    else:  # the issue's table for prompt lookup
+        cases += [("code", 1, 1), ("random", 1, 1), ("retype", 32, 1), ("random", 32, 1)]
+    cases = cases[:1] if args.quick else cases
     print("| workload | batch | pp | off tok/s | on tok/s | on/off | acceptance | tokens/row |")
     print("|---|---|---|---|---|---|---|---|")
     for workload, batch, pp in cases:
@@ -53,8 +69,8 @@ def main() -> None:
         best = {"off": 0.0, "on": 0.0}
         spec_stats = None
         for _ in range(args.repeats):
-            for name, spec in (("off", None), ("on", SPEC)):
-                r = bench(workload, batch, pp, spec, prompts, args)
+            for name, config in (("off", None), ("on", spec)):
+                r = bench(workload, batch, pp, config, prompts, args)
                 best[name] = max(best[name], r["output_tokens_per_s"])
                 spec_stats = r.get("spec_decode") or spec_stats
         rate = f"{spec_stats['acceptance_rate']:.2f}" if spec_stats else "-"

@@ -179,8 +179,13 @@ def test_many_prompts_share_a_tick(model_dir):
 
 @pytest.mark.parametrize(
     "bounds, speculative",
-    [("data", None), ("compiled", None), ("compiled", {"num_speculative_tokens": 3})],
-    ids=["data", "compiled", "compiled-speculating"],
+    [
+        ("data", None),
+        ("compiled", None),
+        ("compiled", {"num_speculative_tokens": 3}),
+        ("compiled", {"model": "itself", "num_speculative_tokens": 3}),
+    ],
+    ids=["data", "compiled", "compiled-speculating", "compiled-drafting"],
 )
 def test_compiled_programs_are_a_fixed_set_without_host_round_trips(
     model_dir, prompts, bounds, speculative, monkeypatch
@@ -191,7 +196,10 @@ def test_compiled_programs_are_a_fixed_set_without_host_round_trips(
     whose trip count depends on data either (on a GPU each would be a device-to-host copy and a
     wait inside the tick); on a CPU only the attention's chunk loops read theirs from the data
     (two per layer slot: decode slots and prompt groups). Speculating adds the verify twins of
-    greedy and sampling, and nothing else."""
+    greedy and sampling and the proposing twin of each forward, and nothing else, with prompt
+    lookup or a draft model (here the model itself) proposing."""
+    if speculative and speculative.get("model") == "itself":
+        speculative = {**speculative, "model": str(model_dir)}
     if bounds == "compiled":
         monkeypatch.setattr(jaxpp.attention, "trips_from_data", lambda: False)
     llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
@@ -199,8 +207,9 @@ def test_compiled_programs_are_a_fixed_set_without_host_round_trips(
     compiled = llm.warmup()
     buckets = llm.scheduler.buckets.sizes
     # + greedy and sampling, each also in its grammar mode (structured outputs) and, when the
-    # engine speculates, its verify mode
-    assert compiled == llm.compiled_programs == len(buckets) + 4 + 2 * bool(speculative)
+    # engine speculates, its verify mode (and each bucket's forward its proposing twin)
+    twins = 1 + bool(speculative)
+    assert compiled == llm.compiled_programs == len(buckets) * twins + 4 + 2 * bool(speculative)
     with CompileCounter() as counter:
         llm.generate(prompts, [_greedy(b) for b in BUDGETS])
     assert counter.count == 0, counter.names

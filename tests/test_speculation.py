@@ -183,8 +183,14 @@ def test_requests_that_cannot_speculate_and_large_batches_verify_nothing(model_d
 @pytest.mark.parametrize(
     "raw, message",
     [
-        ({"model": "some/draft", "num_speculative_tokens": 2}, "draft model is not supported"),
         ({"method": "eagle", "num_speculative_tokens": 2}, "method='eagle' is not supported"),
+        ({"method": "draft_model", "num_speculative_tokens": 2}, "needs model"),
+        (
+            {"model": "d", "num_speculative_tokens": 2, "prompt_lookup_max": 3},
+            "prompt_lookup_max is prompt lookup's",
+        ),  # fmt: skip
+        ({**NGRAM, "model": "d"}, "a draft model is method 'draft_model'"),
+        ({"model": "d", "num_speculative_tokens": 2, "draft_window": 0}, "draft_window=0"),
         ({"method": "ngram"}, "needs num_speculative_tokens"),
         ({**NGRAM, "prompt_lookup_min": 4}, "prompt_lookup_min=4 is more than"),
         ({**NGRAM, "lookahead": 2}, "unknown keys ['lookahead']"),
@@ -203,6 +209,8 @@ def test_lookup_sizes_default_as_vllm():
     one = SpeculativeConfig.of({"model": "ngram", "num_speculative_tokens": 2,
                                 "prompt_lookup_max": 3})  # fmt: skip
     assert (one.prompt_lookup_min, one.prompt_lookup_max) == (3, 3)
+    draft = SpeculativeConfig.of({"model": "some/dir", "num_speculative_tokens": 2})
+    assert (draft.method, draft.model, draft.draft_window) == ("draft_model", "some/dir", 32)
 
 
 def test_a_cached_prefix_brings_its_tokens_and_metrics_count_drafts(model_dir, reference):
@@ -253,3 +261,99 @@ def test_bench_flags_and_workloads_that_repeat_their_input():
     text = tokenizer.decode(requests[0].prompt)
     name = text.rsplit("# The same function as ", 1)[1].split(":", 1)[0]
     assert text.rstrip().splitlines()[-1].startswith(f"def {name}(")
+
+
+# --- a draft model proposing (draft.py) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sliding_draft(hf_model):
+    """A 1-layer draft of another family (Mistral: a sliding window) with the same vocabulary."""
+    return hf_model("mistral", name="draft-mistral-1", num_hidden_layers=1, seed=7)
+
+
+def _draft_config(model, window=32):
+    return {"model": str(model), "num_speculative_tokens": 3, "draft_window": window,
+            "disable_by_batch_size": None}  # fmt: skip
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_draft_model_outputs_equal_speculation_off(model_dir, sliding_draft, reference, pp):
+    """Greedy and seeded outputs with a draft model proposing are the ones without drafts. At
+    pp1 the model drafts for itself (over a 64-token window: it agrees with itself often, so
+    drafts are accepted); at pp2 (its vocabulary split over the stages, its layer on both) a
+    random 1-layer Mistral drafts. (Warm-up with a draft: test_serving.py.)"""
+    draft = model_dir if pp == 1 else sliding_draft
+    prompts, params = _requests()
+    llm = jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=8, max_model_len=256, pp=pp,
+                    speculative_config=_draft_config(draft, 64 if pp == 1 else 32))  # fmt: skip
+    assert _answers(llm, prompts, params) == reference
+    spec = llm.last_run_stats["spec_decode"]
+    assert spec["num_draft_tokens"] > 0, spec
+    if pp == 1:
+        assert spec["num_accepted_tokens"] > 0, spec
+
+
+def test_a_draft_model_needs_the_models_vocabulary(model_dir, hf_model):
+    other = hf_model("llama", name="draft-vocab-400", num_hidden_layers=1, vocab_size=400)
+    with pytest.raises(ValueError) as e:
+        jaxpp.LLM(str(model_dir), dtype="float32", max_num_seqs=4,
+                  speculative_config=_draft_config(other))  # fmt: skip
+    assert "vocab_size=400 but the model has vocab_size=320" in str(e.value)
+
+
+def _hf_greedy_window(model, text, position, window, k):
+    """The plain loop: the draft model (transformers, eager) over the row's last `window`
+    tokens at their real positions, k greedy tokens one at a time."""
+    import torch
+
+    first = max(position - window + 1, 0)
+    tokens = list(text[first : position + 1])
+    out = []
+    with torch.no_grad():
+        for _ in range(k):
+            ids = torch.tensor([tokens])
+            at = torch.arange(first, first + len(tokens))[None]
+            logits = model(input_ids=ids, position_ids=at).logits[0, -1]
+            out.append(int(torch.argmax(logits)))
+            tokens.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_draft_proposals_are_the_draft_models_greedy_tokens(model_dir, sliding_draft, pp):
+    """DraftModel.propose gives, per row, the draft model's greedy continuation of the row's
+    last W tokens (transformers, one token at a time, at the real positions), cut at its
+    limit; rows past the cap (`disable_by_batch_size` rows) and rows with no slots get none.
+    Window 12 > the Mistral's sliding window 8 (both masks apply); pp2 splits its vocabulary."""
+    from hf_fixtures import _load_hf
+
+    from jaxpp.config import EngineConfig, ModelConfig
+    from jaxpp.draft import load_draft
+    from jaxpp.layout import make_layout
+    from jaxpp.sharding import make_mesh
+
+    k, W, R, L = 3, 12, 6, 48
+    mesh = make_mesh(1, pp, 1)
+    layout = make_layout(ModelConfig.from_dir(model_dir), EngineConfig(dtype="float32", pp=pp),
+                         "cpu")  # fmt: skip
+    config = SpeculativeConfig.of({**_draft_config(sliding_draft, W), "disable_by_batch_size": 4})
+    draft, state = load_draft(config, layout, mesh)
+    rng = np.random.default_rng(1)
+    text = rng.integers(3, 300, size=(R, L)).astype(np.int32)
+    position = np.array([40, 5, 20, 47, 30, 0], np.int32)  # row 1 and 5: fewer than W tokens
+    limit = np.array([3, 2, 0, 1, 3, 3], np.int32)  # row 2 drafts nothing; row 5 is past the cap
+
+    def body(state, text, position, limit):
+        return draft.propose(state, text, position, limit, k=k)
+
+    specs = (draft.specs, jax.P(), jax.P(), jax.P())
+    run = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=jax.P(), check_vma=False)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(jax.jit(run)(state, text, position, limit))
+    model = _load_hf(str(sliding_draft))
+    for r in range(R):
+        wanted = 0 < limit[r] and r < 5  # the cap: the first 4 rows that want drafts
+        want = _hf_greedy_window(model, text[r].tolist(), position[r], W, k) if wanted else []
+        want = want[: limit[r]]
+        assert got[r].tolist() == want + [-1] * (k - len(want)), r

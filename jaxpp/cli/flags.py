@@ -349,14 +349,17 @@ def add_engine_flags(group) -> None:
 
 
 def add_speculative_flag(group) -> None:
-    """--speculative-config (generate, serve, bench): vLLM's JSON, prompt lookup only."""
+    """--speculative-config (generate, serve, bench): vLLM's JSON, prompt lookup or a draft
+    model."""
     group.add_argument(
         "--speculative-config",
         metavar="JSON",
         help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", '
         '"num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
-        "(drafts found in the sequence's own text, verified inside the ring; greedy and "
-        "seeded outputs unchanged; docs/pipeline.md)",
+        "(drafts found in the sequence's own text) or '{\"model\": DIR, "
+        '"num_speculative_tokens": 3, "draft_window": 32}\' (a small draft model with the '
+        "same vocabulary); verified inside the ring, greedy and seeded outputs unchanged "
+        "(docs/pipeline.md)",
     )
 
 
