@@ -23,9 +23,10 @@ c (24) arriving together, a budget of 40, rows a in m0, b in m1, c in m2:
 
 (b1 = b[0:16], b2 = b[16:40]; ' = that micro-batch's next tokens: a's first token is sampled
 when m0 leaves stage 2 at tick 2, b's at 3, c's at 4. Each tick runs a 32-token bucket: with S
-stages a tick takes 1/S of the prompt work at hand, scheduler.py.) A micro-batch's tokens are sampled when it leaves the last stage (every
-device samples the same token from the vocab-parallel head) and its next tokens enter stage 0 at
-its next turn: with M >= S that is never before they exist. The ring never drains between calls.
+stages a tick takes 1/S of the prompt work at hand, scheduler.py.) A micro-batch's tokens are
+sampled when it leaves the last stage (every device samples the same token from the
+vocab-parallel head) and its next tokens enter stage 0 at its next turn: with M >= S that is
+never before they exist. The ring never drains between calls.
 
 A tick is two programs, dispatched back to back without waiting:
 
