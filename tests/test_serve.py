@@ -32,6 +32,10 @@ from jaxpp.server.text import TextStream
 MODEL = jaxpp.DEMO_MODEL.name
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:", "# sort a list\n"]
 KV = str(64 << 20)  # bytes of KV pages per device for every server here (default: 1 GiB)
+# The engine flags of the fixture's server and of the `jaxpp serve` process: the same flags, so
+# the process finds the fixture's programs in the persistent compilation cache. A token budget
+# of 64 (CPU default 2048) gives 3 buckets instead of 8: warm-up compiles 12 programs, not 22.
+ENGINE_FLAGS = ["--max-num-seqs", "16", "--max-num-batched-tokens", "64", "--kv-cache-memory", KV]
 
 
 def _free_socket() -> socket.socket:
@@ -105,17 +109,7 @@ def served():
     (same defaults: the model's generation_config.json) and LLM.logits (lm-eval's
     token ids of SCORED, context + continuation), taken before the loop owns it."""
     args = build_parser().parse_args(
-        [
-            "serve",
-            "--max-num-seqs",
-            "16",
-            "--max-waiting",
-            "200",
-            "--max-line-bytes",
-            "65536",
-            "--kv-cache-memory",
-            KV,
-        ]  # fmt: skip
+        ["serve", *ENGINE_FLAGS, "--max-waiting", "200", "--max-line-bytes", "65536"]
     )
     prepared = prepare(args)
     cases = sorted(set(GREEDY))
@@ -417,8 +411,7 @@ def test_jaxpp_serve_starts_answers_and_stops_on_sigterm(tmp_path):
     port = _free_port()
     proc = subprocess.Popen(
         # The fixture's engine flags: its compiled programs come from the persistent cache.
-        [sys.executable, "-m", "jaxpp.cli", "serve", "--port", str(port), "--max-num-seqs", "16",
-         "--kv-cache-memory", KV],
+        [sys.executable, "-m", "jaxpp.cli", "serve", "--port", str(port), *ENGINE_FLAGS],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
