@@ -31,7 +31,12 @@ from jaxpp.server.text import TextStream
 
 MODEL = jaxpp.DEMO_MODEL.name
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:", "# sort a list\n"]
-KV = str(64 << 20)  # bytes of KV pages per device for every server here (default: 1 GiB)
+KV = str(32 << 20)  # bytes of KV pages per device for every server here (default: 1 GiB)
+# The engine flags of the fixture's server and of the `jaxpp serve` process, the same as
+# test_tools.py's server: whichever compiles first, the others find its programs in the
+# persistent compilation cache. A token budget of 32 (CPU default 2048) gives 3 buckets (8, 16
+# and 32 slots) where 16 rows and the default budget gave 8: warm-up compiles 12 programs, not 22.
+ENGINE_FLAGS = ["--max-num-seqs", "8", "--max-num-batched-tokens", "32", "--kv-cache-memory", KV]
 
 
 def _free_socket() -> socket.socket:
@@ -105,17 +110,7 @@ def served():
     (same defaults: the model's generation_config.json) and LLM.logits (lm-eval's
     token ids of SCORED, context + continuation), taken before the loop owns it."""
     args = build_parser().parse_args(
-        [
-            "serve",
-            "--max-num-seqs",
-            "16",
-            "--max-waiting",
-            "200",
-            "--max-line-bytes",
-            "65536",
-            "--kv-cache-memory",
-            KV,
-        ]  # fmt: skip
+        ["serve", *ENGINE_FLAGS, "--max-waiting", "200", "--max-line-bytes", "65536"]
     )
     prepared = prepare(args)
     cases = sorted(set(GREEDY))
@@ -251,7 +246,7 @@ def test_streams_carry_the_same_text_usage_and_n(client, reference):
 
 
 def test_many_concurrent_streams_all_complete(served, client, reference):
-    """64 clients streaming at once through 16 rows: every stream ends, each greedy text
+    """64 clients streaming at once through 8 rows: every stream ends, each greedy text
     equals LLM.generate's, nothing is left running."""
     url = served[0].url
     prompts = CONCURRENT
@@ -417,8 +412,7 @@ def test_jaxpp_serve_starts_answers_and_stops_on_sigterm(tmp_path):
     port = _free_port()
     proc = subprocess.Popen(
         # The fixture's engine flags: its compiled programs come from the persistent cache.
-        [sys.executable, "-m", "jaxpp.cli", "serve", "--port", str(port), "--max-num-seqs", "16",
-         "--kv-cache-memory", KV],
+        [sys.executable, "-m", "jaxpp.cli", "serve", "--port", str(port), *ENGINE_FLAGS],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -181,7 +181,10 @@ def test_many_prompts_share_a_tick(model_dir):
     "bounds, speculative",
     [
         ("data", None),
-        ("compiled", None),
+        # slow: compiled-speculating checks the same greedy, sampling and grammar programs of
+        # every bucket under the accelerator's bounds (plus the verify twins); "data" checks
+        # the count of a non-speculating engine
+        pytest.param("compiled", None, marks=pytest.mark.slow),
         ("compiled", {"num_speculative_tokens": 3}),
         ("compiled", {"model": "itself", "num_speculative_tokens": 3}),
     ],
@@ -271,8 +274,9 @@ def test_one_row_reused_after_stop_string_and_penalties(model_dir, prompts):
         frequency_penalty=0.5,
     )  # fmt: skip
     fresh = jaxpp.LLM(str(model_dir), **one_row)
+    want = fresh.generate([prompts[2]], penalised)  # on the row before any other request
+    fresh.reset_prefix_cache()  # the requests below find no page of it
     text = fresh.generate([prompts[1]], penalised)[0].outputs[0].text
-    want = jaxpp.LLM(str(model_dir), **one_row).generate([prompts[2]], penalised)
     needle = text[4:6]
     stop = dataclasses.replace(penalised, stop=[needle])
     # The first leaves its counts (and pages) in the row; each next one must start clean.

@@ -240,9 +240,11 @@ def test_pool_capacity_sharing_and_eviction(demo_tokenizer):
 
 @pytest.fixture(scope="module")
 def llm():
-    """Warmed up (3 token buckets: 8, 16 and 32 slots), as a server is."""
+    """Warmed up (3 token buckets: 8, 16 and 32 slots), as a server is. The engine of
+    test_tools.py's and test_serve.py's servers: its programs may be in the persistent
+    compilation cache already."""
     engine = jaxpp.LLM(
-        jaxpp.DEMO_MODEL, max_num_seqs=8, kv_cache_memory=8 << 20, max_num_batched_tokens=32
+        jaxpp.DEMO_MODEL, max_num_seqs=8, kv_cache_memory=32 << 20, max_num_batched_tokens=32
     )
     # Every forward bucket, and greedy and sampling each with and without a grammar; the demo
     # model's generation_config.json sets repetition_penalty 1.1, so also the penalties mode
