@@ -824,7 +824,7 @@ def test_real_engine_every_kind_of_line(chat_model, cached_llm, tmp_path, capsys
 
 
 def test_sigkill_then_resume_answers_every_line_exactly_once(chat_model, tmp_path):
-    n = 120  # three of each bad line; the kill comes at the first answer, long before the end
+    n = 80  # two of each bad line; the kill comes at the first answer, long before the end
     lines, ids = [], {}
     for i in range(1, n + 1):
         if i % 40 == 7:

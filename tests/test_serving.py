@@ -181,11 +181,12 @@ def test_many_prompts_share_a_tick(model_dir):
     "bounds, speculative",
     [
         ("data", None),
-        # slow: compiled-speculating checks the same greedy, sampling and grammar programs of
-        # every bucket under the accelerator's bounds (plus the verify twins); "data" checks
+        # slow: compiled-drafting checks the same greedy, sampling and grammar programs of
+        # every bucket under the accelerator's bounds, plus the verify twins and a proposing
+        # forward per bucket (prompt lookup's proposer is loop-free compares); "data" checks
         # the count of a non-speculating engine
         pytest.param("compiled", None, marks=pytest.mark.slow),
-        ("compiled", {"num_speculative_tokens": 3}),
+        pytest.param("compiled", {"num_speculative_tokens": 3}, marks=pytest.mark.slow),
         ("compiled", {"model": "itself", "num_speculative_tokens": 3}),
     ],
     ids=["data", "compiled", "compiled-speculating", "compiled-drafting"],
